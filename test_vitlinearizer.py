@@ -1,0 +1,412 @@
+"""Tests: python -m pytest -q test_vitlinearizer.py  (CPU; the Triton kernel runs under TRITON_INTERPRET=1)."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")          # before scan_kernel's @triton.jit decorators run
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import vitlinearizer as vl
+from scan_kernel import selective_scan_ref
+
+TINY_STUDENT = vl.MambaConfig(img_size=16, patch_size=4, dim=16, depth=4, d_state=4, num_classes=5,
+                              scan_backend="reference")
+TINY_TEACHER = vl.ViTConfig(img_size=16, patch_size=4, dim=32, depth=4, heads=2, num_classes=5)
+
+
+# ---------------------------------------------------------------- teacher loading, against independent models
+
+def random_vit_state_dict(dim=32, depth=2, patch=4, grid=4, classes=7, seed=0):
+    """A timm-named ViT state dict with random weights (so LayerNorm / biases are not at their init values)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {"cls_token": torch.randn(1, 1, dim, generator=g), "pos_embed": torch.randn(1, 1 + grid * grid, dim, generator=g),
+          "patch_embed.proj.weight": torch.randn(dim, 3, patch, patch, generator=g) * 0.1,
+          "patch_embed.proj.bias": torch.randn(dim, generator=g), "norm.weight": 1 + 0.1 * torch.randn(dim, generator=g),
+          "norm.bias": torch.randn(dim, generator=g), "head.weight": torch.randn(classes, dim, generator=g),
+          "head.bias": torch.randn(classes, generator=g)}
+    shapes = {"norm1.weight": (dim,), "norm1.bias": (dim,), "attn.qkv.weight": (3 * dim, dim), "attn.qkv.bias": (3 * dim,),
+              "attn.proj.weight": (dim, dim), "attn.proj.bias": (dim,), "norm2.weight": (dim,), "norm2.bias": (dim,),
+              "mlp.fc1.weight": (4 * dim, dim), "mlp.fc1.bias": (4 * dim,), "mlp.fc2.weight": (dim, 4 * dim),
+              "mlp.fc2.bias": (dim,)}
+    for i in range(depth):
+        for k, s in shapes.items():
+            w = torch.randn(*s, generator=g) * (0.1 if len(s) == 2 else 1.0)
+            sd[f"blocks.{i}.{k}"] = 1 + 0.1 * w if k.startswith("norm") and k.endswith("weight") else w
+    return sd
+
+
+def timm_reference_forward(sd, images, heads, eps=1e-6):
+    """The timm ViT forward written out by hand: explicit softmax attention, exact-erf GELU."""
+    p = sd["patch_embed.proj.weight"].shape[-1]
+    x = F.conv2d(images, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=p).flatten(2).transpose(1, 2)
+    x = torch.cat([sd["cls_token"].expand(len(x), -1, -1), x], 1) + sd["pos_embed"]
+    B, L, D = x.shape
+    hidden = []
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    for i in range(depth):
+        w = {k[len(f"blocks.{i}."):]: v for k, v in sd.items() if k.startswith(f"blocks.{i}.")}
+        h = F.layer_norm(x, (D,), w["norm1.weight"], w["norm1.bias"], eps)
+        q, k, v = (h @ w["attn.qkv.weight"].T + w["attn.qkv.bias"]).split(D, -1)
+        q, k, v = (t.reshape(B, L, heads, D // heads).transpose(1, 2) for t in (q, k, v))
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D // heads), -1)
+        x = x + ((att @ v).transpose(1, 2).reshape(B, L, D) @ w["attn.proj.weight"].T + w["attn.proj.bias"])
+        h = F.layer_norm(x, (D,), w["norm2.weight"], w["norm2.bias"], eps)
+        h = F.gelu(h @ w["mlp.fc1.weight"].T + w["mlp.fc1.bias"])
+        x = x + (h @ w["mlp.fc2.weight"].T + w["mlp.fc2.bias"])
+        hidden.append(x)
+    tokens = F.layer_norm(x, (D,), sd["norm.weight"], sd["norm.bias"], eps)
+    return tokens, tokens[:, 0] @ sd["head.weight"].T + sd["head.bias"], hidden
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_teacher_from_timm_state_dict_matches_reference(tmp_path, wrap):
+    sd = random_vit_state_dict()
+    path = tmp_path / "vit.pth"
+    torch.save({"model": sd} if wrap else sd, path)                                    # DeiT wraps in "model"
+    teacher = vl.load_teacher(str(path))
+    assert (teacher.cfg.dim, teacher.cfg.depth, teacher.cfg.heads, teacher.cfg.patch_size, teacher.cfg.img_size,
+            teacher.cfg.num_classes) == (32, 2, 1, 4, 16, 7)
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    images = torch.randn(2, 3, 16, 16)
+    tokens, logits, hidden = timm_reference_forward(sd, images, heads=1)
+    out = teacher(images)
+    torch.testing.assert_close(out.tokens, tokens, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.logits, logits, atol=1e-4, rtol=1e-4)
+    for a, b in zip(out.hidden, hidden):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+class CLIPVisualRef(nn.Module):
+    """An OpenAI-CLIP image tower with the original module names, written with nn.MultiheadAttention."""
+
+    def __init__(self, width=64, layers=2, patch=4, grid=4, out_dim=16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, patch, patch, bias=False)
+        self.class_embedding = nn.Parameter(torch.randn(width))
+        self.positional_embedding = nn.Parameter(torch.randn(1 + grid * grid, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = nn.Module()
+        self.transformer.resblocks = nn.ModuleList()
+        for _ in range(layers):
+            block = nn.Module()
+            block.ln_1, block.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
+            block.attn = nn.MultiheadAttention(width, width // 64, batch_first=True)
+            block.mlp = nn.Module()
+            block.mlp.c_fc, block.mlp.c_proj = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+            self.transformer.resblocks.append(block)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(torch.randn(width, out_dim))
+        for p in self.parameters():                                                    # no parameter at its init value
+            p.data += 0.05 * torch.randn_like(p)
+
+    def forward(self, images):
+        x = self.conv1(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_embedding.expand(len(x), 1, -1), x], 1) + self.positional_embedding
+        x = self.ln_pre(x)
+        for b in self.transformer.resblocks:
+            h = b.ln_1(x)
+            x = x + b.attn(h, h, h, need_weights=False)[0]
+            h = b.mlp.c_fc(b.ln_2(x))
+            x = x + b.mlp.c_proj(h * torch.sigmoid(1.702 * h))                         # QuickGELU
+        return self.ln_post(x)                                                         # every token's final feature
+
+
+class CLIPRef(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.visual = CLIPVisualRef()
+        self.logit_scale = nn.Parameter(torch.ones(()))                                # a text-side key, ignored
+        self.token_embedding = nn.Embedding(10, 8)
+
+    def forward(self, images):
+        return self.visual(images)
+
+
+@pytest.mark.parametrize("torchscript", [False, True])
+def test_teacher_from_openai_clip_matches_reference(tmp_path, torchscript):
+    torch.manual_seed(0)
+    clip = CLIPRef().eval()
+    images = torch.randn(2, 3, 16, 16)
+    path = tmp_path / "clip.pt"
+    if torchscript:                                                                    # how OpenAI ships its weights
+        torch.jit.save(torch.jit.trace(clip, images), str(path))
+    else:
+        torch.save(clip.state_dict(), path)
+    teacher = vl.load_teacher(str(path))
+    assert (teacher.cfg.act, teacher.cfg.norm_pre, teacher.cfg.heads, teacher.cfg.num_classes) == ("quick_gelu", True, 1, 0)
+    with torch.no_grad():
+        want = clip(images)
+    out = teacher(images)
+    assert out.logits is None
+    torch.testing.assert_close(out.tokens, want, atol=1e-4, rtol=1e-4)
+
+
+def test_own_checkpoint_round_trip_and_new_head(tmp_path):
+    teacher = vl.ViT(TINY_TEACHER)
+    path = tmp_path / "own.pt"
+    torch.save({"kind": "vit", "config": vl.asdict(teacher.cfg), "model": teacher.state_dict(), "step": 3}, path)
+    loaded = vl.load_teacher(str(path))
+    images = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(loaded(images).tokens, teacher(images).tokens)
+    assert vl.load_teacher(str(path), num_classes=9)(images).logits.shape == (2, 9)
+
+
+def test_bad_checkpoints_get_clear_errors(tmp_path):
+    sd = random_vit_state_dict()
+    del sd["blocks.1.norm2.bias"]
+    sd["blocks.0.extra.weight"] = torch.zeros(3)
+    sd["head.bias"] = torch.zeros(3)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match=r"missing: blocks\.1\.norm2\.bias.*unexpected: blocks\.0\.extra\.weight.*"
+                                         r"mis-shaped: head\.bias"):
+        vl.load_teacher(str(tmp_path / "bad.pth"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        vl.load_teacher(str(tmp_path / "nope.pth"))
+    torch.save({"something": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="neither a timm"):
+        vl.load_teacher(str(tmp_path / "other.pth"))
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        vl.load_teacher(str(tmp_path / "garbage.pth"))
+    torch.save({"kind": "vit", "config": {"dim": 8, "wings": 2}, "model": {}}, tmp_path / "cfg.pth")
+    with pytest.raises(ValueError, match="unknown config fields.*wings"):
+        vl.load_teacher(str(tmp_path / "cfg.pth"))
+
+
+def test_resolution_must_be_a_multiple_of_the_patch():
+    with pytest.raises(ValueError, match="multiples of the patch size 4"):
+        vl.ViT(TINY_TEACHER)(torch.randn(1, 3, 18, 16))
+    with pytest.raises(ValueError, match="multiples of the patch size 4"):
+        vl.VisionMamba(TINY_STUDENT)(torch.randn(1, 3, 16, 10))
+
+
+def test_teacher_runs_at_other_resolutions_with_interpolated_positions():
+    teacher = vl.ViT(TINY_TEACHER)
+    out = teacher(torch.randn(2, 3, 24, 32))                                           # 6 x 8 grid from a 4 x 4 one
+    assert out.tokens.shape == (2, 1 + 48, 32)
+    pos = torch.arange(16.0).reshape(1, 16, 1).expand(1, 16, 3)
+    torch.testing.assert_close(vl.resize_pos_embed(pos, (4, 4)), pos)                   # same grid: unchanged
+    flat = torch.full((1, 16, 3), 2.5)
+    torch.testing.assert_close(vl.resize_pos_embed(flat, (7, 5)), torch.full((1, 35, 3), 2.5))
+
+
+# ---------------------------------------------------------------- student
+
+def test_student_token_order_class_first_at_any_resolution():
+    """With no blocks the output is norm(embedding): check the class token and the row-major patch order."""
+    for size in (16, 24):
+        student = vl.VisionMamba(replace(TINY_STUDENT, depth=0))
+        images = torch.randn(2, 3, size, size)
+        out = student(images)
+        grid = size // 4
+        patches = F.conv2d(images, student.patch_embed.weight, student.patch_embed.bias, stride=4).flatten(2).transpose(1, 2)
+        patches = patches + vl.resize_pos_embed(student.pos_embed, (grid, grid))
+        want = torch.cat([(student.cls_token + student.pos_cls).expand(2, -1, -1), patches], 1)
+        torch.testing.assert_close(out.tokens, student.norm(want))
+
+
+def test_mask_tokens_replace_masked_patches_only():
+    student = vl.VisionMamba(replace(TINY_STUDENT, depth=0))
+    images = torch.randn(2, 3, 16, 16)
+    mask = vl.sample_mask(2, (4, 4), 0.5, generator=torch.Generator().manual_seed(0))
+    pixels = mask.view(2, 1, 4, 4).repeat_interleave(4, 2).repeat_interleave(4, 3)       # (2, 1, 16, 16)
+    a = student(images, mask).tokens[:, 1:]
+    b = student(images + 5 * torch.randn_like(images) * pixels, mask).tokens[:, 1:]
+    torch.testing.assert_close(a, b)                                                   # masked pixels are invisible
+    unmasked = student(images).tokens[:, 1:]
+    torch.testing.assert_close(a[~mask], unmasked[~mask])                              # depth 0: visible ones untouched
+    assert not torch.allclose(a[mask], unmasked[mask])
+
+
+def vim_flip_mixer(mixer, hidden):
+    """Vim v2 written the original way: flip the sequence for the backward direction, causal conv, scan, flip back."""
+    cfg = mixer.cfg
+    R, N, K = mixer.dt_proj.shape[-1], cfg.d_state, cfg.d_conv
+    x, z = mixer.in_proj(hidden).chunk(2, dim=-1)
+    x, z = x.transpose(1, 2), z.transpose(1, 2)                                        # (B, E, L)
+    ys = []
+    for d, flip in ((0, False), (1, True)):
+        xd, zd = (x.flip(-1), z.flip(-1)) if flip else (x, z)
+        u = F.silu(F.conv1d(xd, mixer.conv_weight[d].unsqueeze(1), mixer.conv_bias[d], padding=K - 1,
+                            groups=xd.shape[1])[..., :xd.shape[-1]])
+        dbl = torch.einsum("bel,re->blr", u, mixer.x_proj[d])
+        dt, B, C = dbl.split([R, N, N], -1)
+        delta = torch.einsum("blr,er->bel", dt, mixer.dt_proj[d])
+        y = selective_scan_ref(u, delta, -torch.exp(mixer.A_log[d]), B.transpose(1, 2), C.transpose(1, 2), mixer.D[d],
+                               zd, mixer.dt_bias[d], delta_softplus=True)
+        ys.append(y.flip(-1) if flip else y)
+    return mixer.out_proj(((ys[0] + ys[1]) / 2).transpose(1, 2))
+
+
+def test_fused_bidirectional_mixer_equals_vims_flip_formulation():
+    torch.manual_seed(0)
+    mixer = vl.BiMamba(TINY_STUDENT, "both")
+    hidden = torch.randn(2, 9, 16)
+    torch.testing.assert_close(mixer(hidden), vim_flip_mixer(mixer, hidden), atol=1e-5, rtol=1e-4)
+
+
+def test_dt_bias_initialised_for_both_directions():
+    mixer = vl.BiMamba(vl.MambaConfig(dim=64), "both")
+    dt = F.softplus(mixer.dt_bias)                                                     # (2, E)
+    assert dt.shape == (2, 128) and dt.min() >= 1e-4 and dt.max() <= 0.1 + 1e-6
+    for d in range(2):                                                                 # log-uniform, not at zero init
+        assert 1e-3 < dt[d].median() < 0.05 and dt[d].std() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["fused", "alternate"])
+def test_student_forward_backward_reference_equals_interpreted_kernel(mode):
+    cfg = replace(TINY_STUDENT, img_size=8, depth=2, dim=8, d_state=2, bidirectional=mode)
+    torch.manual_seed(0)
+    ref = vl.VisionMamba(cfg)
+    ker = vl.VisionMamba(replace(cfg, scan_backend="triton"))
+    ker.load_state_dict(ref.state_dict())
+    images = torch.randn(2, 3, 8, 8)
+    mask = torch.tensor([[True, False, False, True], [False, False, True, False]])
+    outs = []
+    for model in (ref, ker):
+        out = model(images, mask)
+        (out.logits.square().sum() + out.tokens.sum()).backward()
+        outs.append((out.logits, {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-4)
+    for name, g in outs[0][1].items():
+        torch.testing.assert_close(g, outs[1][1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_student_presets_and_alternating_directions():
+    assert [vl.STUDENT_PRESETS[n].dim for n in ("tiny", "small", "base")] == [192, 384, 768]
+    assert vl.STUDENT_PRESETS["base_alt"].bidirectional == "alternate"
+    student = vl.VisionMamba(replace(TINY_STUDENT, bidirectional="alternate"))
+    assert [b.mixer.directions for b in student.blocks] == ["forward", "backward"] * 2
+    skip = student.no_weight_decay()
+    assert {"blocks.0.mixer.A_log", "blocks.0.mixer.D", "blocks.0.mixer.dt_bias", "pos_embed", "cls_token"} <= skip
+    assert "blocks.0.mixer.in_proj.weight" not in skip
+    with pytest.raises(ValueError, match="bidirectional"):
+        vl.VisionMamba(replace(TINY_STUDENT, bidirectional="sideways"))
+
+
+def test_student_under_bf16_autocast_keeps_fp32_residual():
+    student = vl.VisionMamba(TINY_STUDENT)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = student(torch.randn(2, 3, 16, 16))
+    assert all(h.dtype == torch.float32 for h in out.hidden) and torch.isfinite(out.logits.float()).all()
+
+
+# ---------------------------------------------------------------- masks
+
+@pytest.mark.parametrize("kind", ["random", "block"])
+def test_mask_counts_and_seeding(kind):
+    for grid, ratio in (((14, 14), 0.75), ((8, 8), 0.5), ((4, 4), 0.9), ((3, 5), 0.0)):
+        m = vl.sample_mask(16, grid, ratio, kind, generator=torch.Generator().manual_seed(1))
+        assert m.shape == (16, grid[0] * grid[1]) and m.dtype == torch.bool
+        assert (m.sum(1) == round(ratio * grid[0] * grid[1])).all()
+    a, b, c = (vl.sample_mask(4, (14, 14), 0.75, kind, generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def masked_neighbour_fraction(mask, grid):
+    m = mask.view(-1, *grid).float()
+    right = (m[:, :, 1:] * m[:, :, :-1]).sum()
+    down = (m[:, 1:] * m[:, :-1]).sum()
+    return float((right + down) / m.sum())
+
+
+def test_block_masks_are_blocky():
+    g = torch.Generator().manual_seed(0)
+    block = vl.sample_mask(64, (14, 14), 0.4, "block", generator=g)
+    rand = vl.sample_mask(64, (14, 14), 0.4, "random", generator=g)
+    assert masked_neighbour_fraction(block, (14, 14)) > 1.5 * masked_neighbour_fraction(rand, (14, 14))
+
+
+# ---------------------------------------------------------------- losses
+
+def test_stage_indices():
+    assert vl.stage_indices(12, 4) == [2, 5, 8, 11]
+    assert vl.stage_indices(24, 4) == [5, 11, 17, 23]
+    with pytest.raises(ValueError, match="stages"):
+        vl.stage_indices(3, 4)
+
+
+def paper_activation_matching(t_feats, s_feats, mask):
+    """PAPER.md's L_act written out with loops over images, stages and visible tokens."""
+    total = 0.0
+    for b in range(mask.shape[0]):
+        visible = [0] + [1 + i for i in range(mask.shape[1]) if not mask[b, i]]
+        for ft, fs in zip(t_feats, s_feats):
+            def maps(f):
+                rows = []
+                for i in visible:
+                    row = torch.stack([torch.dot(f[b, i], f[b, j]) / (f[b, i].norm() * f[b, j].norm()) for j in visible])
+                    rows.append(row / row.norm())
+                return rows
+            total += sum(1 - torch.dot(a, c) for a, c in zip(maps(ft), maps(fs))) / (len(t_feats) * len(visible))
+    return total / mask.shape[0]
+
+
+def test_activation_matching_matches_the_papers_formula():
+    g = torch.Generator().manual_seed(0)
+    t = [torch.randn(2, 7, 5, generator=g) for _ in range(3)]
+    s = [torch.randn(2, 7, 3, generator=g) for _ in range(3)]                          # other width: no projection
+    mask = torch.tensor([[True, False, False, True, False, True], [False, True, True, True, False, False]])
+    torch.testing.assert_close(vl.activation_matching_loss(t, s, mask), paper_activation_matching(t, s, mask),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_activation_matching_zero_for_rescaled_rotated_features_positive_otherwise():
+    g = torch.Generator().manual_seed(0)
+    t = [torch.randn(2, 17, 8, generator=g) for _ in range(4)]
+    Q = torch.linalg.qr(torch.randn(12, 8, generator=g))[0]                             # (12, 8) orthonormal columns
+    scale = torch.rand(2, 17, 1, generator=g) + 0.1                                    # per-token positive scale
+    s = [scale * (f @ Q.T) for f in t]                                                 # width 12, same cosine maps
+    mask = vl.sample_mask(2, (4, 4), 0.5, generator=g)
+    for scope in ("visible", "all", "cls"):
+        assert vl.activation_matching_loss(t, s, mask, scope) < 1e-6
+    noisy = [f + 0.5 * torch.randn(f.shape, generator=g) for f in s]
+    assert vl.activation_matching_loss(t, noisy, mask) > 1e-3
+
+
+def test_activation_matching_ignores_masked_tokens_unless_scope_all():
+    g = torch.Generator().manual_seed(0)
+    t = [torch.randn(2, 17, 8, generator=g) for _ in range(2)]
+    s = [torch.randn(2, 17, 6, generator=g) for _ in range(2)]
+    mask = vl.sample_mask(2, (4, 4), 0.75, generator=g)
+    changed = [f.clone() for f in s]
+    for f in changed:
+        f[:, 1:][mask] = torch.randn(int(mask.sum()), 6, generator=g)
+    for scope in ("visible", "cls"):
+        torch.testing.assert_close(vl.activation_matching_loss(t, s, mask, scope),
+                                   vl.activation_matching_loss(t, changed, mask, scope))
+    assert not torch.allclose(vl.activation_matching_loss(t, s, mask, "all"),
+                              vl.activation_matching_loss(t, changed, mask, "all"))
+
+
+def test_masked_prediction_counts_masked_tokens_only():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 16, 8, generator=g), 3 * torch.randn(2, 16, 8, generator=g)
+    mask = vl.sample_mask(2, (4, 4), 0.75, generator=g)
+    loss = vl.masked_prediction_loss(pred, target, mask)
+    want = torch.stack([F.smooth_l1_loss(pred[b, i], target[b, i]) for b in range(2) for i in range(16) if mask[b, i]])
+    torch.testing.assert_close(loss, want.mean())
+    changed = pred.clone()
+    changed[~mask] = 100.0
+    torch.testing.assert_close(vl.masked_prediction_loss(changed, target, mask), loss)
+
+
+@pytest.mark.parametrize("target", ["post_norm", "pre_norm"])
+def test_distiller_trains_student_and_head_never_the_teacher(target):
+    teacher, student = vl.ViT(TINY_TEACHER), vl.VisionMamba(TINY_STUDENT)
+    distiller = vl.Distiller(teacher, student, stages=2, target=target).train()
+    assert not teacher.training and isinstance(distiller.head, nn.Linear)
+    images = torch.randn(2, 3, 16, 16)
+    mask = vl.sample_mask(2, (4, 4), 0.75, generator=torch.Generator().manual_seed(0))
+    out = distiller(images, mask)
+    out["loss"].backward()
+    torch.testing.assert_close(out["loss"], out["am"] + out["mp"])
+    assert all(p.grad is None for p in teacher.parameters())
+    assert distiller.head.weight.grad.abs().sum() > 0
+    assert student.blocks[0].mixer.A_log.grad.abs().sum() > 0
+    assert student.head.weight.grad is None                                           # labels play no part
