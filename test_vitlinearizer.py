@@ -4,6 +4,8 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")          # before scan_kernel's @triton.jit decorators run
 
 import math
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -11,8 +13,254 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import scan_kernel as sk
 import vitlinearizer as vl
-from scan_kernel import selective_scan_ref
+from scan_kernel import bidirectional_selective_scan, selective_scan, selective_scan_ref
+
+
+# ---------------------------------------------------------------- selective scan: reference and Triton kernel
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+
+
+def make_inputs(batch, dim, N, L, D=True, z=True, bias=True, softplus=True, strided=False, seed=0):
+    """Random scan inputs; strided=True gives u, delta, z as transposed (batch, L, dim) tensors and
+    B, C as transposed slices of one (batch, L, R + 2N) projection, as in the Mamba block."""
+    g = torch.Generator().manual_seed(seed)
+    rn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    delta = rn(batch, L, dim) * 0.5 - 1.0 if softplus else torch.rand(batch, L, dim, generator=g) * 0.5 + 0.05
+    x = dict(u=rn(batch, L, dim), delta=delta, A=-torch.exp(rn(dim, N) * 0.5),
+             D=rn(dim) if D else None, z=rn(batch, L, dim) if z else None,
+             delta_bias=rn(dim) * (0.3 if softplus else 0.02) if bias else None)
+    x_dbl = rn(batch, L, 3 + 2 * N)
+    x["B"], x["C"] = x_dbl[..., 3:3 + N], x_dbl[..., 3 + N:]
+    for k in ("u", "delta", "z", "B", "C"):  # (batch, L, .) -> (batch, ., L)
+        if x[k] is not None:
+            x[k] = x[k].transpose(1, 2) if strided else x[k].transpose(1, 2).contiguous()
+    return x
+
+
+def leaves(x, dtype=None):
+    return {k: None if v is None else v.detach().to(dtype or v.dtype).requires_grad_() for k, v in x.items()}
+
+
+def run(fn, x, weights, **kw):
+    """Loss = <out, w> (+ <last_state, w_last>); returns [out, (last,)] + grads of all given inputs."""
+    res = fn(**x, **kw)
+    out, last = res if isinstance(res, tuple) else (res, None)
+    loss = (out.double() * weights[0]).sum()
+    if last is not None:
+        loss = loss + (last.double() * weights[1]).sum()
+    loss.backward()
+    extra = [] if last is None else [last]
+    return [out] + extra + [x[k].grad for k in NAMES if x.get(k) is not None]
+
+
+def assert_close(got, want, tol):
+    for i, (a, b) in enumerate(zip(got, want)):
+        a, b = a.detach().double(), b.detach().double()
+        err, scale = (a - b).abs().max().item(), b.abs().max().item()
+        assert err <= tol * (1.0 + scale), f"tensor {i}: max err {err:.3g} (scale {scale:.3g})"
+
+
+# ------------------------------------------------------------------------- reference (oracle)
+
+def loop_formula(x, softplus, reverse):
+    """The scan written element by element from the paper's formulas (plain Python floats)."""
+    u, delta, A, B, C, D, z, bias = [None if x[k] is None else x[k].tolist() for k in NAMES]
+    batch, dim, L, N = len(u), len(u[0]), len(u[0][0]), len(A[0])
+    out = torch.zeros(batch, dim, L, dtype=torch.float64)
+    for b in range(batch):
+        for d in range(dim):
+            h = [0.0] * N
+            for t in (range(L - 1, -1, -1) if reverse else range(L)):
+                dt = delta[b][d][t] + (bias[d] if bias else 0.0)
+                if softplus:
+                    dt = dt if dt > 20 else math.log1p(math.exp(dt))
+                y = 0.0
+                for n in range(N):
+                    h[n] = math.exp(dt * A[d][n]) * h[n] + dt * B[b][n][t] * u[b][d][t]
+                    y += C[b][n][t] * h[n]
+                y += D[d] * u[b][d][t] if D else 0.0
+                if z:
+                    y *= z[b][d][t] / (1 + math.exp(-z[b][d][t]))
+                out[b, d, t] = y
+    return out
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("full", [False, True])
+def test_reference_matches_elementwise_formula(reverse, full):
+    x = leaves(make_inputs(2, 3, 2, 5, D=full, z=full, bias=full, softplus=full, seed=1), torch.float64)
+    want = loop_formula(x, full, reverse)
+    torch.testing.assert_close(selective_scan_ref(**x, delta_softplus=full, reverse=reverse), want)
+    torch.testing.assert_close(selective_scan(**x, delta_softplus=full, reverse=reverse, backend="reference"), want)
+
+
+def test_reference_reverse_is_flip_scan_flip():
+    x = leaves(make_inputs(2, 4, 3, 9, seed=2))
+    out, last = selective_scan_ref(**x, delta_softplus=True, reverse=True, return_last_state=True)
+    fl = {k: v.flip(-1) if k in ("u", "delta", "z", "B", "C") else v for k, v in x.items()}
+    out_f, last_f = selective_scan_ref(**fl, delta_softplus=True, return_last_state=True)
+    torch.testing.assert_close(out, out_f.flip(-1))
+    torch.testing.assert_close(last, last_f)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_reference_gradcheck(reverse):
+    x = leaves(make_inputs(1, 2, 2, 3, seed=3), torch.float64)
+    fn = lambda *a: selective_scan_ref(*a, delta_softplus=True, return_last_state=True, reverse=reverse)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, [x[k] for k in NAMES])
+
+
+def saved_numels(fn):
+    numels = []
+
+    def pack(t):
+        numels.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return numels
+
+
+def test_reference_never_builds_full_state():
+    batch, dim, N, L = 2, 3, 4, 20
+    x = leaves(make_inputs(batch, dim, N, L))
+    numels = saved_numels(lambda: selective_scan_ref(**x, delta_softplus=True))
+    assert max(numels) < batch * dim * L * N
+
+
+# ------------------------------------------------------------------------- Triton kernel vs reference
+
+CASES = {  # L, dim, N, batch, D, z, bias, softplus, strided, reverse, return_last_state
+    "L1": (1, 5, 16, 2, True, True, True, True, False, False, True),
+    "N1-strided-rev": (7, 5, 1, 2, True, True, True, True, True, True, True),
+    "two-dblocks-N3": (7, 70, 3, 1, True, False, False, True, False, False, False),
+    "bare-strided": (64, 19, 16, 1, False, False, False, False, True, False, True),
+    "full-rev": (64, 19, 16, 1, True, True, True, True, False, True, False),
+    "long-rev-strided": (130, 5, 16, 1, True, True, False, True, True, True, True),
+    "long-N1": (130, 5, 1, 1, False, True, True, False, False, False, False),
+    "N64": (9, 3, 64, 1, True, True, True, True, True, False, True),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_kernel_matches_reference(case):
+    L, dim, N, batch, D, z, bias, softplus, strided, reverse, last = case
+    x = make_inputs(batch, dim, N, L, D=D, z=z, bias=bias, softplus=softplus, strided=strided, seed=L + dim)
+    g = torch.Generator().manual_seed(7)
+    w = [torch.randn(batch, dim, L, generator=g, dtype=torch.float64),
+         torch.randn(batch, dim, N, generator=g, dtype=torch.float64)]
+    kw = dict(delta_softplus=softplus, reverse=reverse, return_last_state=last)
+    got = run(selective_scan, leaves(x), w, backend="triton", **kw)
+    want = run(selective_scan_ref, leaves(x, torch.float64), w, **kw)  # fp64 oracle
+    assert got[0].dtype == torch.float32 and len(got) == len(want)
+    assert_close(got, want, 2e-5)
+
+
+def test_kernel_bf16_inputs():
+    batch, dim, N, L = 2, 5, 16, 20
+    x = make_inputs(batch, dim, N, L, strided=True, seed=5)
+    for k in ("u", "delta", "z", "B", "C"):  # activations bf16; A, D, delta_bias stay fp32
+        x[k] = x[k].to(torch.bfloat16)
+    w = [torch.randn(batch, dim, L, generator=torch.Generator().manual_seed(8), dtype=torch.float64)]
+    got = run(selective_scan, leaves(x), w, delta_softplus=True, backend="triton")
+    want = run(selective_scan_ref, leaves(x, torch.float32), w, delta_softplus=True)  # same rounded values
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.bfloat16 and got[3].dtype == torch.float32
+    assert_close(got, want, 2e-2)
+    with torch.no_grad():  # inference skips saving y for dz; same output
+        assert torch.equal(selective_scan(**leaves(x), delta_softplus=True, backend="triton"), got[0])
+
+
+def test_kernel_saves_checkpoints_not_states():
+    batch, dim, N, L = 1, 3, 16, 64
+    x = leaves(make_inputs(batch, dim, N, L))
+    numels = saved_numels(lambda: selective_scan(**x, delta_softplus=True, backend="triton"))
+    assert max(numels) < batch * dim * L * N / 2
+    assert batch * dim * math.ceil(L / sk.CHUNK) * N in numels  # the (batch, dim, n_chunks, N) checkpoints
+
+
+def test_auto_uses_kernel_under_interpreter(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("auto fell back to the reference")
+
+    monkeypatch.setattr(sk, "selective_scan_ref", boom)
+    x = make_inputs(1, 2, 2, 3)
+    selective_scan(**x, backend="auto")
+    with pytest.raises(AssertionError):
+        selective_scan(**x, backend="reference")
+
+
+# ------------------------------------------------------------------------- fused bidirectional scan
+
+def make_bidir(batch, dim, N, L, seed):
+    """Stacked inputs as the Vim block makes them: strided views of (2, batch, L, .) tensors."""
+    g = torch.Generator().manual_seed(seed)
+    rn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x_dbl = rn(2, batch, L, 3 + 2 * N)
+    return dict(u=rn(2, batch, L, dim).transpose(-1, -2), delta=(rn(2, batch, L, dim) * 0.5 - 1).transpose(-1, -2),
+                A=-torch.exp(rn(2, dim, N) * 0.5), B=x_dbl[..., 3:3 + N].transpose(-1, -2),
+                C=x_dbl[..., 3 + N:].transpose(-1, -2), D=rn(2, dim), z=rn(batch, L, dim).transpose(-1, -2),
+                delta_bias=rn(2, dim) * 0.3)
+
+
+def flipped_reference(u, delta, A, B, C, D, z, delta_bias):
+    """Vim v2 written the plain way: the backward direction scans explicitly flipped inputs."""
+    fl = lambda t: t.flip(-1)  # noqa: E731
+    y_f = selective_scan_ref(u[0], delta[0], A[0], B[0], C[0], D[0], None, delta_bias[0], True)
+    y_b = fl(selective_scan_ref(fl(u[1]), fl(delta[1]), A[1], fl(B[1]), fl(C[1]), D[1], None, delta_bias[1], True))
+    return (y_f + y_b) * F.silu(z)
+
+
+@pytest.mark.parametrize("L,dim,N,batch", [(1, 5, 16, 2), (10, 5, 16, 2), (33, 19, 3, 1)])
+def test_bidirectional_matches_flipped_reference(L, dim, N, batch):
+    x = make_bidir(batch, dim, N, L, seed=L)
+    w = [torch.randn(batch, dim, L, generator=torch.Generator().manual_seed(9), dtype=torch.float64)]
+    want = run(flipped_reference, leaves(x, torch.float64), w)
+    got = run(bidirectional_selective_scan, leaves(x), w, delta_softplus=True, backend="triton")
+    assert_close(got, want, 2e-5)
+    ref = run(bidirectional_selective_scan, leaves(x, torch.float64), w, delta_softplus=True, backend="reference")
+    assert_close(ref, want, 1e-12)
+
+
+# ------------------------------------------------------------------------- bad input
+
+def test_bad_shapes_and_backend():
+    x = make_inputs(2, 4, 16, 7)
+    with pytest.raises(ValueError, match=r"^selective_scan: B must be \(batch, N, L\) = \(2, 16, 7\), got \(2, 16, 8\)$"):
+        selective_scan(**{**x, "B": torch.randn(2, 16, 8)})
+    with pytest.raises(ValueError, match=r"D must be \(dim\) = \(4,\), got \(5,\)"):
+        selective_scan_ref(**{**x, "D": torch.randn(5)})
+    with pytest.raises(ValueError, match="backend must be"):
+        selective_scan(**x, backend="cuda")
+    xb = make_bidir(2, 4, 16, 7, seed=0)
+    with pytest.raises(ValueError, match=r"z must be \(batch, dim, L\) = \(2, 4, 7\)"):
+        bidirectional_selective_scan(**{**xb, "z": torch.randn(2, 2, 4, 7)})
+    with pytest.raises(ValueError, match=r"A must be \(2, dim, N\) = \(2, 4, 16\)"):
+        bidirectional_selective_scan(**{**xb, "A": torch.randn(3, 4, 16)})
+
+
+def run_python(code, env):
+    res = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
+def test_triton_backend_on_cpu_without_interpreter_raises():
+    code = ("import torch, scan_kernel as sk\n"
+            "u = torch.randn(1, 2, 3); A = -torch.ones(2, 4); B = torch.randn(1, 4, 3)\n"
+            "sk.selective_scan(u, u, A, B, B)  # auto -> reference\n"
+            "try:\n    sk.selective_scan(u, u, A, B, B, backend='triton')\n"
+            "except RuntimeError as e:\n    print('ERR', e)\n")
+    msg = run_python(code, {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert msg.startswith("ERR") and "\n" not in msg
+    assert "TRITON_INTERPRET=1" in msg and "CUDA" in msg and "backend='reference'" in msg
+    msg = run_python("import sys; sys.modules['triton'] = None  # as if triton were not installed\n" + code, os.environ)
+    assert msg.startswith("ERR") and "not installed" in msg
+
 
 TINY_STUDENT = vl.MambaConfig(img_size=16, patch_size=4, dim=16, depth=4, d_state=4, num_classes=5,
                               scan_backend="reference")

@@ -1,0 +1,483 @@
+"""
+Selective scan (Mamba-1 "S6") for the ViT-Linearizer student: a readable PyTorch reference and
+a Triton kernel (forward and backward), single-direction and fused bidirectional (Vim "v2").
+
+Symbols (shapes as mamba-ssm's selective_scan_fn; PAPER.md, "The student"):
+    u, delta, z : (batch, dim, L)   input, step size (pre-activation), gate
+    A           : (dim, N)          state matrix (diagonal, real, negative)
+    B, C        : (batch, N, L)     input-dependent input / output projections
+    D, delta_bias: (dim,)           skip connection, step-size bias
+
+    dt_t = softplus(delta_t + delta_bias)     (softplus only if delta_softplus; x if x > 20)
+    h_t  = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t      h: (batch, dim, N), h_{-1} = 0
+    y_t  = <C_t, h_t> + D * u_t
+    out  = y * silu(z)                                      (if z is given)
+
+All state and sums are fp32 (fp64 in the reference if the inputs are fp64); the output has u's
+dtype. reverse=True runs t = L-1 .. 0, which equals flip -> scan -> flip along L.
+Bidirectional (Vim v2, directions stacked on a leading axis of size 2; direction 0 runs forward,
+direction 1 in reverse, both in the original token order):
+    out = (y_fwd + y_bwd) * silu(z)        (Vim's "/ 2" is left to the caller)
+
+Backends (the math is identical; only speed and memory differ):
+    "reference": selective_scan_ref, pure PyTorch + autograd (CPU training path, test oracle).
+    "triton":    _ScanFn, Triton kernels for forward and backward (CUDA, or the CPU interpreter
+                 when TRITON_INTERPRET=1 was set before this module was imported).
+    "auto":      "triton" if triton imports, u is fp32/fp16/bf16 and (u.is_cuda or TRITON_INTERPRET=1),
+                 else "reference". An explicit "triton" that cannot run raises instead.
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+    _jit = triton.jit
+except ImportError:  # e.g. macOS: the reference backend still works, "triton" raises
+    triton = None
+
+    class tl:  # only so the kernel annotations below evaluate; the kernels are never launched
+        constexpr = None
+
+    def _jit(fn):
+        return fn
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # triton.jit reads it at decoration time
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CHUNK = 16  # the forward checkpoints the state every CHUNK steps for the backward
+
+
+# ----------------------------------------------------------------------------------------------
+# input checks and dispatch
+
+def _check(fn, u, delta, A, B, C, D, z, delta_bias, lead=()):
+    """One-line errors for wrong shapes, dtypes or devices. lead=(2,) for the stacked bidirectional inputs."""
+    pre = "2, " if lead else ""
+    if u.dim() != len(lead) + 3:
+        raise ValueError(f"{fn}: u must be ({pre}batch, dim, L), got {tuple(u.shape)}")
+    if A.dim() != len(lead) + 2:
+        raise ValueError(f"{fn}: A must be ({pre}dim, N), got {tuple(A.shape)}")
+    batch, dim, L = u.shape[-3:]
+    N = A.shape[-1]
+    want = {"u": ("batch, dim, L", lead + (batch, dim, L)), "delta": ("batch, dim, L", lead + (batch, dim, L)),
+            "A": ("dim, N", lead + (dim, N)), "B": ("batch, N, L", lead + (batch, N, L)),
+            "C": ("batch, N, L", lead + (batch, N, L)), "D": ("dim", lead + (dim,)),
+            "z": ("batch, dim, L", (batch, dim, L)), "delta_bias": ("dim", lead + (dim,))}
+    given = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+    for name, x in given.items():
+        if x is None:
+            continue
+        names, shape = want[name]
+        names = names if name == "z" else pre + names
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{fn}: {name} must be ({names}) = {shape}, got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{fn}: {name} must be a floating point tensor, got {x.dtype}")
+        if x.device != u.device:
+            raise ValueError(f"{fn}: {name} is on {x.device} but u is on {u.device}")
+    if L < 1 or N < 1:
+        raise ValueError(f"{fn}: need L >= 1 and N >= 1, got L={L}, N={N}")
+
+
+def _use_triton(fn, backend, u):
+    """True for the Triton path; "triton" raises (never falls back) when it cannot run."""
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"{fn}: backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    if backend == "reference":
+        return False
+    runnable = triton is not None and (u.is_cuda or _INTERPRET) and u.dtype in _KERNEL_DTYPES
+    if backend == "auto" or runnable:
+        return runnable
+    if triton is None:
+        raise RuntimeError(f"{fn}: backend='triton' but triton is not installed; use backend='reference'")
+    if not u.is_cuda and not _INTERPRET:
+        raise RuntimeError(f"{fn}: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+                           f"importing scan_kernel (CPU interpreter); got a {u.device} tensor. "
+                           f"Use backend='reference' for the pure-PyTorch path.")
+    raise TypeError(f"{fn}: the triton backend takes float32/float16/bfloat16 u, got {u.dtype}; "
+                    f"use backend='reference'")
+
+
+# ----------------------------------------------------------------------------------------------
+# reference: plain PyTorch, differentiable by autograd
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False, reverse=False):
+    """Selective scan in pure PyTorch. Returns out (batch, dim, L) in u's dtype [, last_state (batch, dim, N)].
+
+    A Python loop over time on (batch, dim, N) states: nothing of size (batch, dim, L, N) is built,
+    and the per-step inputs are unbind() views taken once (slicing x[..., t] inside the loop
+    would make the backward O(L^2))."""
+    _check("selective_scan_ref", u, delta, A, B, C, D, z, delta_bias)
+    f = torch.promote_types(u.dtype, torch.float32)  # fp32 math (fp64 stays fp64 for gradcheck)
+    u32, dt, A, B, C = u.to(f), delta.to(f), A.to(f), B.to(f), C.to(f)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(f)[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)  # threshold 20: x if x > 20 else log1p(exp(x))
+    dts, dtus = dt.unbind(-1), (dt * u32).unbind(-1)  # L x (B, D)
+    Bs, Cs = B.unbind(-1), C.unbind(-1)  # L x (B, N)
+    h = u32.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (B, D, N)
+    ys = [None] * u.shape[-1]
+    for t in (reversed(range(len(ys))) if reverse else range(len(ys))):
+        h = torch.exp(dts[t][:, :, None] * A) * h + dtus[t][:, :, None] * Bs[t][:, None, :]  # (B, D, N)
+        ys[t] = torch.bmm(h, Cs[t][:, :, None])[..., 0]  # (B, D)
+    y = torch.stack(ys, dim=-1)  # (B, D, L)
+    if D is not None:
+        y = y + D.to(f)[:, None] * u32
+    if z is not None:
+        y = y * F.silu(z.to(f))
+    out = y.to(u.dtype)
+    return (out, h) if return_last_state else out
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels. One program = one batch element x BLOCK_D channels (x one direction in the
+# backward); it walks over time holding the state h as a (BLOCK_D, NP) fp32 register tile and
+# loads B_t, C_t once per step for the whole channel block. N is padded to NP = next power of 2:
+# padded lanes load A = 0 (decay 1) and B = C = 0 (input 0), so they stay 0. Processing step s
+# visits time t = s (forward) or t = L-1-s (reverse); "rev" below is 0 or 1.
+
+@_jit
+def _softplus(x):
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))  # no tl.log1p in the interpreter
+
+
+@_jit
+def _load_params(A_ptr, D_ptr, bias_ptr, k, dim, N, offs_d, offs_n, mask_d, mask_dn,
+                 HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A (BLOCK_D, NP), D and delta_bias (BLOCK_D,) of direction k, fp32 (A, D, bias are contiguous)."""
+    A = tl.load(A_ptr + k * dim * N + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+    Dv = tl.zeros((BLOCK_D,), tl.float32)
+    bias = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + k * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + k * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    return A, Dv, bias
+
+
+@_jit
+def _load_step(t, u_p, dt_p, B_p, C_p, su_t, sdt_t, sB_t, sC_t, bias, mask_d, mask_n, SOFTPLUS: tl.constexpr):
+    """Inputs of time t in fp32: u, delta + bias, dt (BLOCK_D,); B_t, C_t (NP,)."""
+    u = tl.load(u_p + t * su_t, mask=mask_d, other=0.0).to(tl.float32)
+    raw = tl.load(dt_p + t * sdt_t, mask=mask_d, other=0.0).to(tl.float32) + bias
+    dt = raw
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    Bt = tl.load(B_p + t * sB_t, mask=mask_n, other=0.0).to(tl.float32)
+    Ct = tl.load(C_p + t * sC_t, mask=mask_n, other=0.0).to(tl.float32)
+    return u, raw, dt, Bt, Ct
+
+
+@_jit
+def _fwd_step(h, t, u_p, dt_p, B_p, C_p, su_t, sdt_t, sB_t, sC_t, A, Dv, bias, mask_d, mask_n,
+              SOFTPLUS: tl.constexpr):
+    """One recurrence step: returns h_t (BLOCK_D, NP) and y_t = <C_t, h_t> + D u_t (BLOCK_D,)."""
+    u, raw, dt, Bt, Ct = _load_step(t, u_p, dt_p, B_p, C_p, su_t, sdt_t, sB_t, sC_t, bias, mask_d, mask_n, SOFTPLUS)
+    h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+    return h, tl.sum(h * Ct[None, :], axis=1) + Dv * u
+
+
+@_jit
+def _emit(y, t, o_off, z_p, sz_t, so_t, out_ptr, y_ptr, mask_d, HAS_Z: tl.constexpr, STORE_Y: tl.constexpr):
+    """Final y_t: keep it (fp32, for dz in the backward) if asked, gate by silu(z_t), store out_t."""
+    if STORE_Y:
+        tl.store(y_ptr + o_off + t * so_t, y, mask=mask_d)
+    if HAS_Z:
+        zt = tl.load(z_p + t * sz_t, mask=mask_d, other=0.0).to(tl.float32)
+        y = y * zt * tl.sigmoid(zt)
+    tl.store(out_ptr + o_off + t * so_t, y.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+@_jit
+def _fwd_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, out_ptr, y_ptr, p_ptr, ck_ptr,
+    batch, dim, L, N, n_chunks, reverse,
+    su_k, su_b, su_d, su_t, sdt_k, sdt_b, sdt_d, sdt_t,
+    sB_k, sB_b, sB_n, sB_t, sC_k, sC_b, sC_n, sC_t,
+    sz_b, sz_d, sz_t, so_b, so_d, so_t,
+    ND: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr,
+    SOFTPLUS: tl.constexpr, STORE_Y: tl.constexpr, BLOCK_D: tl.constexpr, NP: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """grid (batch, cdiv(dim, BLOCK_D)). ND = 1: one scan (direction set by `reverse`).
+    ND = 2: both directions in the same program and the same loop (direction 1 at t = L-1-s);
+    each y position is reached twice, the first direction there parks its fp32 y in p_ptr and
+    the second one adds, gates and stores: one launch, no flipped copies, no atomics."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, NP)
+    mask_d, mask_n = offs_d < dim, offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    u_p = u_ptr + b * su_b + offs_d * su_d  # (BLOCK_D,) pointers of direction 0; + s*_k for direction 1
+    dt_p = dt_ptr + b * sdt_b + offs_d * sdt_d
+    B_p = B_ptr + b * sB_b + offs_n * sB_n  # (NP,)
+    C_p = C_ptr + b * sC_b + offs_n * sC_n
+    z_p = z_ptr + b * sz_b + offs_d * sz_d
+    o_off = b * so_b + offs_d * so_d  # out, y and p share one layout
+    ck_p = ck_ptr + ((b * dim + offs_d[:, None]) * n_chunks) * N + offs_n[None, :]  # (ND, batch, dim, n_chunks, N)
+    ck_k = batch * dim * n_chunks * N
+    A0, D0, bias0 = _load_params(A_ptr, D_ptr, bias_ptr, 0, dim, N, offs_d, offs_n, mask_d, mask_dn,
+                                 HAS_D, HAS_BIAS, BLOCK_D)
+    A1, D1, bias1 = _load_params(A_ptr, D_ptr, bias_ptr, ND - 1, dim, N, offs_d, offs_n, mask_d, mask_dn,
+                                 HAS_D, HAS_BIAS, BLOCK_D)
+    h0 = tl.zeros((BLOCK_D, NP), tl.float32)
+    h1 = tl.zeros((BLOCK_D, NP), tl.float32)
+    for s in range(L):
+        is_ck = (s % CHUNK == CHUNK - 1) | (s == L - 1)  # checkpoint: the state after each chunk
+        t0 = s + reverse * (L - 1 - 2 * s)
+        h0, y0 = _fwd_step(h0, t0, u_p, dt_p, B_p, C_p, su_t, sdt_t, sB_t, sC_t, A0, D0, bias0, mask_d, mask_n,
+                           SOFTPLUS)
+        tl.store(ck_p + (s // CHUNK) * N, h0, mask=mask_dn & is_ck)
+        if ND == 1:
+            _emit(y0, t0, o_off, z_p, sz_t, so_t, out_ptr, y_ptr, mask_d, HAS_Z, STORE_Y)
+        else:
+            t1 = L - 1 - s
+            h1, y1 = _fwd_step(h1, t1, u_p + su_k, dt_p + sdt_k, B_p + sB_k, C_p + sC_k, su_t, sdt_t, sB_t, sC_t,
+                               A1, D1, bias1, mask_d, mask_n, SOFTPLUS)
+            tl.store(ck_p + ck_k + (s // CHUNK) * N, h1, mask=mask_dn & is_ck)
+            if 2 * s < L - 1:  # first visit of t0 and t1: park the partial sums
+                tl.store(p_ptr + o_off + t0 * so_t, y0, mask=mask_d)
+                tl.store(p_ptr + o_off + t1 * so_t, y1, mask=mask_d)
+            elif 2 * s == L - 1:  # the middle token: both directions are here now
+                _emit(y0 + y1, t0, o_off, z_p, sz_t, so_t, out_ptr, y_ptr, mask_d, HAS_Z, STORE_Y)
+            else:  # second visit; the barrier makes other threads' parked sums visible
+                tl.debug_barrier()
+                p0 = tl.load(p_ptr + o_off + t0 * so_t, mask=mask_d, other=0.0)
+                p1 = tl.load(p_ptr + o_off + t1 * so_t, mask=mask_d, other=0.0)
+                _emit(y0 + p0, t0, o_off, z_p, sz_t, so_t, out_ptr, y_ptr, mask_d, HAS_Z, STORE_Y)
+                _emit(y1 + p1, t1, o_off, z_p, sz_t, so_t, out_ptr, y_ptr, mask_d, HAS_Z, STORE_Y)
+
+
+@_jit
+def _bwd_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, y_ptr, g_ptr, ck_ptr, dlast_ptr,
+    du_ptr, ddt_ptr, dz_ptr, dBp_ptr, dCp_ptr, dAp_ptr, dDp_ptr, dbp_ptr, sc_ptr,
+    batch, dim, L, N, n_chunks, reverse,
+    su_k, su_b, su_d, su_t, sdt_k, sdt_b, sdt_d, sdt_t,
+    sB_k, sB_b, sB_n, sB_t, sC_k, sC_b, sC_n, sC_t,
+    sz_b, sz_d, sz_t, sy_b, sy_d, sy_t, sg_b, sg_d, sg_t,
+    sdu_k, sdu_b, sdu_d, sdu_t, sddt_k, sddt_b, sddt_d, sddt_t, sdz_b, sdz_d, sdz_t,
+    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_DLAST: tl.constexpr, BLOCK_D: tl.constexpr, NP: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """grid (ND * batch, cdiv(dim, BLOCK_D)); one program = one direction k of one batch element.
+
+    Walks the chunks last to first. Per chunk: (1) recompute the chunk's states from the forward's
+    checkpoint into a program-private scratch (CHUNK, BLOCK_D, NP) fp32: registers cannot be
+    indexed by step and running h backwards (h_{t-1} = (h_t - x_t) / a_t) blows up when a_t ~ 0;
+    the scratch (CHUNK * BLOCK_D * NP * 4 B = 64 KiB per program) stays in L2; (2) walk backwards:
+        dy_t = dout_t silu(z_t);  dh_t = a_{t+1} dh_{t+1} + dy_t C_t  (a_t = exp(dt_t A))
+        dC_t += dy_t h_t;  dB_t += dh_t dt_t u_t;  du_t = dt_t <dh_t, B_t> + D dy_t
+        ddt_t = u_t <dh_t, B_t> + <dh_t a_t h_{t-1}, A>;  dA += dh_t a_t h_{t-1} dt_t
+    dB, dC (summed over channels) and dA, dD, d(delta_bias) (summed over batch, time) are written
+    as per-program partial sums that torch reduces afterwards: deterministic, no atomics."""
+    pid = tl.program_id(0)
+    k, b = (pid // batch).to(tl.int64), (pid % batch).to(tl.int64)
+    pid_d = tl.program_id(1)
+    rev = k + reverse  # direction 1 of a bidirectional scan runs in reverse
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, NP)
+    mask_d, mask_n = offs_d < dim, offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    u_p = u_ptr + k * su_k + b * su_b + offs_d * su_d
+    dt_p = dt_ptr + k * sdt_k + b * sdt_b + offs_d * sdt_d
+    B_p = B_ptr + k * sB_k + b * sB_b + offs_n * sB_n
+    C_p = C_ptr + k * sC_k + b * sC_b + offs_n * sC_n
+    z_p = z_ptr + b * sz_b + offs_d * sz_d
+    y_p = y_ptr + b * sy_b + offs_d * sy_d
+    g_p = g_ptr + b * sg_b + offs_d * sg_d
+    du_p = du_ptr + k * sdu_k + b * sdu_b + offs_d * sdu_d
+    ddt_p = ddt_ptr + k * sddt_k + b * sddt_b + offs_d * sddt_d
+    dz_p = dz_ptr + b * sdz_b + offs_d * sdz_d
+    dBp_p = dBp_ptr + ((pid_d * tl.num_programs(0) + pid).to(tl.int64) * L) * N + offs_n  # (n_dblocks, ND, batch, L, N)
+    dCp_p = dCp_ptr + ((pid_d * tl.num_programs(0) + pid).to(tl.int64) * L) * N + offs_n
+    kbd = (k * batch + b) * dim + offs_d  # row index into (ND, batch, dim, ...) tensors
+    kbdn = kbd[:, None] * N + offs_n[None, :]
+    ck_p = ck_ptr + kbd[:, None] * n_chunks * N + offs_n[None, :]
+    sc_p = (sc_ptr + (pid * tl.num_programs(1) + pid_d).to(tl.int64) * (CHUNK * BLOCK_D * NP)
+            + tl.arange(0, BLOCK_D)[:, None] * NP + offs_n[None, :])
+    A, Dv, bias = _load_params(A_ptr, D_ptr, bias_ptr, k, dim, N, offs_d, offs_n, mask_d, mask_dn,
+                               HAS_D, HAS_BIAS, BLOCK_D)
+    dh = tl.zeros((BLOCK_D, NP), tl.float32)  # gradient w.r.t. the state, running backwards
+    if HAS_DLAST:
+        dh = tl.load(dlast_ptr + kbdn, mask=mask_dn, other=0.0)
+    dA_acc = tl.zeros((BLOCK_D, NP), tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), tl.float32)
+    db_acc = tl.zeros((BLOCK_D,), tl.float32)
+    for cc in range(n_chunks):
+        c = n_chunks - 1 - cc
+        s0 = c * CHUNK
+        n_in = tl.minimum(L - s0, CHUNK)
+        # (1) recompute: scratch[j] = state before step s0 + j
+        h = tl.load(ck_p + (c - 1) * N, mask=mask_dn & (c > 0), other=0.0)
+        for j in range(n_in):
+            tl.store(sc_p + j * BLOCK_D * NP, h)
+            t = s0 + j + rev * (L - 1 - 2 * (s0 + j))
+            h, _ = _fwd_step(h, t, u_p, dt_p, B_p, C_p, su_t, sdt_t, sB_t, sC_t, A, Dv, bias, mask_d, mask_n, SOFTPLUS)
+        tl.debug_barrier()
+        # (2) backward through the chunk
+        for jj in range(n_in):
+            j = n_in - 1 - jj
+            t = s0 + j + rev * (L - 1 - 2 * (s0 + j))
+            h_prev = tl.load(sc_p + j * BLOCK_D * NP)
+            u, raw, dt, Bt, Ct = _load_step(t, u_p, dt_p, B_p, C_p, su_t, sdt_t, sB_t, sC_t, bias, mask_d, mask_n,
+                                            SOFTPLUS)
+            a = tl.exp(dt[:, None] * A)
+            h = a * h_prev + (dt * u)[:, None] * Bt[None, :]
+            dy = tl.load(g_p + t * sg_t, mask=mask_d, other=0.0).to(tl.float32)
+            if HAS_Z:  # dz = dout * y * silu'(z), y = both directions' sum, saved by the forward
+                zt = tl.load(z_p + t * sz_t, mask=mask_d, other=0.0).to(tl.float32)
+                sig = tl.sigmoid(zt)
+                first = mask_d & (k == 0)  # one direction writes dz
+                yt = tl.load(y_p + t * sy_t, mask=first, other=0.0)
+                dz = dy * yt * sig * (1.0 + zt * (1.0 - sig))
+                tl.store(dz_p + t * sdz_t, dz.to(dz_ptr.dtype.element_ty), mask=first)
+                dy = dy * zt * sig
+            tl.store(dCp_p + t * N, tl.sum(dy[:, None] * h, axis=0), mask=mask_n)
+            dh += dy[:, None] * Ct[None, :]
+            tl.store(dBp_p + t * N, tl.sum(dh * (dt * u)[:, None], axis=0), mask=mask_n)
+            dhB = tl.sum(dh * Bt[None, :], axis=1)  # (BLOCK_D,)
+            q = dh * a * h_prev  # gradient w.r.t. dt_t * A
+            ddt = u * dhB + tl.sum(q * A, axis=1)
+            dA_acc += q * dt[:, None]
+            du = dt * dhB + dy * Dv
+            dD_acc += dy * u
+            if SOFTPLUS:
+                ddt = tl.where(raw > 20.0, ddt, ddt * tl.sigmoid(raw))
+            db_acc += ddt
+            tl.store(du_p + t * sdu_t, du.to(du_ptr.dtype.element_ty), mask=mask_d)
+            tl.store(ddt_p + t * sddt_t, ddt.to(ddt_ptr.dtype.element_ty), mask=mask_d)
+            dh = dh * a  # -> gradient w.r.t. h_{t-1}
+        tl.debug_barrier()  # the next chunk overwrites the scratch
+    tl.store(dAp_ptr + kbdn, dA_acc, mask=mask_dn)
+    tl.store(dDp_ptr + kbd, dD_acc, mask=mask_d)
+    tl.store(dbp_ptr + kbd, db_acc, mask=mask_d)
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd wrapper around the kernels
+
+def _blocks(dim, N):
+    """(BLOCK_D, NP): a ~1K-element fp32 state tile per program (8 registers/thread at 4 warps)."""
+    NP = triton.next_power_of_2(N)
+    return min(64, triton.next_power_of_2(dim), max(8, 1024 // NP)), NP
+
+
+def _empty_like_layout(x, dtype):
+    """Dense tensor of x's shape whose memory order follows x's strides (coalesced kernel stores)."""
+    order = sorted(range(x.dim()), key=lambda i: -x.stride(i))
+    return torch.empty([x.shape[i] for i in order], dtype=dtype, device=x.device).permute(
+        [order.index(i) for i in range(x.dim())])
+
+
+class _ScanFn(torch.autograd.Function):
+    """Stacked directions: u, delta (ND, batch, dim, L); A (ND, dim, N); B, C (ND, batch, N, L);
+    D, delta_bias (ND, dim) or None; z (batch, dim, L) or None. ND = 1: one scan (reverse picks
+    the direction); ND = 2: direction 0 forward + direction 1 reverse, outputs summed.
+    Returns out (batch, dim, L) and, if return_last, the final states (ND, batch, dim, N)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, reverse, return_last, grad_enabled):
+        ND, batch, dim, L = u.shape
+        N = A.shape[-1]
+        A, D, delta_bias = [None if x is None else x.contiguous() for x in (A, D, delta_bias)]
+        BLOCK_D, NP = _blocks(dim, N)
+        n_chunks = triton.cdiv(L, CHUNK)
+        store_y = z is not None and grad_enabled and any(ctx.needs_input_grad[:8])  # y before the gate, for dz
+        out = _empty_like_layout(u[0], u.dtype)
+        y = _empty_like_layout(u[0], torch.float32) if store_y else None
+        p = _empty_like_layout(u[0], torch.float32) if ND == 2 else None
+        ck = torch.empty(ND, batch, dim, n_chunks, N, dtype=torch.float32, device=u.device)
+        zs = z.stride() if z is not None else (0, 0, 0)
+        opt = lambda x: u if x is None else x  # noqa: E731  (absent inputs: any pointer, never read)
+        _fwd_kernel[(batch, triton.cdiv(dim, BLOCK_D))](
+            u, delta, A, B, C, opt(D), opt(delta_bias), opt(z), out, opt(y), opt(p), ck,
+            batch, dim, L, N, n_chunks, int(reverse),
+            *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *zs, *out.stride(),
+            ND=ND, HAS_D=D is not None, HAS_BIAS=delta_bias is not None, HAS_Z=z is not None,
+            SOFTPLUS=softplus, STORE_Y=store_y, BLOCK_D=BLOCK_D, NP=NP, CHUNK=CHUNK, num_warps=4)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, y, ck)  # ck, not (batch, dim, L, N) states
+        ctx.cfg = (softplus, reverse)
+        return out, (ck[:, :, :, -1].clone() if return_last else None)
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        u, delta, A, B, C, D, z, delta_bias, y, ck = ctx.saved_tensors
+        softplus, reverse = ctx.cfg
+        ND, batch, dim, L = u.shape
+        N, n_chunks = A.shape[-1], ck.shape[3]
+        BLOCK_D, NP = _blocks(dim, N)
+        grid = (ND * batch, triton.cdiv(dim, BLOCK_D))
+        f32 = dict(dtype=torch.float32, device=u.device)
+        du, ddelta = _empty_like_layout(u, u.dtype), _empty_like_layout(delta, delta.dtype)
+        dz = _empty_like_layout(z, z.dtype) if z is not None else None
+        dBp = torch.empty(grid[1], ND, batch, L, N, **f32)  # per-channel-block partial sums
+        dCp = torch.empty(grid[1], ND, batch, L, N, **f32)
+        dAp = torch.empty(ND, batch, dim, N, **f32)  # per-batch-element partial sums
+        dDp = torch.empty(ND, batch, dim, **f32)
+        dbp = torch.empty(ND, batch, dim, **f32)
+        scratch = torch.empty(grid[0] * grid[1] * CHUNK * BLOCK_D * NP, **f32)
+        dlast = dlast.float().contiguous() if dlast is not None else None
+        zs, ys, dzs = [x.stride() if x is not None else (0, 0, 0) for x in (z, y, dz)]
+        opt = lambda x: u if x is None else x  # noqa: E731  (absent inputs: any pointer, never read)
+        _bwd_kernel[grid](
+            u, delta, A, B, C, opt(D), opt(delta_bias), opt(z), opt(y), dout, ck, opt(dlast),
+            du, ddelta, opt(dz), dBp, dCp, dAp, dDp, dbp, scratch,
+            batch, dim, L, N, n_chunks, int(reverse),
+            *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *zs, *ys, *dout.stride(),
+            *du.stride(), *ddelta.stride(), *dzs,
+            HAS_D=D is not None, HAS_BIAS=delta_bias is not None, HAS_Z=z is not None, SOFTPLUS=softplus,
+            HAS_DLAST=dlast is not None, BLOCK_D=BLOCK_D, NP=NP, CHUNK=CHUNK, num_warps=4)
+        dB = dBp.sum(0).transpose(-1, -2).to(B.dtype)  # (ND, batch, N, L)
+        dC = dCp.sum(0).transpose(-1, -2).to(C.dtype)
+        dA = dAp.sum(1).to(A.dtype)
+        dD = dDp.sum(1).to(D.dtype) if D is not None else None
+        dbias = dbp.sum(1).to(delta_bias.dtype) if delta_bias is not None else None
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, reverse=False, backend="auto"):
+    """Selective scan, mamba-ssm selective_scan_fn semantics (see the module docstring).
+
+    backend: "triton" (Triton forward + backward; CUDA, or CPU with TRITON_INTERPRET=1 set before
+    import), "reference" (selective_scan_ref), "auto" = "triton" if triton imports, u is fp32/fp16/bf16
+    and (u.is_cuda or TRITON_INTERPRET=1), else "reference". Both compute the same math; "triton"
+    raises instead of falling back. last_state is differentiable on both backends.
+    Returns out (batch, dim, L) in u's dtype [, last_state (batch, dim, N) fp32]."""
+    _check("selective_scan", u, delta, A, B, C, D, z, delta_bias)
+    if not _use_triton("selective_scan", backend, u):
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse)
+    stack = lambda x: None if x is None else x[None]  # noqa: E731  (views, no copies)
+    out, last = _ScanFn.apply(u[None], delta[None], A[None], B[None], C[None], stack(D), z, stack(delta_bias),
+                              delta_softplus, reverse, return_last_state, torch.is_grad_enabled())
+    return (out, last[0]) if return_last_state else out
+
+
+def bidirectional_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                                 backend="auto"):
+    """Fused bidirectional scan (Vim v2): out = (y_fwd + y_bwd) * silu(z), (batch, dim, L) in u's dtype.
+
+    u, delta (2, batch, dim, L); A (2, dim, N); B, C (2, batch, N, L); D, delta_bias (2, dim);
+    z (batch, dim, L), shared. Direction 0 scans t = 0..L-1, direction 1 t = L-1..0, both in the
+    original token order; y_dir includes D * u. Any strides (e.g. transposed views), no copies.
+    "triton": one forward launch and one backward launch for both directions.
+    "reference": two selective_scan_ref calls (reverse=False / True), summed in fp32, gated."""
+    _check("bidirectional_selective_scan", u, delta, A, B, C, D, z, delta_bias, lead=(2,))
+    if _use_triton("bidirectional_selective_scan", backend, u):
+        return _ScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, False, False,
+                            torch.is_grad_enabled())[0]
+    f = torch.promote_types(u.dtype, torch.float32)
+    y = sum(selective_scan_ref(u[k].to(f), delta[k], A[k], B[k], C[k], None if D is None else D[k], None,
+                               None if delta_bias is None else delta_bias[k], delta_softplus, reverse=k == 1)
+            for k in (0, 1))
+    if z is not None:
+        y = y * F.silu(z.to(f))
+    return y.to(u.dtype)
