@@ -288,12 +288,14 @@ def random_vit_state_dict(dim=32, depth=2, patch=4, grid=4, classes=7, seed=0):
     return sd
 
 
-def timm_reference_forward(sd, images, heads, eps=1e-6):
-    """The timm ViT forward written out by hand: explicit softmax attention, exact-erf GELU."""
+def timm_reference_forward(sd, images, heads, eps=1e-6, act=F.gelu):
+    """The timm ViT forward written out by hand: explicit softmax attention, exact-erf GELU (or the given act)."""
     p = sd["patch_embed.proj.weight"].shape[-1]
     x = F.conv2d(images, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=p).flatten(2).transpose(1, 2)
     x = torch.cat([sd["cls_token"].expand(len(x), -1, -1), x], 1) + sd["pos_embed"]
     B, L, D = x.shape
+    if "norm_pre.weight" in sd:                                                        # timm's CLIP ViTs
+        x = F.layer_norm(x, (D,), sd["norm_pre.weight"], sd["norm_pre.bias"], eps)
     hidden = []
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     for i in range(depth):
@@ -304,7 +306,7 @@ def timm_reference_forward(sd, images, heads, eps=1e-6):
         att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D // heads), -1)
         x = x + ((att @ v).transpose(1, 2).reshape(B, L, D) @ w["attn.proj.weight"].T + w["attn.proj.bias"])
         h = F.layer_norm(x, (D,), w["norm2.weight"], w["norm2.bias"], eps)
-        h = F.gelu(h @ w["mlp.fc1.weight"].T + w["mlp.fc1.bias"])
+        h = act(h @ w["mlp.fc1.weight"].T + w["mlp.fc1.bias"])
         x = x + (h @ w["mlp.fc2.weight"].T + w["mlp.fc2.bias"])
         hidden.append(x)
     tokens = F.layer_norm(x, (D,), sd["norm.weight"], sd["norm.bias"], eps)
@@ -327,6 +329,40 @@ def test_teacher_from_timm_state_dict_matches_reference(tmp_path, wrap):
     torch.testing.assert_close(out.logits, logits, atol=1e-4, rtol=1e-4)
     for a, b in zip(out.hidden, hidden):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_teacher_from_timm_clip_state_dict_and_timm_name(tmp_path, monkeypatch):
+    """timm's CLIP ViTs (norm_pre, LayerNorm eps 1e-5, QuickGELU for OpenAI weights); timm:NAME through a stand-in
+    timm module with the same create_model interface (timm itself is not installed in CI)."""
+    sd = random_vit_state_dict(dim=64)
+    sd["norm_pre.weight"], sd["norm_pre.bias"] = 1 + 0.1 * torch.randn(64), torch.randn(64)
+    torch.save(sd, tmp_path / "clip_timm.pth")
+    images = torch.randn(2, 3, 16, 16)
+    quick_gelu = lambda x: x * torch.sigmoid(1.702 * x)                                # noqa: E731
+    tokens, _, _ = timm_reference_forward(sd, images, heads=1, eps=1e-5, act=quick_gelu)
+    torch.testing.assert_close(vl.load_teacher(str(tmp_path / "clip_timm.pth"))(images).tokens, tokens,
+                               atol=1e-4, rtol=1e-4)
+    tokens, _, _ = timm_reference_forward(sd, images, heads=1, eps=1e-5)               # a LAION tower: plain GELU
+    torch.testing.assert_close(vl.load_teacher(str(tmp_path / "clip_timm.pth"), act="gelu")(images).tokens, tokens,
+                               atol=1e-4, rtol=1e-4)
+
+    class FakeTimmViT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = [nn.Module()]
+            self.blocks[0].mlp, self.blocks[0].attn = nn.Module(), nn.Module()
+            self.blocks[0].mlp.act, self.blocks[0].attn.num_heads = nn.GELU(), 2
+
+        def state_dict(self):
+            return random_vit_state_dict()
+
+    fake = type(sys)("timm")
+    fake.create_model = lambda name, pretrained: FakeTimmViT()
+    monkeypatch.setitem(sys.modules, "timm", fake)
+    teacher = vl.load_teacher("timm:vit_tiny_patch16_224")
+    assert teacher.cfg.heads == 2 and teacher.cfg.act == "gelu"                       # heads from the model, not 64/head
+    tokens, _, _ = timm_reference_forward(random_vit_state_dict(), images, heads=2)
+    torch.testing.assert_close(teacher(images).tokens, tokens, atol=1e-4, rtol=1e-4)
 
 
 class CLIPVisualRef(nn.Module):
@@ -413,6 +449,12 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"missing: blocks\.1\.norm2\.bias.*unexpected: blocks\.0\.extra\.weight.*"
                                          r"mis-shaped: head\.bias"):
         vl.load_teacher(str(tmp_path / "bad.pth"))
+    try:
+        import safetensors  # noqa: F401
+    except ImportError:                                                                # the optional reader is missing
+        (tmp_path / "w.safetensors").write_bytes(b"x")
+        with pytest.raises(ImportError, match="pip install safetensors"):
+            vl.load_teacher(str(tmp_path / "w.safetensors"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         vl.load_teacher(str(tmp_path / "nope.pth"))
     torch.save({"something": torch.zeros(1)}, tmp_path / "other.pth")
