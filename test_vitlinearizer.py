@@ -3,17 +3,23 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")          # before scan_kernel's @triton.jit decorators run
 
+import dataclasses
+import json
 import math
 import subprocess
 import sys
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
+import eval as evaluate_cli
 import scan_kernel as sk
+import train
 import vitlinearizer as vl
 from scan_kernel import bidirectional_selective_scan, selective_scan, selective_scan_ref
 
@@ -700,3 +706,282 @@ def test_distiller_trains_student_and_head_never_the_teacher(target):
     assert distiller.head.weight.grad.abs().sum() > 0
     assert student.blocks[0].mixer.A_log.grad.abs().sum() > 0
     assert student.head.weight.grad is None                                           # labels play no part
+
+
+# ---------------------------------------------------------------- train.py and eval.py
+
+@pytest.fixture
+def cpu_dispatch(monkeypatch):
+    """The scan dispatch a CPU user gets (backend "auto" = the reference), although this file set TRITON_INTERPRET."""
+    monkeypatch.setattr(sk, "_INTERPRET", False)
+
+
+TINY = ["--img-size", "16", "--batch-size", "16", "--demo-train", "64", "--demo-val", "32", "--stages", "2",
+        "--teacher-opts", "dim=32,depth=2,heads=2", "--student-opts", "dim=32,depth=2,d_state=4,scan_backend=reference",
+        "--log-every", "1", "--lr", "2e-3", "--warmup-epochs", "0.5"]
+
+
+def run_train(capsys, *argv):
+    """train.main in this process -> (exit code, stdout, stderr)"""
+    capsys.readouterr()
+    rc = train.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def log(path):
+    return [json.loads(l) for l in open(path)]
+
+
+def losses(path):
+    return {r["step"]: r["loss"] for r in log(path) if "loss" in r}
+
+
+def tiny_teacher(path, num_classes=8):
+    """a random tiny ViT saved in our checkpoint format"""
+    torch.manual_seed(0)
+    cfg = vl.ViTConfig(img_size=16, patch_size=4, dim=32, depth=2, heads=2, num_classes=num_classes)
+    torch.save(dict(kind="vit", config=dataclasses.asdict(cfg), model=vl.ViT(cfg).state_dict()), path)
+    return str(path)
+
+
+def one_error_line(err):
+    lines = [l for l in err.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# ---------------------------------------------------------------- the whole pipeline in miniature
+
+@pytest.mark.usefixtures("cpu_dispatch")
+def test_pipeline_in_miniature(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    rc, out, err = run_train(capsys, "--out", out_dir, *TINY, "--teacher-epochs", 2, "--distill-epochs", 4, "--finetune-epochs", 1)
+    assert rc == 0, err
+    for row in ("| teacher (ViT) |", "| student distilled + fine-tuned", "| student labels only"):
+        assert row in out
+    assert len(json.load(open(out_dir / "results.json"))) == 3
+    d = losses(out_dir / "distill" / "log.jsonl")                                      # 16 steps of AM + MP
+    first, last = np.mean([d[s] for s in (1, 2, 3)]), np.mean([d[s] for s in (14, 15, 16)])
+    assert last < 0.9 * first, d
+    rec = log(out_dir / "distill" / "log.jsonl")[0]
+    assert {"step", "loss", "am", "mp", "lr", "img_per_s", "peak_mem_mb", "grad_norm"} <= set(rec)
+    ck = torch.load(out_dir / "finetune" / "last.pt", weights_only=True)               # tensors and plain values only
+    assert {"kind", "config", "model", "optimizer", "schedule", "scaler", "step", "epoch", "rng", "args"} <= set(ck)
+    assert ck["kind"] == "vision_mamba" and ck["finished"] and ck["step"] == 4
+    assert isinstance(vl.model_from_checkpoint(ck), vl.VisionMamba)
+    assert isinstance(vl.load_teacher(str(out_dir / "teacher" / "last.pt")), vl.ViT)
+    # eval.py on the demo's held-out set gives the accuracy the run measured at its end
+    capsys.readouterr()
+    assert evaluate_cli.main(["--ckpt", str(out_dir / "finetune" / "last.pt")]) == 0
+    assert f"top-1 {ck['metrics']['top1']:.2f}" in capsys.readouterr().out
+    # re-running the finished command trains nothing
+    rc, out, _ = run_train(capsys, "--out", out_dir, *TINY, "--teacher-epochs", 2, "--distill-epochs", 4, "--finetune-epochs", 1)
+    assert rc == 0 and "is finished" in out
+
+
+@pytest.mark.usefixtures("cpu_dispatch")
+def test_demo_data_is_deterministic_and_relational():
+    a, b = train.RelationsDemo(50, 32, seed=3), train.RelationsDemo(50, 32, seed=3)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert a.images.shape == (50, 3, 32, 32) and a.images.dtype == torch.uint8
+    assert train.RelationsDemo(4, 48, seed=3).images.shape == (4, 3, 48, 48)           # any resolution
+    big = train.RelationsDemo(800, 16, seed=0)
+    assert set(big.labels.tolist()) == set(range(8)) and big.labels.bincount().min() > 60
+
+
+# ---------------------------------------------------------------- image folders
+
+def write_tree(root, n=4, classes=("cat", "dog", "fox"), corrupt=1):
+    """ImageNet layout of JPEG / PNG files: RGB, grayscale, CMYK, RGBA, palette; `corrupt` unreadable files"""
+    rng = np.random.default_rng(0)
+    modes = ["RGB", "L", "CMYK", "RGBA", "P"]
+    for split in ("train", "val"):
+        for c in classes:
+            os.makedirs(root / split / c, exist_ok=True)
+            for i in range(n):
+                im = Image.fromarray(rng.integers(0, 255, (20 + i, 24, 3), dtype=np.uint8)).convert(modes[i % 5])
+                ext = "png" if modes[i % 5] in ("RGBA", "P", "L") else "JPEG"
+                im.save(root / split / c / f"{i}.{ext}")
+    for i in range(corrupt):
+        (root / "train" / classes[i % len(classes)] / f"bad{i}.JPEG").write_bytes(b"\xff\xd8\xff not a jpeg" * 10)
+    return str(root)
+
+
+@pytest.mark.usefixtures("cpu_dispatch")
+def test_image_folder_transforms(tmp_path):
+    root = write_tree(tmp_path / "d", corrupt=0)
+    classes, samples = train.list_split(root, "train")
+    assert classes == ["cat", "dog", "fox"] and len(samples) == 12
+    tr, ev = train.ImageFolder(samples, classes, 16, True), train.ImageFolder(samples, classes, 16, False)
+    for i in range(5):                                                                 # every mode -> RGB uint8
+        x, y, e = tr[(i, 123)]
+        assert x.shape == (3, 16, 16) and x.dtype == torch.uint8 and e is None
+        assert torch.equal(x, tr[(i, 123)][0])                                         # augmentation from the seed
+        assert torch.equal(ev[(i, None)][0], ev[(i, None)][0])
+    assert not all(torch.equal(tr[(0, s)][0], tr[(0, 123)][0]) for s in range(5))
+
+
+@pytest.mark.usefixtures("cpu_dispatch")
+def test_image_folder_training_skips_a_corrupt_file(tmp_path, capsys):
+    root = write_tree(tmp_path / "d", corrupt=1)
+    rc, out, err = run_train(capsys, "--data", root, "--out", tmp_path / "r", "--stage", "teacher", "--epochs", 2,
+                       "--teacher-preset", "demo", "--teacher-opts", "dim=32,depth=2,heads=2", "--img-size", 16,
+                       "--batch-size", 13, "--workers", 1, "--log-every", 1)
+    assert rc == 0, err
+    assert "skipped 1 unreadable image(s) of 13" in err and "bad0.JPEG" in err
+    assert [r["epoch"] for r in log(tmp_path / "r" / "teacher" / "log.jsonl") if "val_top1" in r] == [1, 2]
+
+
+# ---------------------------------------------------------------- never lose work
+
+@pytest.mark.usefixtures("cpu_dispatch")
+def test_resume_follows_the_uninterrupted_trajectory(tmp_path, capsys, monkeypatch):
+    teacher = tiny_teacher(tmp_path / "t.pt")
+    args = ["--stage", "distill", "--teacher", teacher, *TINY, "--epochs", 3, "--drop-path", 0.1, "--ckpt-every", 2]
+    assert run_train(capsys, "--out", tmp_path / "a", *args)[0] == 0                           # uninterrupted: 12 steps
+    ref = losses(tmp_path / "a" / "distill" / "log.jsonl")
+    assert len(ref) == 12
+    # a clean stop after 5 steps (mid-epoch), then the same command again
+    assert run_train(capsys, "--out", tmp_path / "b", *args, "--max-steps", 5)[0] == 0
+    assert run_train(capsys, "--out", tmp_path / "b", *args)[0] == 0
+    assert losses(tmp_path / "b" / "distill" / "log.jsonl") == ref
+    # a crash between checkpoints (after step 7; the last checkpoint is at step 6): work since step 6 is redone
+    real = train.lr_at
+
+    def crash(step, *a):
+        if step == 7:
+            raise KeyboardInterrupt
+        return real(step, *a)
+    monkeypatch.setattr(train, "lr_at", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(capsys, "--out", tmp_path / "c", *args)
+    assert max(losses(tmp_path / "c" / "distill" / "log.jsonl")) == 7
+    monkeypatch.setattr(train, "lr_at", real)
+    rc, out, err = run_train(capsys, "--out", tmp_path / "c", *args)
+    assert rc == 0 and "resuming" in out and "at step 6" in out
+    assert losses(tmp_path / "c" / "distill" / "log.jsonl") == ref
+
+
+@pytest.mark.usefixtures("cpu_dispatch")
+def test_ddp_two_processes_gloo(tmp_path):
+    teacher = tiny_teacher(tmp_path / "t.pt")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(HERE, "train.py"), "--teacher", teacher, "--out", str(tmp_path / "r"), "--no-baseline",
+           *map(str, TINY), "--batch-size", "8", "--distill-epochs", "2", "--finetune-epochs", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("| student distilled + fine-tuned") == 1                     # rank 0 alone prints / writes
+    ck = torch.load(tmp_path / "r" / "finetune" / "last.pt", weights_only=True)
+    assert ck["world"] == 2 and len(ck["rng"]) == 2 and ck["step"] == 4               # 64 images / (2 x 8) per step
+    assert len(losses(tmp_path / "r" / "distill" / "log.jsonl")) == 8
+    assert not list((tmp_path / "r").rglob("*.tmp*"))
+
+
+# ---------------------------------------------------------------- evaluation
+
+@pytest.mark.usefixtures("cpu_dispatch")
+def test_eval_accuracy_on_a_hand_made_case():
+    logits = torch.tensor([[5., 4, 3, 2, 1, 0],        # label 0: top-1 hit
+                           [0, 5, 4, 3, 2, 1],         # label 5: top-5 hit only
+                           [0, 0, 0, 0, 0, 9],         # label 5: top-1 hit
+                           [1, 2, 3, 4, 5, 6]])        # label 0: miss (its lowest score)
+
+    class Fixed(torch.nn.Module):                      # image i is filled with the value i: logits row i
+        def forward(self, x):
+            i = ((x[:, 0, 0, 0] * train.STD[0] + train.MEAN[0]) * 255).round().long()
+            return vl.Output(logits[i], None, [])
+    samples = [(torch.full((3, 2, 2), i, dtype=torch.uint8), label, None) for i, label in enumerate([0, 5, 5, 0])]
+    samples.insert(2, (None, 3, "x.JPEG: broken"))     # an unreadable image is skipped, not counted
+    loader = [train.collate(samples[:3]), train.collate(samples[3:])]
+    args = type("Args", (), dict(amp="none", max_bad_frac=0.5))()
+    assert train.evaluate(Fixed(), loader, args, train.Ctx()) == dict(top1=50.0, top5=75.0)
+
+
+@pytest.mark.usefixtures("cpu_dispatch")
+def test_bench_and_bench_scan_run_small(tmp_path, capsys):
+    assert evaluate_cli.main(["--bench", "--teacher-preset", "demo", "--teacher-opts", "dim=32,depth=2,heads=2",
+                              "--student", "demo", "--student-opts", "dim=32,depth=2", "--resolutions", "16,32",
+                              "--batch-sizes", "2", "--warmup", "0", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| teacher | demo | 32 | 2 |" in out and "| student | demo | 32 | 2 |" in out
+    assert len(open(tmp_path / "bench.csv").readlines()) == 5
+    assert evaluate_cli.main(["--bench-scan", "--scan-shapes", "2,8,4,9", "--warmup", "0", "--repeats", "1",
+                              "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "baseline (per-step slicing)" in out and "selective_scan_ref" in out and "fwd+bwd" in out
+
+
+@pytest.mark.usefixtures("cpu_dispatch")
+def test_scan_baseline_matches_reference():
+    g = torch.Generator().manual_seed(0)
+    b, d, n, L = 2, 6, 4, 11
+    u, delta, z = (torch.randn(b, d, L, generator=g) for _ in range(3))
+    B, C = torch.randn(b, n, L, generator=g), torch.randn(b, n, L, generator=g)
+    A, D, bias = -torch.rand(d, n, generator=g) - 0.5, torch.randn(d, generator=g), torch.randn(d, generator=g)
+    y = evaluate_cli.scan_baseline(u, delta, A, B, C, D, z, bias)
+    ref = evaluate_cli.scan_kernel.selective_scan_ref(u, delta, A, B, C, D, z, bias, delta_softplus=True)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- bad input: one clear line, nothing lost
+
+def bad_case(tmp_path, case):
+    if case == "missing folder":
+        return ["--data", tmp_path / "nope"], "does not exist"
+    if case == "empty folder":
+        os.makedirs(tmp_path / "e" / "train"), os.makedirs(tmp_path / "e" / "val")
+        return ["--data", tmp_path / "e"], "no class sub-folders"
+    if case == "empty class":
+        root = write_tree(tmp_path / "d", corrupt=0)
+        os.makedirs(os.path.join(root, "train", "emu"))
+        return ["--data", root], "has no images"
+    if case == "classes differ":
+        root = write_tree(tmp_path / "d", corrupt=0)
+        os.rename(os.path.join(root, "val", "fox"), os.path.join(root, "val", "owl"))
+        return ["--data", root], "only in train ['fox'], only in val ['owl']"
+    if case == "too many corrupt":
+        return ["--data", write_tree(tmp_path / "d", corrupt=4), "--max-bad-frac", "0.01"], "could not be read"
+    if case == "bad teacher":
+        torch.save({"foo.weight": torch.zeros(2)}, tmp_path / "t.pt")
+        return ["--stage", "distill", "--teacher", tmp_path / "t.pt"], "could not load teacher"
+    if case == "resolution":
+        return ["--img-size", "18"], "not a multiple of the teacher patch size 4"
+    if case == "preset":
+        return ["--stage", "finetune", "--student", "huge"], "unknown student preset 'huge'"
+
+
+@pytest.mark.usefixtures("cpu_dispatch")
+@pytest.mark.parametrize("case", ["missing folder", "empty folder", "empty class", "classes differ", "too many corrupt",
+                                  "bad teacher", "resolution", "preset"])
+@pytest.mark.usefixtures("cpu_dispatch")
+def test_bad_input_gets_one_clear_line(tmp_path, capsys, case):
+    extra, msg = bad_case(tmp_path, case)
+    argv = [*TINY, "--out", tmp_path / "r", "--teacher-epochs", 1, "--batch-size", 4, *extra]
+    if "--data" in extra:
+        argv += ["--stage", "teacher", "--teacher-preset", "demo", "--epochs", 1, "--workers", 0]
+    rc, out, err = run_train(capsys, *argv)
+    assert rc == 2 and msg in one_error_line(err), err
+    assert not list((tmp_path / "r").rglob("*.pt"))
+
+
+@pytest.mark.usefixtures("cpu_dispatch")
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    args = ["--stage", "teacher", "--out", tmp_path / "r", *TINY, "--epochs", 2, "--ckpt-every", 1]
+    assert run_train(capsys, *args, "--max-steps", 2)[0] == 0
+    real = train.normalize
+    monkeypatch.setattr(train, "normalize", lambda x, device: real(x, device) * float("inf"))   # a diverged step
+    rc, out, err = run_train(capsys, *args)
+    assert rc == 2 and "non-finite" in one_error_line(err) and "last good checkpoint" in err
+    ck = torch.load(tmp_path / "r" / "teacher" / "last.pt", weights_only=True)
+    assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+@pytest.mark.usefixtures("cpu_dispatch")
+def test_resume_with_different_model_arguments_is_refused(tmp_path, capsys):
+    args = ["--stage", "teacher", "--out", tmp_path / "r", *TINY, "--epochs", 2]
+    assert run_train(capsys, *args, "--max-steps", 1)[0] == 0
+    rc, _, err = run_train(capsys, *args, "--teacher-opts", "dim=48,depth=2,heads=2")
+    assert rc == 2 and "different model arguments" in one_error_line(err) and "dim" in err
+    assert torch.load(tmp_path / "r" / "teacher" / "last.pt", weights_only=True)["step"] == 1

@@ -1,0 +1,298 @@
+"""
+Evaluate a checkpoint, or benchmark the teacher against the student.
+
+    python eval.py --ckpt runs/demo/finetune/last.pt           # top-1 / top-5 on the demo's held-out images
+    python eval.py --ckpt runs/in1k/finetune/last.pt --data DIR  # ... on DIR/val/<class>/*
+    python eval.py --bench                                        # teacher vs student: img/s, latency, memory
+    python eval.py --bench-scan                                   # selective scan: per-step baseline vs ours
+"""
+import argparse, csv, os, sys, time
+import torch, torch.nn.functional as F
+
+import train
+import vitlinearizer as vl
+import scan_kernel
+
+
+# ----------------------------------------------------------------------------------------------- accuracy
+
+def load_model(path):
+    """our checkpoint (any kind), else whatever load_teacher takes (timm / CLIP file, timm:NAME)"""
+    ck = train.load_checkpoint(path) if not path.startswith("timm:") else {}
+    if "kind" in ck:
+        try:
+            return vl.model_from_checkpoint(ck, path), ck
+        except Exception as e:
+            raise train.UserError(f"{path}: {e}") from e
+    return train.load_teacher(path, None), ck
+
+
+def accuracy(args):
+    model, ck = load_model(args.ckpt)
+    run = ck.get("args", {})
+    args.img_size = args.img_size or run.get("img_size") or model.cfg.img_size
+    if args.data is None and run and run.get("data") is None:                            # the demo's held-out set
+        ds = train.RelationsDemo(run["demo_val"], args.img_size, seed=run["demo_seed"] + 1)
+        classes = ds.classes
+    elif args.data is not None:
+        classes, samples = train.list_split(args.data, "val")
+        ds = train.ImageFolder(samples, classes, args.img_size, train=False)
+    else:
+        raise train.UserError(f"{args.ckpt} was not trained on the demo: give --data DIR (DIR/val/<class>/*)")
+    if ck.get("classes") and list(ck["classes"]) != list(classes):
+        raise train.UserError(f"the checkpoint's {len(ck['classes'])} classes differ from the {len(classes)} class folders")
+    if model.cfg.num_classes != len(classes):
+        raise train.UserError(f"the model has {model.cfg.num_classes} outputs but the set has {len(classes)} classes")
+    ctx = train.Ctx(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    args.seed, args.max_bad_frac = 0, 0.01
+    res = train.evaluate(model.to(ctx.device), train.make_loader(ds, args, ctx, train=False), args, ctx)
+    print(f"{args.ckpt}: top-1 {res['top1']:.2f}  top-5 {res['top5']:.2f}  ({len(ds)} images, {len(classes)} classes)")
+    return res
+
+
+# ----------------------------------------------------------------------------------------------- model benchmark
+
+def timed(fn, warmup, repeats, device):
+    """-> seconds per call (CUDA events on GPU, wall clock on CPU)"""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000 / repeats
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t) / repeats
+
+
+def peak_mb(device, fn):
+    """peak allocated GPU memory of fn() in MiB; None on CPU (no allocator statistics there)"""
+    if device.type != "cuda":
+        fn()
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def bench_models(args, csv_path):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    models = {"teacher": vl.ViT(train.make_config(vl.TEACHER_PRESETS, args.teacher_preset, args.teacher_opts, "teacher")),
+              "student": vl.VisionMamba(train.make_config(vl.STUDENT_PRESETS, args.student, args.student_opts, "student"))}
+    rows, slow = [], set()
+    for res in map(int, args.resolutions.split(",")):
+        for bs in map(int, args.batch_sizes.split(",")):
+            for name, model in models.items():
+                model.to(device).eval()
+                row = dict(model=name, preset=args.teacher_preset if name == "teacher" else args.student, res=res,
+                           batch=bs, img_s="", latency_ms="", peak_mb="", train_peak_mb="")
+                rows.append(row)
+                if name in slow:
+                    row["img_s"] = "skipped (slow)"
+                    continue
+                x = torch.randn(bs, 3, res, res, device=device)
+
+                def fwd():
+                    with torch.no_grad(), amp:
+                        model(x)
+                try:
+                    t0 = time.perf_counter()
+                    mem = peak_mb(device, fwd)                                          # also the first warm-up
+                    if time.perf_counter() - t0 > args.max_seconds:                     # CPU: larger ones would take ages
+                        slow.add(name)
+                    sec = timed(fwd, args.warmup, args.repeats, device)
+                    row.update(img_s=f"{bs / sec:.1f}", latency_ms=f"{1000 * sec:.1f}", peak_mb="n/a" if mem is None else f"{mem:.0f}")
+                    if res in (224, 448) and bs == max(map(int, args.batch_sizes.split(","))):
+                        row["train_peak_mb"] = train_step_mem(model, x, device, amp)
+                except torch.cuda.OutOfMemoryError:
+                    row["img_s"] = "OOM"
+                    torch.cuda.empty_cache()
+                model.cpu()
+    cols = ["model", "preset", "res", "batch", "img_s", "latency_ms", "peak_mb", "train_peak_mb"]
+    print(f"\n{device.type.upper()} {torch.cuda.get_device_name() if device.type == 'cuda' else ''}, "
+          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, warm-up {args.warmup}, repeats {args.repeats}\n")
+    print_table(cols, rows)
+    write_csv(csv_path, cols, rows)
+    print(f"\nwrote {csv_path}" + plot(rows, csv_path.rsplit(".", 1)[0] + ".png"))
+    return rows
+
+
+def train_step_mem(model, x, device, amp):
+    """peak memory of one training step (forward, backward, AdamW step) in MiB; 'n/a' on CPU"""
+    if device.type != "cuda":
+        return "n/a"
+    model.train().requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+    def step():
+        with amp:
+            loss = model(x).logits.float().logsumexp(-1).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    try:
+        return f"{peak_mb(device, step):.0f}"
+    except torch.cuda.OutOfMemoryError:
+        return "OOM"
+    finally:
+        del opt
+        model.eval().requires_grad_(False)
+
+
+def print_table(cols, rows):
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+
+
+def write_csv(path, cols, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, cols)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return " (pip install matplotlib for a plot)"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (name, bs) in sorted({(r["model"], r["batch"]) for r in rows}):
+        pts = [(r["res"], float(r["img_s"])) for r in rows if (r["model"], r["batch"]) == (name, bs)
+               and r["img_s"].replace(".", "", 1).isdigit()]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=f"{name} batch {bs}")
+    ax.set(xlabel="resolution (px)", ylabel="images / s", yscale="log", title="inference throughput")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return f" and {path}"
+
+
+# ----------------------------------------------------------------------------------------------- scan benchmark
+
+def scan_baseline(u, delta, A, B, C, D, z, delta_bias):
+    """Per-step-slicing baseline in the way of mamba-ssm's selective_scan_ref: deltaA and deltaB_u materialised
+    as (batch, dim, L, N) tensors, then a Python loop that indexes them per step."""
+    dtype_in = u.dtype
+    u, delta = u.float(), F.softplus(delta.float() + delta_bias[..., None].float())
+    deltaA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))                         # (b, d, L, N)
+    deltaB_u = torch.einsum("bdl,bnl,bdl->bdln", delta, B.float(), u)                   # (b, d, L, N)
+    x = A.new_zeros(u.shape[0], u.shape[1], A.shape[1])                                 # (b, d, N)
+    ys = []
+    for i in range(u.shape[2]):
+        x = deltaA[:, :, i] * x + deltaB_u[:, :, i]
+        ys.append(torch.einsum("bdn,bn->bd", x, C[:, :, i].float()))
+    y = torch.stack(ys, dim=2) + u * D[:, None]                                         # (b, d, L)
+    return (y * F.silu(z.float())).to(dtype_in)
+
+
+def bench_scan(args, csv_path):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shapes = [tuple(map(int, s.split(","))) for s in args.scan_shapes.split(";")] if args.scan_shapes else (
+        [(64, 768, 16, 197), (64, 768, 16, 785), (128, 1536, 16, 197), (128, 1536, 16, 785)] if device.type == "cuda"
+        else [(8, 384, 16, 197), (8, 384, 16, 1025)])
+    impls = {"baseline (per-step slicing)": scan_baseline,
+             "ours: selective_scan_ref": lambda *a: scan_kernel.selective_scan_ref(*a, delta_softplus=True)}
+    if device.type == "cuda":                                                           # never timed under the interpreter
+        impls["ours: triton"] = lambda *a: scan_kernel.selective_scan(*a, delta_softplus=True, backend="triton")
+    dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
+    rows = []
+    for (b, d, n, L) in shapes:
+        for dt in dtypes:
+            g = torch.Generator(device).manual_seed(0)
+            r = lambda *s: torch.randn(*s, device=device, generator=g)
+            u, delta, z, B, C = (r(b, d, L).to(dt), (0.5 * r(b, d, L)).to(dt), r(b, d, L).to(dt),
+                                 r(b, n, L).to(dt), r(b, n, L).to(dt))
+            A, D, dbias = -torch.rand(d, n, device=device, generator=g) - 0.5, r(d), r(d) - 3
+            es = dt.itemsize
+            unavoidable = {"fwd": es * (4 * b * d * L + 2 * b * n * L) + 4 * (d * n + 2 * d),   # read u,delta,z,B,C; write y
+                           "fwd+bwd": es * (11 * b * d * L + 6 * b * n * L) + 8 * (d * n + 2 * d)}
+            base = {}
+            for mode in ("fwd", "fwd+bwd"):
+                ins = [t.clone().requires_grad_(mode == "fwd+bwd") for t in (u, delta, A, B, C, D, z, dbias)]
+                gy = torch.randn_like(u)
+                for name, fn in impls.items():
+                    def call():
+                        with torch.set_grad_enabled(mode == "fwd+bwd"):
+                            y = fn(*ins)
+                            if mode == "fwd+bwd":
+                                y.backward(gy)
+                    try:
+                        sec = timed(call, args.warmup, args.repeats, device)
+                    except torch.cuda.OutOfMemoryError:
+                        torch.cuda.empty_cache()
+                        rows.append(dict(shape=f"{b}x{d}x{n}x{L}", dtype=str(dt)[6:], mode=mode, impl=name, ms="OOM",
+                                         vs_baseline="", GB_s=""))
+                        continue
+                    base.setdefault(mode, sec)
+                    rows.append(dict(shape=f"{b}x{d}x{n}x{L}", dtype=str(dt)[6:], mode=mode, impl=name,
+                                     ms=f"{1000 * sec:.2f}", vs_baseline=f"{base[mode] / sec:.2f}x",
+                                     GB_s=f"{unavoidable[mode] / sec / 1e9:.0f}" if device.type == "cuda" else "n/a"))
+    cols = ["shape", "dtype", "mode", "impl", "ms", "vs_baseline", "GB_s"]
+    print(f"\nselective scan on {device.type.upper()} (b x dim x N x L; vs_baseline = baseline time / time; GB_s = "
+          f"unavoidable bytes / time), warm-up {args.warmup}, repeats {args.repeats}\n")
+    print_table(cols, rows)
+    write_csv(csv_path, cols, rows)
+    print(f"\nwrote {csv_path}")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+def main(argv=None):
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", help="checkpoint to evaluate (train.py's, or a teacher file / timm:NAME)")
+    p.add_argument("--data", help="ImageNet-layout folder; its val/ split is evaluated (default: the demo's held-out set)")
+    p.add_argument("--img-size", type=int, help="default: the checkpoint's training resolution")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=4 if cuda else 0)
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
+    p.add_argument("--bench", action="store_true", help="teacher vs student throughput, latency and peak memory")
+    p.add_argument("--bench-scan", action="store_true", help="selective scan: baseline vs scan_kernel")
+    p.add_argument("--teacher-preset", default="vit_b16")
+    p.add_argument("--teacher-opts", default="")
+    p.add_argument("--student", default="base")
+    p.add_argument("--student-opts", default="")
+    p.add_argument("--resolutions", default="224,448,768,1024")
+    p.add_argument("--batch-sizes", default="1,64" if cuda else "1,8")
+    p.add_argument("--scan-shapes", help="'b,dim,N,L;...' (default: a GPU or a CPU set)")
+    p.add_argument("--warmup", type=int, default=5 if cuda else 1)
+    p.add_argument("--repeats", type=int, default=20 if cuda else 3)
+    p.add_argument("--max-seconds", type=float, default=30.0, help="bench: skip larger inputs once one call takes longer")
+    p.add_argument("--out", default=".", help="folder for bench.csv / bench.png / bench_scan.csv")
+    args = p.parse_args(argv)
+    try:
+        if args.bench or args.bench_scan:
+            os.makedirs(args.out, exist_ok=True)
+            if args.bench:
+                bench_models(args, os.path.join(args.out, "bench.csv"))
+            if args.bench_scan:
+                bench_scan(args, os.path.join(args.out, "bench_scan.csv"))
+        elif args.ckpt:
+            accuracy(args)
+        else:
+            p.error("give --ckpt PATH, --bench or --bench-scan")
+    except train.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,887 @@
+"""
+ViT-Linearizer training: distil a frozen ViT teacher into a bidirectional Mamba student
+(activation matching + masked prediction, no labels), then fine-tune the student with labels.
+
+    python train.py                                  # built-in demo on CPU: teacher -> distill -> finetune -> table
+    python train.py --data DIR --teacher timm:vit_base_patch16_clip_224.openai --stage distill --out runs/in1k
+    python train.py --data DIR --stage finetune --init runs/in1k/distill/last.pt --out runs/in1k
+    torchrun --nproc_per_node=8 train.py --data DIR ...            # DistributedDataParallel, one process per GPU
+
+Stages (--stage): teacher (a ViT from scratch, labels), distill (teacher frozen; AM + lambda * MP),
+finetune (labels; from --init, or from scratch = the labels-only baseline), all (every stage in turn, then a table).
+Each stage writes OUT/NAME/{last.pt, log.jsonl}; re-running the same command resumes from last.pt.
+"""
+import argparse, ast, contextlib, dataclasses, json, math, os, random, resource, sys, time
+import numpy as np
+import torch, torch.nn as nn, torch.nn.functional as F, torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+from PIL import Image
+from tqdm import tqdm
+
+import vitlinearizer as vl
+
+
+class UserError(Exception):
+    """Bad input or a run that cannot go on: printed as one line, checkpoints left as they are."""
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+DEMO = dict(img_size=32, teacher_preset="demo", student="demo", teacher_opts="", student_opts="dim=64,depth=4,d_state=8", batch_size=64, lr=1e-3, warmup_epochs=1.0,
+            teacher_epochs=10, distill_epochs=6, finetune_epochs=4, workers=0, log_every=20, ckpt_every=200,
+            demo_train=6000, demo_val=1000)
+DATA = dict(img_size=224, teacher_preset="vit_b16", student="small", teacher_opts="", student_opts="", batch_size=128, lr=None, warmup_epochs=5.0,
+            teacher_epochs=300, distill_epochs=300, finetune_epochs=300, workers=8, log_every=50, ckpt_every=1000,
+            demo_train=0, demo_val=0)
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    g = p.add_argument_group("run")
+    g.add_argument("--data", help="ImageNet-layout folder DIR/{train,val}/<class>/*; omit for the built-in demo")
+    g.add_argument("--stage", default="all", choices=["all", "teacher", "distill", "finetune"])
+    g.add_argument("--out", help="output folder (default runs/demo, or runs/<name of --data>)")
+    g.add_argument("--name", help="this stage's sub-folder of --out (default: the stage)")
+    g.add_argument("--teacher", help="teacher for distill (and finetune --kd-weight): what load_teacher takes "
+                   "(timm/DeiT or CLIP file, own checkpoint, timm:NAME); stage all trains one if not given")
+    g.add_argument("--init", help="finetune: start from this checkpoint (e.g. OUT/distill/last.pt); none = from scratch")
+    g.add_argument("--resume", nargs="?", const="auto", default="auto",
+                   help="checkpoint to resume from; 'auto' = OUT/NAME/last.pt when it exists")
+    g.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
+    g.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many steps; re-run to continue")
+    g.add_argument("--no-baseline", action="store_true", help="stage all: skip the labels-only student")
+    g = p.add_argument_group("models")
+    g.add_argument("--teacher-preset", help=f"ViT trained by --stage teacher: {sorted(vl.TEACHER_PRESETS)}")
+    g.add_argument("--teacher-opts", help="override preset fields, e.g. dim=64,depth=4")
+    g.add_argument("--student", help=f"student preset: {sorted(vl.STUDENT_PRESETS)}")
+    g.add_argument("--student-opts", help="override preset fields, e.g. dim=64,depth=4,bidirectional=alternate")
+    g.add_argument("--img-size", type=int, help="training resolution (a multiple of the patch size)")
+    g.add_argument("--drop-path", type=float, help="stochastic depth of the model being trained")
+    g.add_argument("--pos-init", default="sincos", choices=["sincos", "model"],
+                   help="position embedding of a model trained from scratch: 2-D sin-cos (MAE) or the model's own init")
+    g = p.add_argument_group("distillation loss (paper defaults)")
+    g.add_argument("--stages", type=int, default=4, help="K: teacher/student blocks split into K stages for AM")
+    g.add_argument("--am-scope", default="visible", choices=["visible", "all", "cls"], help="tokens AM compares")
+    g.add_argument("--mask-ratio", type=float, default=0.75)
+    g.add_argument("--mask-kind", default="random", choices=["random", "block"])
+    g.add_argument("--lam", type=float, default=1.0, help="MP weight lambda (0 = AM only)")
+    g.add_argument("--am-weight", type=float, default=1.0, help="AM weight (0 = MP only)")
+    g.add_argument("--target", default="post_norm", choices=["post_norm", "pre_norm"], help="MP target: teacher tokens after/before its final norm")
+    g = p.add_argument_group("fine-tuning loss")
+    g.add_argument("--label-smoothing", type=float, default=0.1)
+    g.add_argument("--kd-weight", type=float, default=0.0, help="soft logit distillation from --teacher's head: (1-w) CE + w KL")
+    g.add_argument("--kd-temp", type=float, default=1.0)
+    g = p.add_argument_group("optimisation (DeiT / Vim recipe)")
+    g.add_argument("--epochs", type=int, help="epochs of the stage run (stage all: default of each stage)")
+    g.add_argument("--teacher-epochs", type=int); g.add_argument("--distill-epochs", type=int); g.add_argument("--finetune-epochs", type=int)
+    g.add_argument("--batch-size", type=int, help="per process; global batch = batch size x processes")
+    g.add_argument("--lr", type=float, help="peak lr (default: --blr x global batch / 512)")
+    g.add_argument("--blr", type=float, default=5e-4)
+    g.add_argument("--min-lr", type=float, default=1e-6)
+    g.add_argument("--warmup-epochs", type=float)
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="max grad norm (0 = off)")
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"], help="autocast; auto = bf16 on CUDA, none on CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the trained model")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("io")
+    g.add_argument("--workers", type=int, help="DataLoader worker processes per process")
+    g.add_argument("--log-every", type=int, help="steps between JSON log lines")
+    g.add_argument("--ckpt-every", type=int, help="steps between checkpoints (also at every epoch end)")
+    g.add_argument("--max-bad-frac", type=float, default=0.01, help="stop when more images than this fraction are unreadable")
+    g.add_argument("--demo-train", type=int, help="demo: training images"); g.add_argument("--demo-val", type=int, help="demo: held-out images")
+    g.add_argument("--demo-seed", type=int, default=0)
+    return p
+
+
+def parse_args(argv=None):
+    args = get_parser().parse_args(argv)
+    for k, v in (DEMO if args.data is None else DATA).items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    if args.out is None:
+        args.out = os.path.join("runs", "demo" if args.data is None else os.path.basename(os.path.normpath(args.data)))
+    return args
+
+
+# ----------------------------------------------------------------------------------------------- demo data
+
+class RelationsDemo(Dataset):
+    """Procedural images, deterministic from (n, seed), any resolution, no download.
+    A red and a blue square sit far apart among distractor squares on a noisy background; the class is the
+    direction from red to blue in 8 sectors. No single patch decides the label: a relation between two distant
+    parts of the image does, so token-to-token dependencies (what the method transfers) matter."""
+    classes = ["E", "NE", "N", "NW", "W", "SW", "S", "SE"]
+    COLORS = np.array([[.9, .1, .1], [.1, .2, .95], [.1, .8, .1], [.95, .85, .1], [.9, .2, .9], [.1, .85, .9], [.9, .9, .9]])
+
+    def __init__(self, n, img_size, seed=0, distractors=2, half_side=(0.09, 0.11), directions=8):
+        rng = np.random.default_rng(seed)
+        k = 2 + distractors
+        half = rng.uniform(*half_side, size=(n, 1))                         # half side of every square, in image units
+        labels = rng.integers(0, directions, size=n)
+        lo, hi = half_side[1] + 0.02, 0.98 - half_side[1]                   # square centres stay inside the image
+        centers, todo = np.zeros((n, k, 2)), np.arange(n)
+        while len(todo):                                                    # rejection sampling, all images at once
+            m = len(todo)
+            ang = np.radians(360 / directions * (labels[todo] + rng.uniform(-1 / 3, 1 / 3, size=m)))
+            a = rng.uniform(lo, hi, size=(m, 2))
+            b = a + rng.uniform(0.35, 0.75, size=(m, 1)) * np.stack([np.cos(ang), -np.sin(ang)], 1)  # y grows down
+            pts = np.concatenate([a[:, None], b[:, None], rng.uniform(lo, hi, size=(m, distractors, 2))], 1)
+            gap = np.abs(pts[:, :, None] - pts[:, None]).max(-1) + 9 * np.eye(k)  # Chebyshev distance between squares
+            ok = ((b > lo) & (b < hi)).all(1) & (gap.min((1, 2)) > 2.5 * half[todo, 0])
+            centers[todo[ok]] = pts[ok]
+            todo = todo[~ok]
+        colors = np.concatenate([np.broadcast_to(self.COLORS[:2], (n, 2, 3)),
+                                 self.COLORS[2 + rng.integers(0, len(self.COLORS) - 2, size=(n, distractors))]], 1)
+        colors = np.clip(colors + rng.normal(0, 0.05, size=colors.shape), 0, 1)
+        xs = (np.arange(img_size) + 0.5) / img_size                         # pixel centres (S,)
+        img = rng.uniform(0.1, 0.4, size=(n, 1, 1, 3)) + rng.normal(0, 0.06, size=(n, img_size, img_size, 3))
+        for j in range(k):                                                  # paint square j of every image
+            inx = np.abs(xs[None] - centers[:, j, 0:1]) < half              # (n, S)
+            iny = np.abs(xs[None] - centers[:, j, 1:2]) < half
+            inside = (iny[:, :, None] & inx[:, None, :])[..., None]         # (n, S, S, 1)
+            img = np.where(inside, colors[:, j, None, None, :], img)
+        self.images = torch.from_numpy((np.clip(img, 0, 1) * 255).round().astype(np.uint8)).permute(0, 3, 1, 2).contiguous()
+        self.labels = torch.from_numpy(labels)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, key):                                             # key = (index, augmentation seed or None)
+        i = key[0]
+        return self.images[i], int(self.labels[i]), None                    # no augmentation: a flip changes the class
+
+
+# ----------------------------------------------------------------------------------------------- image folders
+
+IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def list_split(root, split):
+    """-> (classes, [(path, label)]) of root/split/<class>/*, with a one-line error for a missing or empty folder."""
+    d = os.path.join(root, split)
+    if not os.path.isdir(d):
+        raise UserError(f"data folder {d} does not exist (expected {root}/train/<class>/*.JPEG and {root}/val/<class>/*.JPEG)")
+    classes = sorted(e.name for e in os.scandir(d) if e.is_dir())
+    if not classes:
+        raise UserError(f"data folder {d} has no class sub-folders")
+    samples = []
+    for label, c in enumerate(classes):
+        files = sorted(e.path for e in os.scandir(os.path.join(d, c)) if e.is_file() and e.name.lower().endswith(IMG_EXT))
+        if not files and split == "train":
+            raise UserError(f"class folder {os.path.join(d, c)} has no images ({', '.join(IMG_EXT)})")
+        samples += [(f, label) for f in files]
+    if not samples:
+        raise UserError(f"data folder {d} has no images")
+    return classes, samples
+
+
+def crop_box(w, h, g: random.Random):
+    """RandomResizedCrop's box (scale 0.08-1, ratio 3/4-4/3), as torchvision draws it."""
+    for _ in range(10):
+        area = w * h * g.uniform(0.08, 1.0)
+        ratio = math.exp(g.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if 0 < cw <= w and 0 < ch <= h:
+            x, y = g.randint(0, w - cw), g.randint(0, h - ch)
+            return x, y, x + cw, y + ch
+    s = min(w, h)                                                           # fallback: central square
+    return (w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2
+
+
+class ImageFolder(Dataset):
+    """DIR/<class>/* decoded with Pillow (grayscale, CMYK, palette, PNG: converted to RGB).
+    train: random-resized-crop + flip from a per-(seed, epoch, index) RNG, so a resumed run sees the same crops.
+    eval: resize to size/0.875 then centre crop. An unreadable image gives None (skipped and counted by collate)."""
+
+    def __init__(self, samples, classes, img_size, train):
+        self.samples, self.classes, self.size, self.train = samples, classes, img_size, train
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        i, seed = key
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+        except Exception as e:                                              # truncated, corrupt, not an image, ...
+            return None, label, f"{path}: {type(e).__name__}: {e}"
+        w, h = im.size
+        if self.train:
+            g = random.Random(seed)
+            box = crop_box(w, h, g)
+            im = im.resize((self.size, self.size), Image.BILINEAR, box=box)
+            if g.random() < 0.5:
+                im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        else:
+            s = min(w, h) * 0.875                                           # == resize(size/0.875) + centre crop(size)
+            box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
+            im = im.resize((self.size, self.size), Image.BICUBIC, box=box)
+        return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1), label, None
+
+
+def collate(batch):
+    """-> uint8 images (B,3,H,W), labels (B,), [error strings of the skipped images]"""
+    good = [b for b in batch if b[0] is not None]
+    bad = [b[2] for b in batch if b[0] is None]
+    if not good:
+        return torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), bad
+    return torch.stack([b[0] for b in good]), torch.tensor([b[1] for b in good]), bad
+
+
+class BatchSampler:
+    """Per-epoch shuffled, rank-sharded batches of (index, augmentation seed). Global batch s of epoch e is
+    perm_e[s*GB:(s+1)*GB], rank r takes its r-th slice; start_batch skips what a resumed run already did."""
+
+    def __init__(self, n, batch_size, rank=0, world=1, seed=0, train=True):
+        self.n, self.bs, self.rank, self.world, self.seed, self.train = n, batch_size, rank, world, seed, train
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start = epoch, start_batch
+
+    def __len__(self):
+        if self.train:
+            return self.n // (self.bs * self.world)
+        return math.ceil(len(range(self.rank, self.n, self.world)) / self.bs)
+
+    def __iter__(self):
+        if not self.train:                                                  # eval: every image once, strided over ranks
+            idx = list(range(self.rank, self.n, self.world))
+            for b in range(0, len(idx), self.bs):
+                yield [(i, None) for i in idx[b:b + self.bs]]
+            return
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        gb = self.bs * self.world
+        for s in range(self.start, len(self)):
+            lo = s * gb + self.rank * self.bs
+            yield [(i, hash((self.seed, self.epoch, i))) for i in perm[lo:lo + self.bs]]
+
+
+def get_data(args):
+    """-> train dataset, val dataset, class names"""
+    if args.data is None:
+        return (RelationsDemo(args.demo_train, args.img_size, seed=args.demo_seed),
+                RelationsDemo(args.demo_val, args.img_size, seed=args.demo_seed + 1), RelationsDemo.classes)
+    classes, train = list_split(args.data, "train")
+    vclasses, val = list_split(args.data, "val")
+    if vclasses != classes:
+        a, b = sorted(set(classes) - set(vclasses)), sorted(set(vclasses) - set(classes))
+        raise UserError(f"train and val class folders differ: only in train {a[:5]}{'...' if len(a) > 5 else ''}, "
+                        f"only in val {b[:5]}{'...' if len(b) > 5 else ''}")
+    return (ImageFolder(train, classes, args.img_size, True), ImageFolder(val, classes, args.img_size, False), classes)
+
+
+def make_loader(ds, args, ctx, train):
+    sampler = BatchSampler(len(ds), args.batch_size, ctx.rank, ctx.world, args.seed, train)
+    return DataLoader(ds, batch_sampler=sampler, num_workers=args.workers, collate_fn=collate,
+                      pin_memory=ctx.device.type == "cuda", persistent_workers=args.workers > 0,
+                      generator=torch.Generator())                          # leaves the global RNG alone
+
+
+class BadImages:
+    """Counts the unreadable images a rank skipped, warns once per epoch, and stops when more than max_frac of them
+    are bad (checked from 1000 images on, and at the end of every epoch: at least 3 bad ones)."""
+
+    def __init__(self, max_frac):
+        self.max_frac, self.seen, self.bad, self.first = max_frac, 0, 0, None
+
+    def add(self, n_good, errors):
+        self.seen += n_good + len(errors)
+        self.bad += len(errors)
+        self.first = self.first or (errors[0] if errors else None)
+        if self.seen >= 1000:
+            self.check()
+
+    def check(self):
+        if self.bad > max(2, self.max_frac * self.seen):
+            raise UserError(f"{self.bad} of {self.seen} images could not be read (more than --max-bad-frac "
+                            f"{self.max_frac}); first: {self.first}")
+
+    def report(self, what):
+        self.check()
+        if self.bad:
+            tqdm.write(f"warning: skipped {self.bad} unreadable image(s) of {self.seen} in {what} (first: {self.first})",
+                       file=sys.stderr)
+        self.seen = self.bad = 0
+        self.first = None
+
+
+# ----------------------------------------------------------------------------------------------- distributed
+
+@dataclasses.dataclass
+class Ctx:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def setup_dist():
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: NCCL on GPU, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Ctx(int(os.environ.get("RANK", 0)), world, device)
+
+
+def all_sum(t, ctx):
+    if ctx.world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def barrier(ctx):
+    if ctx.world > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+def parse_opts(s):
+    """'dim=64,depth=4,bidirectional=alternate' -> dict (values parsed as Python literals when they are)"""
+    out = {}
+    for kv in filter(None, s.split(",")):
+        k, _, v = kv.partition("=")
+        try:
+            out[k.strip()] = ast.literal_eval(v.strip())
+        except (ValueError, SyntaxError):
+            out[k.strip()] = v.strip()
+    return out
+
+
+def make_config(presets, name, opts, what, **fields):
+    if name not in presets:
+        raise UserError(f"unknown {what} preset {name!r}; choose from {', '.join(sorted(presets))}")
+    cfg = presets[name]
+    valid = {f.name for f in dataclasses.fields(cfg)}
+    over = {**parse_opts(opts), **{k: v for k, v in fields.items() if v is not None}}
+    bad = sorted(set(over) - valid)
+    if bad:
+        raise UserError(f"{what} config has no field(s) {bad}; fields: {sorted(valid)}")
+    return dataclasses.replace(cfg, **over)
+
+
+def check_resolution(img_size, patch, what):
+    if img_size % patch:
+        raise UserError(f"--img-size {img_size} is not a multiple of the {what} patch size {patch}")
+
+
+def sincos_pos_init_(model):
+    """MAE-style 2-D sin-cos values for the patch-grid rows of model.pos_embed (still learned afterwards): a ViT
+    trained from scratch on little data otherwise spends its first hundreds of steps discovering the 2-D layout."""
+    pos = model.pos_embed                                                   # (1, [1+] g*g, D)
+    g, d = model.cfg.img_size // model.cfg.patch_size, pos.shape[-1]
+    ys, xs = torch.meshgrid(torch.arange(g, dtype=torch.float32), torch.arange(g, dtype=torch.float32), indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(d // 4) / max(d // 4, 1))
+    angles = [c.flatten()[:, None] * omega for c in (xs, ys)]
+    table = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], 1)   # (g*g, 4*(d//4))
+    with torch.no_grad():
+        pos[0, -g * g:].zero_()
+        pos[0, -g * g:, :table.shape[1]] = 0.5 * table
+
+
+def load_teacher(spec, img_size, num_classes=None):
+    try:
+        t = vl.load_teacher(spec, img_size=img_size, num_classes=num_classes)
+    except Exception as e:                                                  # the loader says which keys did not fit
+        raise UserError(f"could not load teacher {spec!r}: {type(e).__name__}: {e}".replace("\n", " ")) from e
+    if img_size is not None:
+        check_resolution(img_size, t.cfg.patch_size, "teacher")
+    return t.eval().requires_grad_(False)
+
+
+def kind_of(model):
+    return "vit" if isinstance(model, vl.ViT) else "vision_mamba"
+
+
+def no_decay_params(model):
+    """AdamW groups: no weight decay for A_log, D, norms, biases, tokens and position embeddings."""
+    skip = {f"{prefix}.{n}" if prefix else n for prefix, m in model.named_modules()
+            if hasattr(m, "no_weight_decay") for n in m.no_weight_decay()}
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or n in skip else decay).append(p)
+    return decay, no_decay
+
+
+def lr_at(step, total, warmup, peak, floor):
+    """linear warm-up then cosine to floor, per step"""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, obj):
+    """atomic: write a temporary file next to it, then rename over the old one"""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"could not read checkpoint {path}: {type(e).__name__}: {e}".replace("\n", " ")) from e
+
+
+def rng_state(ctx):
+    """every rank's torch / CUDA / numpy / python RNG state, as tensors and plain values (rank 0 gets them all)"""
+    np_st = np.random.get_state()
+    st = dict(torch=torch.get_rng_state().tolist(), numpy=[np_st[0], np_st[1].tolist(), *np_st[2:]],
+              cuda=[s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+              python=random.getstate())
+    out = [st]
+    if ctx.world > 1:                                                       # plain Python objects: no tensor pickles
+        out = [None] * ctx.world
+        dist.all_gather_object(out, st)
+    for s in out:
+        s["torch"] = torch.tensor(s["torch"], dtype=torch.uint8)
+        s["cuda"] = [torch.tensor(c, dtype=torch.uint8) for c in s["cuda"]]
+        s["numpy"][1] = torch.tensor(s["numpy"][1], dtype=torch.int64)
+    return out
+
+
+def set_rng_state(states, ctx):
+    if ctx.rank >= len(states):                                             # resumed on more processes than saved
+        return
+    st = states[ctx.rank]
+    torch.set_rng_state(st["torch"])
+    if st["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+    np.random.set_state((st["numpy"][0], st["numpy"][1].numpy().astype(np.uint32), *st["numpy"][2:]))
+    random.setstate((st["python"][0], tuple(st["python"][1]), st["python"][2]))
+
+
+# args whose change makes a checkpoint a different experiment (model and data): resuming with another value is an error
+FIXED_ARGS = ("stage", "teacher", "init", "teacher_preset", "teacher_opts", "student", "student_opts",
+              "img_size", "stages", "am_scope", "target", "demo_train", "demo_seed", "pos_init")
+
+
+def check_resume(ck, args, cfg, ctx):
+    old = ck.get("args", {})
+    diff = [f"{k}: {old.get(k)!r} -> {getattr(args, k)!r}" for k in FIXED_ARGS if k in old and old[k] != getattr(args, k)]
+    diff += [f"config.{k}: {v!r} -> {dataclasses.asdict(cfg).get(k)!r}" for k, v in ck["config"].items()
+             if dataclasses.asdict(cfg).get(k) != v]
+    if diff:
+        raise UserError(f"cannot resume {args.run_dir}/last.pt with different model arguments ({'; '.join(diff)}); "
+                        "use the original arguments, another --out/--name, or --fresh")
+    old_gb, gb = old.get("batch_size", 0) * ck.get("world", 1), args.batch_size * ctx.world
+    if old_gb != gb:
+        raise UserError(f"cannot resume with another global batch ({old_gb} -> {gb}): keep --batch-size x processes")
+    soft = [k for k in ("epochs", "lr", "blr", "weight_decay", "warmup_epochs", "lam", "am_weight", "mask_ratio", "mask_kind")
+            if k in old and old[k] != getattr(args, k)]
+    if soft and ctx.main:
+        print(f"note: resuming with changed {soft}; the run no longer follows the original trajectory", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+def normalize(x, device):
+    """uint8 (B,3,H,W) on host -> normalised float on device"""
+    x = x.to(device, non_blocking=True).float().div_(255)
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def autocast(args, device):
+    amp = args.amp if args.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def evaluate(model, loader, args, ctx, desc="eval"):
+    """-> dict(top1, top5) in percent over the whole set (summed over ranks)"""
+    was = model.training
+    model.eval()
+    bad = BadImages(args.max_bad_frac)
+    c = torch.zeros(3, dtype=torch.float64, device=ctx.device)             # correct@1, correct@5, count
+    for images, labels, errors in tqdm(loader, desc=desc, leave=False, disable=not ctx.main):
+        bad.add(len(labels), errors)
+        if not len(labels):
+            continue
+        with autocast(args, ctx.device):
+            logits = model(normalize(images, ctx.device)).logits
+        labels = labels.to(ctx.device)
+        top = logits.float().topk(min(5, logits.shape[-1]), -1).indices
+        hit = top == labels[:, None]
+        c += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(labels), device=ctx.device)]).double()
+    bad.report(desc) if ctx.main else bad.check()
+    model.train(was)
+    all_sum(c, ctx)
+    return dict(top1=100 * c[0].item() / max(c[2].item(), 1), top5=100 * c[1].item() / max(c[2].item(), 1))
+
+
+# ----------------------------------------------------------------------------------------------- one stage
+
+class NonFinite(UserError):
+    pass
+
+
+def build(args, stage, n_classes, ctx):
+    """-> (model to save, module to train, loss(module, images, labels, step) -> dict with 'loss', teacher or None)"""
+    torch.manual_seed(args.seed)                                            # same init on every rank
+    if stage == "teacher":
+        cfg = make_config(vl.TEACHER_PRESETS, args.teacher_preset, args.teacher_opts, "teacher",
+                          img_size=args.img_size, num_classes=n_classes, drop_path=args.drop_path)
+        check_resolution(args.img_size, cfg.patch_size, "teacher")
+        model = vl.ViT(cfg)
+        if args.pos_init == "sincos":
+            sincos_pos_init_(model)
+        return model, model, supervised_loss(None, args), None
+    if stage == "finetune":
+        teacher = load_teacher(args.teacher, args.img_size) if args.teacher and args.kd_weight > 0 else None
+        if teacher is not None and teacher.cfg.num_classes != n_classes:
+            if ctx.main:
+                print(f"note: the teacher has no {n_classes}-class head: --kd-weight ignored", file=sys.stderr)
+            teacher = None
+        if args.init:
+            model = init_from(args.init, args, n_classes)
+        else:
+            model = vl.VisionMamba(student_config(args, n_classes))
+            if args.pos_init == "sincos":
+                sincos_pos_init_(model)
+        for n, p in model.named_parameters():                               # unused without a mask (DDP wants all used)
+            if n.endswith("mask_token"):
+                p.requires_grad_(False)
+        return model, model, supervised_loss(teacher, args), teacher
+    # distill
+    if not args.teacher:
+        raise UserError("--stage distill needs --teacher (a checkpoint, timm/CLIP file or timm:NAME)")
+    teacher = load_teacher(args.teacher, args.img_size)
+    cfg = student_config(args, n_classes)
+    if cfg.patch_size != teacher.cfg.patch_size:
+        raise UserError(f"student patch size {cfg.patch_size} != teacher patch size {teacher.cfg.patch_size}: "
+                        "the losses compare tokens position by position")
+    student = vl.VisionMamba(cfg)
+    if args.pos_init == "sincos":
+        sincos_pos_init_(student)
+    distiller = vl.Distiller(teacher, student, stages=args.stages, am_scope=args.am_scope, lam=args.lam,
+                             am_weight=args.am_weight, target=args.target)
+    for n, p in student.named_parameters():                                 # no labels: the class head is unused
+        if n.startswith("head."):
+            p.requires_grad_(False)
+    if args.lam == 0:                                                       # AM only: the MP head is unused
+        for m in distiller.children():
+            if m is not teacher and m is not student:
+                m.requires_grad_(False)
+    grid = (args.img_size // cfg.patch_size,) * 2
+
+    def loss(module, x, y, step):                                           # one masked student forward, both losses
+        g = torch.Generator().manual_seed(hash((args.seed, step, ctx.rank)) & (2**63 - 1))
+        mask = vl.sample_mask(len(x), grid, args.mask_ratio, args.mask_kind, generator=g, device=x.device)
+        return module(x, mask)                                              # dict(loss, am, mp)
+    return student, distiller, loss, teacher
+
+
+def student_config(args, n_classes):
+    cfg = make_config(vl.STUDENT_PRESETS, args.student, args.student_opts, "student",
+                      img_size=args.img_size, num_classes=n_classes, drop_path=args.drop_path)
+    check_resolution(args.img_size, cfg.patch_size, "student")
+    return cfg
+
+
+def supervised_loss(teacher, args):
+    """cross-entropy with label smoothing; + soft logit distillation when a teacher is given"""
+    def loss(module, x, y, step):
+        logits = module(x).logits.float()
+        ce = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
+        if teacher is None:
+            return dict(loss=ce)
+        with torch.no_grad():
+            t = teacher(x).logits.float()
+        T = args.kd_temp
+        kd = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(t / T, -1), log_target=True, reduction="batchmean") * T * T
+        return dict(loss=(1 - args.kd_weight) * ce + args.kd_weight * kd, ce=ce, kd=kd)
+    return loss
+
+
+def init_from(path, args, n_classes):
+    """a model from one of our checkpoints; a new class head when the class count differs"""
+    ck = load_checkpoint(path)
+    if "kind" not in ck or "config" not in ck:
+        raise UserError(f"--init {path} is not a checkpoint written by train.py (no 'kind'/'config')")
+    cls, ccls = (vl.ViT, vl.ViTConfig) if ck["kind"] == "vit" else (vl.VisionMamba, vl.MambaConfig)
+    cfg = dataclasses.replace(ccls(**ck["config"]), num_classes=n_classes,
+                              **({"drop_path": args.drop_path} if args.drop_path is not None else {}))
+    check_resolution(args.img_size, cfg.patch_size, "student")
+    model = cls(cfg)
+    state = ck["model"]
+    if ck["config"].get("num_classes") != n_classes:
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("head.")]
+    if missing or unexpected:
+        raise UserError(f"--init {path} does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+def run_stage(args, stage, data, ctx):
+    """Train one stage; -> path of its finished checkpoint. Resumes from OUT/NAME/last.pt."""
+    train_ds, val_ds, classes = data
+    args.run_dir = os.path.join(args.out, args.name or stage)
+    ckpt_path = os.path.join(args.run_dir, "last.pt")
+    log_path = os.path.join(args.run_dir, "log.jsonl")
+    saved, trained, loss_fn, teacher = build(args, stage, len(classes), ctx)
+    cfg = saved.cfg
+
+    resume = None if args.fresh else (ckpt_path if args.resume == "auto" else args.resume)
+    ck = load_checkpoint(resume) if resume and os.path.exists(resume) else None
+    if args.resume not in ("auto", None) and ck is None and not args.fresh:
+        raise UserError(f"--resume {args.resume}: no such file")
+    if ck is not None:
+        check_resume(ck, args, cfg, ctx)
+        if ck.get("finished"):
+            if ctx.main:
+                print(f"{stage}: {ckpt_path} is finished (step {ck['step']}); --fresh to train again")
+            return resume
+    saved.to(ctx.device)
+    trained.to(ctx.device)
+    if ck is not None:
+        saved.load_state_dict(ck["model"])
+        if "extra" in ck:                                                   # distiller's MP head
+            trained.load_state_dict({**trained.state_dict(), **{k: v for k, v in ck["extra"].items()}})
+
+    world_batch = args.batch_size * ctx.world
+    lr = args.lr if args.lr is not None else args.blr * world_batch / 512
+    decay, no_decay = no_decay_params(trained)
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)],
+                            lr=lr, betas=(0.9, 0.999))
+    use_fp16 = args.amp == "fp16" and ctx.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)
+    loader = make_loader(train_ds, args, ctx, train=True)
+    val_loader = make_loader(val_ds, args, ctx, train=False) if stage != "distill" else None
+    steps_per_epoch = len(loader.batch_sampler)
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(train_ds)} training images are fewer than one global batch ({world_batch})")
+    total, warmup = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
+    step, epoch, start_batch = 0, 0, 0
+    if ck is not None:
+        opt.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"]) if ck.get("scaler") else None
+        step, epoch, start_batch = ck["step"], ck["epoch"], ck["batch_in_epoch"]
+        set_rng_state(ck["rng"], ctx)
+        if ctx.main:                                                        # drop log lines of lost work
+            keep = [l for l in open(log_path)] if os.path.exists(log_path) else []
+            keep = [l for l in keep if json.loads(l).get("step", 0) <= step]
+            with open(log_path, "w") as f:
+                f.writelines(keep)
+            print(f"{stage}: resuming from {resume} at step {step} (epoch {epoch}, batch {start_batch})")
+    else:
+        torch.manual_seed(args.seed + 1000 * ctx.rank + 1)                  # per-rank dropout / drop-path streams
+        if ctx.main and os.path.exists(log_path):
+            os.remove(log_path)
+
+    model = trained
+    if args.compile:
+        model = torch.compile(model)
+    if ctx.world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    params = [p for p in trained.parameters() if p.requires_grad]
+
+    def checkpoint(finished=False, metrics=None):
+        if not all(torch.isfinite(p).all() for p in params):
+            raise NonFinite(f"{stage}: parameters became non-finite at step {step}; kept the last good checkpoint {ckpt_path}")
+        rng = rng_state(ctx)                                                # collective: every rank
+        if not ctx.main:
+            return
+        extra = {}
+        if stage == "distill":
+            extra = {k: v for k, v in trained.state_dict().items()
+                     if not k.startswith(tuple(f"{n}." for n, m in trained.named_children() if m is saved or m is teacher))}
+        save_checkpoint(ckpt_path, dict(
+            kind=kind_of(saved), config=dataclasses.asdict(cfg), model=saved.state_dict(), extra=extra,
+            classes=list(classes), stage=stage, optimizer=opt.state_dict(), scaler=scaler.state_dict() if use_fp16 else {},
+            schedule=dict(total_steps=total, warmup_steps=warmup, peak_lr=lr, min_lr=args.min_lr),
+            step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, world=ctx.world, rng=rng,
+            args={k: v for k, v in vars(args).items()}, finished=finished, metrics=metrics or {}))
+
+    def log(rec):
+        if ctx.main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    if ctx.main:
+        os.makedirs(args.run_dir, exist_ok=True)
+        n_params = sum(p.numel() for p in params)
+        print(f"{stage}: {kind_of(saved)} {n_params / 1e6:.2f}M trainable params, {len(train_ds)} images, "
+              f"{steps_per_epoch} steps/epoch x {args.epochs} epochs, global batch {world_batch}, lr {lr:.2e} -> {args.run_dir}")
+    bad = BadImages(args.max_bad_frac)
+    sums = torch.zeros(8, dtype=torch.float64, device=ctx.device)
+    keys, t0, n_img, metrics = None, time.time(), 0, {}
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model.train()
+    if teacher is not None:
+        teacher.eval()
+    batch_in_epoch = start_batch
+    stopped = False
+    while epoch < args.epochs and not stopped:
+        loader.batch_sampler.set_epoch(epoch, batch_in_epoch)
+        bar = tqdm(loader, total=steps_per_epoch, initial=batch_in_epoch, desc=f"{stage} epoch {epoch + 1}/{args.epochs}",
+                   leave=False, disable=not ctx.main)
+        for images, labels, errors in bar:
+            bad.add(len(labels), errors)
+            if not len(labels):
+                raise UserError(f"every image of a batch was unreadable (first: {bad.first})")
+            x, y = normalize(images, ctx.device), labels.to(ctx.device, non_blocking=True)
+            cur_lr = lr_at(step, total, warmup, lr, args.min_lr)
+            for grp in opt.param_groups:
+                grp["lr"] = cur_lr
+            with autocast(args, ctx.device):
+                out = loss_fn(model, x, y, step)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(out["loss"]).backward()
+            scaler.unscale_(opt)
+            gnorm = nn.utils.clip_grad_norm_(params, args.clip_grad if args.clip_grad > 0 else float("inf"))
+            if not torch.isfinite(torch.stack([out["loss"].detach().float(), gnorm.float()])).all():
+                raise NonFinite(f"{stage}: non-finite loss/gradient at step {step} (loss {out['loss'].item():.4g}, "
+                                f"grad norm {gnorm.item():.4g}); stopped, kept the last good checkpoint {ckpt_path} "
+                                "(try a lower --lr or --amp none)")
+            scaler.step(opt)
+            scaler.update()
+            step += 1
+            batch_in_epoch += 1
+            n_img += len(labels)
+            keys = keys or sorted(out)
+            sums[:len(keys) + 1] += torch.stack([out[k].detach().double() for k in keys] + [gnorm.double()])
+            sums[7] += 1
+            if step % args.log_every == 0:
+                s = all_sum(sums.clone(), ctx).tolist()
+                dt = time.time() - t0
+                rec = dict(step=step, epoch=round(epoch + batch_in_epoch / steps_per_epoch, 4),
+                           **{k: s[i] / s[7] for i, k in enumerate(keys)}, grad_norm=s[len(keys)] / s[7], lr=cur_lr,
+                           img_per_s=n_img * ctx.world / dt, peak_mem_mb=peak_mem_mb(ctx))
+                log(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                sums.zero_()
+                t0, n_img = time.time(), 0
+            if step % args.ckpt_every == 0:
+                checkpoint()
+            if args.max_steps and step >= args.max_steps:
+                stopped = True
+                break
+        bar.close()
+        if stopped and batch_in_epoch < steps_per_epoch:
+            break
+        bad.report(f"{stage} epoch {epoch + 1}") if ctx.main else bad.check()
+        epoch, batch_in_epoch = epoch + 1, 0
+        if val_loader is not None:
+            metrics = evaluate(trained, val_loader, args, ctx, desc=f"{stage} val")
+            log(dict(step=step, epoch=epoch, val_top1=metrics["top1"], val_top5=metrics["top5"]))
+            if ctx.main:
+                tqdm.write(f"{stage} epoch {epoch}/{args.epochs}: val top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}")
+        elif ctx.main and keys:
+            tqdm.write(f"{stage} epoch {epoch}/{args.epochs} done (step {step})")
+        checkpoint()
+    finished = epoch >= args.epochs
+    if stopped and not finished:
+        checkpoint()
+        if ctx.main:
+            print(f"{stage}: stopped at step {step} (--max-steps); run the same command again to continue")
+    elif finished:
+        checkpoint(finished=True, metrics=metrics)
+    barrier(ctx)
+    return ckpt_path if finished else None
+
+
+def peak_mem_mb(ctx):
+    if ctx.device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024        # CPU: peak resident set of the process
+
+
+# ----------------------------------------------------------------------------------------------- stage all
+
+def run_all(args, data, ctx):
+    """teacher (unless --teacher) -> distill -> finetune -> labels-only baseline -> table on the held-out set"""
+    t_start, times, base = time.time(), {}, dict(vars(args))
+
+    def stage(name, stage_, epochs, **kw):
+        a = argparse.Namespace(**{**base, "stage": stage_, "name": name, "epochs": epochs, **kw})
+        if a.resume != "auto":
+            a.resume = "auto"
+        t = time.time()
+        path = run_stage(a, stage_, data, ctx)
+        times[name] = time.time() - t
+        return path
+
+    teacher = args.teacher or stage("teacher", "teacher", args.teacher_epochs, teacher=None, init=None)
+    if teacher is None:
+        return                                                              # --max-steps stopped it
+    distilled = stage("distill", "distill", args.distill_epochs, teacher=teacher, init=None)
+    if distilled is None:
+        return
+    tuned = stage("finetune", "finetune", args.finetune_epochs, teacher=teacher, init=distilled)
+    if tuned is None:
+        return
+    scratch = None if args.no_baseline else stage("supervised", "finetune", args.distill_epochs + args.finetune_epochs,
+                                                  teacher=teacher, init=None, kd_weight=0.0)
+    if scratch is None and not args.no_baseline:
+        return
+    val = make_loader(data[1], args, ctx, train=False)
+    rows = [("teacher (ViT)", load_teacher(teacher, args.img_size), "-"),
+            (f"student distilled + fine-tuned ({args.distill_epochs}+{args.finetune_epochs} ep)",
+             vl.model_from_checkpoint(load_checkpoint(tuned)), "teacher")]
+    if scratch:
+        rows.append((f"student labels only ({args.distill_epochs + args.finetune_epochs} ep)",
+                     vl.model_from_checkpoint(load_checkpoint(scratch)), "-"))
+    res = [(n, evaluate(m.to(ctx.device), val, args, ctx, desc=n)) for n, m, _ in rows]
+    if ctx.main:
+        print(f"\nheld-out set: {len(data[1])} images, {len(data[2])} classes "
+              f"({'demo' if args.data is None else args.data}); total time {time.time() - t_start:.0f} s "
+              f"({', '.join(f'{k} {v:.0f}s' for k, v in times.items())})\n")
+        print("| model | top-1 | top-5 |\n|---|---|---|")
+        for n, r in res:
+            print(f"| {n} | {r['top1']:.1f} | {r['top5']:.1f} |")
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump({n: r for n, r in res}, f, indent=1)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ctx = setup_dist()
+    try:
+        data = get_data(args)
+        if args.stage == "all":
+            run_all(args, data, ctx)
+        else:
+            if args.epochs is None:
+                args.epochs = getattr(args, f"{args.stage}_epochs")
+            if args.stage == "finetune" and args.init is None and ctx.main:
+                print("note: finetune without --init trains the student from scratch (the labels-only baseline)")
+            run_stage(args, args.stage, data, ctx)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
