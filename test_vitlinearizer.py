@@ -716,7 +716,8 @@ def cpu_dispatch(monkeypatch):
     monkeypatch.setattr(sk, "_INTERPRET", False)
 
 
-TINY = ["--img-size", "16", "--batch-size", "16", "--demo-train", "64", "--demo-val", "32", "--stages", "2",
+TINY = ["--img-size", "16", "--batch-size", "16", "--demo-train", "64", "--demo-teacher-train", "64", "--demo-val", "32",
+        "--stages", "2",
         "--teacher-opts", "dim=32,depth=2,heads=2", "--student-opts", "dim=32,depth=2,d_state=4,scan_backend=reference",
         "--log-every", "1", "--lr", "2e-3", "--warmup-epochs", "0.5"]
 
@@ -758,7 +759,8 @@ def test_pipeline_in_miniature(tmp_path, capsys):
     out_dir = tmp_path / "run"
     rc, out, err = run_train(capsys, "--out", out_dir, *TINY, "--teacher-epochs", 2, "--distill-epochs", 4, "--finetune-epochs", 1)
     assert rc == 0, err
-    for row in ("| teacher (ViT) |", "| student distilled + fine-tuned", "| student labels only"):
+    for row in ("| teacher (ViT) |", "| student: distilled 4 ep + fine-tuned 1 ep (20 steps)",
+                "| student: labels only 5 ep (20 steps)"):
         assert row in out
     assert len(json.load(open(out_dir / "results.json"))) == 3
     d = losses(out_dir / "distill" / "log.jsonl")                                      # 16 steps of AM + MP
@@ -872,7 +874,7 @@ def test_ddp_two_processes_gloo(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.count("| student distilled + fine-tuned") == 1                     # rank 0 alone prints / writes
+    assert p.stdout.count("| student: distilled") == 1                                 # rank 0 alone prints / writes
     ck = torch.load(tmp_path / "r" / "finetune" / "last.pt", weights_only=True)
     assert ck["world"] == 2 and len(ck["rng"]) == 2 and ck["step"] == 4               # 64 images / (2 x 8) per step
     assert len(losses(tmp_path / "r" / "distill" / "log.jsonl")) == 8

@@ -27,12 +27,16 @@ class UserError(Exception):
 
 # ----------------------------------------------------------------------------------------------- config
 
-DEMO = dict(img_size=32, teacher_preset="demo", student="demo", teacher_opts="", student_opts="dim=64,depth=4,d_state=8", batch_size=64, lr=1e-3, warmup_epochs=1.0,
-            teacher_epochs=10, distill_epochs=6, finetune_epochs=4, workers=0, log_every=20, ckpt_every=200,
-            demo_train=6000, demo_val=1000)
-DATA = dict(img_size=224, teacher_preset="vit_b16", student="small", teacher_opts="", student_opts="", batch_size=128, lr=None, warmup_epochs=5.0,
-            teacher_epochs=300, distill_epochs=300, finetune_epochs=300, workers=8, log_every=50, ckpt_every=1000,
-            demo_train=0, demo_val=0)
+# Defaults that depend on the mode. The demo is a miniature of the paper's setting: the teacher learns from a larger
+# labelled set (standing in for its large pre-training corpus), the students get a small one, and both students get the
+# same images, labels and optimizer steps. Sizes are chosen to finish in minutes on 2 CPU cores.
+DEMO = dict(img_size=32, teacher_preset="demo", student="demo", teacher_opts="", student_opts="dim=64,depth=4,d_state=8",
+            batch_size=32, lr=4e-3, teacher_lr=1e-3, warmup_epochs=1.0, teacher_epochs=6, distill_epochs=16,
+            finetune_epochs=16, workers=0, log_every=20, ckpt_every=200, eval_every=0, demo_train=300,
+            demo_teacher_train=4000, demo_val=2000)
+DATA = dict(img_size=224, teacher_preset="vit_b16", student="small", teacher_opts="", student_opts="", batch_size=128,
+            lr=None, teacher_lr=None, warmup_epochs=5.0, teacher_epochs=300, distill_epochs=300, finetune_epochs=300,
+            workers=8, log_every=50, ckpt_every=1000, eval_every=1, demo_train=0, demo_teacher_train=0, demo_val=0)
 
 
 def get_parser():
@@ -77,6 +81,7 @@ def get_parser():
     g.add_argument("--teacher-epochs", type=int); g.add_argument("--distill-epochs", type=int); g.add_argument("--finetune-epochs", type=int)
     g.add_argument("--batch-size", type=int, help="per process; global batch = batch size x processes")
     g.add_argument("--lr", type=float, help="peak lr (default: --blr x global batch / 512)")
+    g.add_argument("--teacher-lr", type=float, help="peak lr of the teacher stage in --stage all (default: --lr)")
     g.add_argument("--blr", type=float, default=5e-4)
     g.add_argument("--min-lr", type=float, default=1e-6)
     g.add_argument("--warmup-epochs", type=float)
@@ -89,8 +94,11 @@ def get_parser():
     g.add_argument("--workers", type=int, help="DataLoader worker processes per process")
     g.add_argument("--log-every", type=int, help="steps between JSON log lines")
     g.add_argument("--ckpt-every", type=int, help="steps between checkpoints (also at every epoch end)")
+    g.add_argument("--eval-every", type=int, help="epochs between validations (0: only after the last epoch)")
     g.add_argument("--max-bad-frac", type=float, default=0.01, help="stop when more images than this fraction are unreadable")
-    g.add_argument("--demo-train", type=int, help="demo: training images"); g.add_argument("--demo-val", type=int, help="demo: held-out images")
+    g.add_argument("--demo-train", type=int, help="demo: training images of the students")
+    g.add_argument("--demo-teacher-train", type=int, help="demo: training images of the teacher stage")
+    g.add_argument("--demo-val", type=int, help="demo: held-out images")
     g.add_argument("--demo-seed", type=int, default=0)
     return p
 
@@ -263,18 +271,26 @@ class BatchSampler:
             yield [(i, hash((self.seed, self.epoch, i))) for i in perm[lo:lo + self.bs]]
 
 
+@dataclasses.dataclass
+class Data:
+    train: Dataset
+    val: Dataset
+    classes: list
+    teacher_train: Dataset = None                                           # demo: the teacher's larger set
+
+
 def get_data(args):
-    """-> train dataset, val dataset, class names"""
     if args.data is None:
-        return (RelationsDemo(args.demo_train, args.img_size, seed=args.demo_seed),
-                RelationsDemo(args.demo_val, args.img_size, seed=args.demo_seed + 1), RelationsDemo.classes)
+        s, demo = args.demo_seed, RelationsDemo
+        return Data(demo(args.demo_train, args.img_size, seed=s), demo(args.demo_val, args.img_size, seed=s + 1),
+                    demo.classes, demo(args.demo_teacher_train, args.img_size, seed=s + 2) if args.demo_teacher_train else None)
     classes, train = list_split(args.data, "train")
     vclasses, val = list_split(args.data, "val")
     if vclasses != classes:
         a, b = sorted(set(classes) - set(vclasses)), sorted(set(vclasses) - set(classes))
         raise UserError(f"train and val class folders differ: only in train {a[:5]}{'...' if len(a) > 5 else ''}, "
                         f"only in val {b[:5]}{'...' if len(b) > 5 else ''}")
-    return (ImageFolder(train, classes, args.img_size, True), ImageFolder(val, classes, args.img_size, False), classes)
+    return Data(ImageFolder(train, classes, args.img_size, True), ImageFolder(val, classes, args.img_size, False), classes)
 
 
 def make_loader(ds, args, ctx, train):
@@ -475,7 +491,7 @@ def set_rng_state(states, ctx):
 
 # args whose change makes a checkpoint a different experiment (model and data): resuming with another value is an error
 FIXED_ARGS = ("stage", "teacher", "init", "teacher_preset", "teacher_opts", "student", "student_opts",
-              "img_size", "stages", "am_scope", "target", "demo_train", "demo_seed", "pos_init")
+              "img_size", "stages", "am_scope", "target", "demo_train", "demo_teacher_train", "demo_seed", "pos_init")
 
 
 def check_resume(ck, args, cfg, ctx):
@@ -489,7 +505,7 @@ def check_resume(ck, args, cfg, ctx):
     old_gb, gb = old.get("batch_size", 0) * ck.get("world", 1), args.batch_size * ctx.world
     if old_gb != gb:
         raise UserError(f"cannot resume with another global batch ({old_gb} -> {gb}): keep --batch-size x processes")
-    soft = [k for k in ("epochs", "lr", "blr", "weight_decay", "warmup_epochs", "lam", "am_weight", "mask_ratio", "mask_kind")
+    soft = [k for k in ("data", "epochs", "lr", "blr", "weight_decay", "warmup_epochs", "lam", "am_weight", "mask_ratio", "mask_kind")
             if k in old and old[k] != getattr(args, k)]
     if soft and ctx.main:
         print(f"note: resuming with changed {soft}; the run no longer follows the original trajectory", file=sys.stderr)
@@ -641,8 +657,10 @@ def init_from(path, args, n_classes):
 
 def run_stage(args, stage, data, ctx):
     """Train one stage; -> path of its finished checkpoint. Resumes from OUT/NAME/last.pt."""
-    train_ds, val_ds, classes = data
-    args.run_dir = os.path.join(args.out, args.name or stage)
+    train_ds = data.teacher_train if stage == "teacher" and data.teacher_train is not None else data.train
+    val_ds, classes = data.val, data.classes
+    label = args.name or stage
+    args.run_dir = os.path.join(args.out, label)
     ckpt_path = os.path.join(args.run_dir, "last.pt")
     log_path = os.path.join(args.run_dir, "log.jsonl")
     saved, trained, loss_fn, teacher = build(args, stage, len(classes), ctx)
@@ -656,7 +674,7 @@ def run_stage(args, stage, data, ctx):
         check_resume(ck, args, cfg, ctx)
         if ck.get("finished"):
             if ctx.main:
-                print(f"{stage}: {ckpt_path} is finished (step {ck['step']}); --fresh to train again")
+                print(f"{label}: {ckpt_path} is finished (step {ck['step']}); --fresh to train again")
             return resume
     saved.to(ctx.device)
     trained.to(ctx.device)
@@ -689,7 +707,7 @@ def run_stage(args, stage, data, ctx):
             keep = [l for l in keep if json.loads(l).get("step", 0) <= step]
             with open(log_path, "w") as f:
                 f.writelines(keep)
-            print(f"{stage}: resuming from {resume} at step {step} (epoch {epoch}, batch {start_batch})")
+            print(f"{label}: resuming from {resume} at step {step} (epoch {epoch}, batch {start_batch})")
     else:
         torch.manual_seed(args.seed + 1000 * ctx.rank + 1)                  # per-rank dropout / drop-path streams
         if ctx.main and os.path.exists(log_path):
@@ -704,7 +722,7 @@ def run_stage(args, stage, data, ctx):
 
     def checkpoint(finished=False, metrics=None):
         if not all(torch.isfinite(p).all() for p in params):
-            raise NonFinite(f"{stage}: parameters became non-finite at step {step}; kept the last good checkpoint {ckpt_path}")
+            raise NonFinite(f"{label}: parameters became non-finite at step {step}; kept the last good checkpoint {ckpt_path}")
         rng = rng_state(ctx)                                                # collective: every rank
         if not ctx.main:
             return
@@ -727,7 +745,7 @@ def run_stage(args, stage, data, ctx):
     if ctx.main:
         os.makedirs(args.run_dir, exist_ok=True)
         n_params = sum(p.numel() for p in params)
-        print(f"{stage}: {kind_of(saved)} {n_params / 1e6:.2f}M trainable params, {len(train_ds)} images, "
+        print(f"{label}: {kind_of(saved)} {n_params / 1e6:.2f}M trainable params, {len(train_ds)} images, "
               f"{steps_per_epoch} steps/epoch x {args.epochs} epochs, global batch {world_batch}, lr {lr:.2e} -> {args.run_dir}")
     bad = BadImages(args.max_bad_frac)
     sums = torch.zeros(8, dtype=torch.float64, device=ctx.device)
@@ -741,7 +759,7 @@ def run_stage(args, stage, data, ctx):
     stopped = False
     while epoch < args.epochs and not stopped:
         loader.batch_sampler.set_epoch(epoch, batch_in_epoch)
-        bar = tqdm(loader, total=steps_per_epoch, initial=batch_in_epoch, desc=f"{stage} epoch {epoch + 1}/{args.epochs}",
+        bar = tqdm(loader, total=steps_per_epoch, initial=batch_in_epoch, desc=f"{label} epoch {epoch + 1}/{args.epochs}",
                    leave=False, disable=not ctx.main)
         for images, labels, errors in bar:
             bad.add(len(labels), errors)
@@ -758,7 +776,7 @@ def run_stage(args, stage, data, ctx):
             scaler.unscale_(opt)
             gnorm = nn.utils.clip_grad_norm_(params, args.clip_grad if args.clip_grad > 0 else float("inf"))
             if not torch.isfinite(torch.stack([out["loss"].detach().float(), gnorm.float()])).all():
-                raise NonFinite(f"{stage}: non-finite loss/gradient at step {step} (loss {out['loss'].item():.4g}, "
+                raise NonFinite(f"{label}: non-finite loss/gradient at step {step} (loss {out['loss'].item():.4g}, "
                                 f"grad norm {gnorm.item():.4g}); stopped, kept the last good checkpoint {ckpt_path} "
                                 "(try a lower --lr or --amp none)")
             scaler.step(opt)
@@ -787,21 +805,21 @@ def run_stage(args, stage, data, ctx):
         bar.close()
         if stopped and batch_in_epoch < steps_per_epoch:
             break
-        bad.report(f"{stage} epoch {epoch + 1}") if ctx.main else bad.check()
+        bad.report(f"{label} epoch {epoch + 1}") if ctx.main else bad.check()
         epoch, batch_in_epoch = epoch + 1, 0
-        if val_loader is not None:
-            metrics = evaluate(trained, val_loader, args, ctx, desc=f"{stage} val")
+        if val_loader is not None and (epoch == args.epochs or args.eval_every and epoch % args.eval_every == 0):
+            metrics = evaluate(trained, val_loader, args, ctx, desc=f"{label} val")
             log(dict(step=step, epoch=epoch, val_top1=metrics["top1"], val_top5=metrics["top5"]))
             if ctx.main:
-                tqdm.write(f"{stage} epoch {epoch}/{args.epochs}: val top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}")
+                tqdm.write(f"{label} epoch {epoch}/{args.epochs}: val top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}")
         elif ctx.main and keys:
-            tqdm.write(f"{stage} epoch {epoch}/{args.epochs} done (step {step})")
+            tqdm.write(f"{label} epoch {epoch}/{args.epochs} done (step {step})")
         checkpoint()
     finished = epoch >= args.epochs
     if stopped and not finished:
         checkpoint()
         if ctx.main:
-            print(f"{stage}: stopped at step {step} (--max-steps); run the same command again to continue")
+            print(f"{label}: stopped at step {step} (--max-steps); run the same command again to continue")
     elif finished:
         checkpoint(finished=True, metrics=metrics)
     barrier(ctx)
@@ -817,48 +835,50 @@ def peak_mem_mb(ctx):
 # ----------------------------------------------------------------------------------------------- stage all
 
 def run_all(args, data, ctx):
-    """teacher (unless --teacher) -> distill -> finetune -> labels-only baseline -> table on the held-out set"""
+    """teacher (unless --teacher) -> distill -> finetune -> labels-only student on the same budget -> table"""
     t_start, times, base = time.time(), {}, dict(vars(args))
 
     def stage(name, stage_, epochs, **kw):
-        a = argparse.Namespace(**{**base, "stage": stage_, "name": name, "epochs": epochs, **kw})
-        if a.resume != "auto":
-            a.resume = "auto"
+        a = argparse.Namespace(**{**base, "stage": stage_, "name": name, "epochs": epochs, "resume": "auto", **kw})
         t = time.time()
         path = run_stage(a, stage_, data, ctx)
         times[name] = time.time() - t
         return path
 
-    teacher = args.teacher or stage("teacher", "teacher", args.teacher_epochs, teacher=None, init=None)
-    if teacher is None:
-        return                                                              # --max-steps stopped it
-    distilled = stage("distill", "distill", args.distill_epochs, teacher=teacher, init=None)
-    if distilled is None:
-        return
-    tuned = stage("finetune", "finetune", args.finetune_epochs, teacher=teacher, init=distilled)
-    if tuned is None:
-        return
-    scratch = None if args.no_baseline else stage("supervised", "finetune", args.distill_epochs + args.finetune_epochs,
-                                                  teacher=teacher, init=None, kd_weight=0.0)
-    if scratch is None and not args.no_baseline:
-        return
-    val = make_loader(data[1], args, ctx, train=False)
-    rows = [("teacher (ViT)", load_teacher(teacher, args.img_size), "-"),
-            (f"student distilled + fine-tuned ({args.distill_epochs}+{args.finetune_epochs} ep)",
-             vl.model_from_checkpoint(load_checkpoint(tuned)), "teacher")]
-    if scratch:
-        rows.append((f"student labels only ({args.distill_epochs + args.finetune_epochs} ep)",
-                     vl.model_from_checkpoint(load_checkpoint(scratch)), "-"))
-    res = [(n, evaluate(m.to(ctx.device), val, args, ctx, desc=n)) for n, m, _ in rows]
+    teacher = args.teacher or stage("teacher", "teacher", args.teacher_epochs, teacher=None, init=None,
+                                    lr=args.teacher_lr if args.teacher_lr is not None else args.lr)
+    distilled = teacher and stage("distill", "distill", args.distill_epochs, teacher=teacher, init=None)
+    tuned = distilled and stage("finetune", "finetune", args.finetune_epochs, teacher=teacher, init=distilled)
+    budget = args.distill_epochs + args.finetune_epochs
+    scratch = tuned and (args.no_baseline or stage("supervised", "finetune", budget, teacher=teacher, init=None, kd_weight=0.0))
+    if not scratch:
+        return                                                              # --max-steps stopped a stage
+    val = make_loader(data.val, args, ctx, train=False)
+
+    def accuracy(path):                                                     # measured by the stage after its last epoch
+        ck = load_checkpoint(path)
+        if ck.get("metrics"):
+            return ck["metrics"]
+        model = load_teacher(path, args.img_size) if ck.get("kind") is None else vl.model_from_checkpoint(ck)
+        if model.cfg.num_classes != len(data.classes):
+            return None                                                     # e.g. a CLIP teacher: no class head
+        return evaluate(model.to(ctx.device), val, args, ctx, desc="eval")
+
+    steps = len(data.train) // (args.batch_size * ctx.world)
+    rows = [("teacher (ViT)", accuracy(teacher)),
+            (f"student: distilled {args.distill_epochs} ep + fine-tuned {args.finetune_epochs} ep ({budget * steps} steps)",
+             accuracy(tuned))]
+    if not args.no_baseline:
+        rows.append((f"student: labels only {budget} ep ({budget * steps} steps)", accuracy(scratch)))
     if ctx.main:
-        print(f"\nheld-out set: {len(data[1])} images, {len(data[2])} classes "
-              f"({'demo' if args.data is None else args.data}); total time {time.time() - t_start:.0f} s "
-              f"({', '.join(f'{k} {v:.0f}s' for k, v in times.items())})\n")
+        print(f"\nheld-out set: {len(data.val)} images, {len(data.classes)} classes "
+              f"({'demo' if args.data is None else args.data}); students trained on {len(data.train)} images; "
+              f"total {time.time() - t_start:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in times.items())})\n")
         print("| model | top-1 | top-5 |\n|---|---|---|")
-        for n, r in res:
-            print(f"| {n} | {r['top1']:.1f} | {r['top5']:.1f} |")
+        for name, r in rows:
+            print(f"| {name} | " + (f"{r['top1']:.1f} | {r['top5']:.1f} |" if r else "n/a | n/a |"))
         with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump({n: r for n, r in res}, f, indent=1)
+            json.dump(dict(rows), f, indent=1)
 
 
 def main(argv=None):
@@ -875,7 +895,7 @@ def main(argv=None):
                 print("note: finetune without --init trains the student from scratch (the labels-only baseline)")
             run_stage(args, args.stage, data, ctx)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error{f' (rank {ctx.rank})' if ctx.world > 1 else ''}: {e}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():
