@@ -987,3 +987,10 @@ def test_resume_with_different_model_arguments_is_refused(tmp_path, capsys):
     rc, _, err = run_train(capsys, *args, "--teacher-opts", "dim=48,depth=2,heads=2")
     assert rc == 2 and "different model arguments" in one_error_line(err) and "dim" in err
     assert torch.load(tmp_path / "r" / "teacher" / "last.pt", weights_only=True)["step"] == 1
+
+
+@pytest.mark.usefixtures("cpu_dispatch")
+def test_stage_all_checks_the_student_before_training_the_teacher(tmp_path, capsys):
+    rc, _, err = run_train(capsys, "--out", tmp_path / "r", *TINY, "--student", "huge")
+    assert rc == 2 and "unknown student preset 'huge'" in one_error_line(err)
+    assert not (tmp_path / "r" / "teacher").exists()

@@ -886,6 +886,8 @@ def main(argv=None):
     ctx = setup_dist()
     try:
         data = get_data(args)
+        if args.stage != "teacher":                                         # fail fast, before any stage trains
+            student_config(args, len(data.classes))
         if args.stage == "all":
             run_all(args, data, ctx)
         else:
