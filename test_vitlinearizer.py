@@ -949,7 +949,7 @@ def bad_case(tmp_path, case):
         torch.save({"foo.weight": torch.zeros(2)}, tmp_path / "t.pt")
         return ["--stage", "distill", "--teacher", tmp_path / "t.pt"], "could not load teacher"
     if case == "resolution":
-        return ["--img-size", "18"], "not a multiple of the teacher patch size 4"
+        return ["--img-size", "18"], "not a multiple of the student patch size 4"
     if case == "preset":
         return ["--stage", "finetune", "--student", "huge"], "unknown student preset 'huge'"
 
