@@ -146,7 +146,6 @@ def train_step_mem(model, x, device, amp):
     except torch.cuda.OutOfMemoryError:
         return "OOM"
     finally:
-        del opt
         model.eval().requires_grad_(False)
 
 

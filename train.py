@@ -41,7 +41,6 @@ DATA = dict(img_size=224, teacher_preset="vit_b16", student="small", teacher_opt
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
     g = p.add_argument_group("run")
     g.add_argument("--data", help="ImageNet-layout folder DIR/{train,val}/<class>/*; omit for the built-in demo")
     g.add_argument("--stage", default="all", choices=["all", "teacher", "distill", "finetune"])
