@@ -5,8 +5,9 @@ Evaluate a checkpoint, or benchmark the teacher against the student.
     python eval.py --ckpt runs/in1k/finetune/last.pt --data DIR  # ... on DIR/val/<class>/*
     python eval.py --bench                                        # teacher vs student: img/s, latency, memory
     python eval.py --bench-scan                                   # selective scan: per-step baseline vs ours
+    python eval.py --runs runs/ablation                           # table of seeds x configurations (README "Results")
 """
-import argparse, csv, os, sys, time
+import argparse, csv, json, os, sys, time
 import torch, torch.nn.functional as F
 
 import train
@@ -96,7 +97,7 @@ def bench_models(args, csv_path):
             for name, model in models.items():
                 model.to(device).eval()
                 row = dict(model=name, preset=args.teacher_preset if name == "teacher" else args.student, res=res,
-                           batch=bs, img_s="", latency_ms="", peak_mb="", train_peak_mb="")
+                           batch=bs, img_s="", latency_ms="", peak_mb="", train_mem_mb="")
                 rows.append(row)
                 if name in slow:
                     row["img_s"] = "skipped (slow)"
@@ -114,12 +115,12 @@ def bench_models(args, csv_path):
                     sec = timed(fwd, args.warmup, args.repeats, device)
                     row.update(img_s=f"{bs / sec:.1f}", latency_ms=f"{1000 * sec:.1f}", peak_mb="n/a" if mem is None else f"{mem:.0f}")
                     if res in (224, 448) and bs == max(map(int, args.batch_sizes.split(","))):
-                        row["train_peak_mb"] = train_step_mem(model, x, device, amp)
+                        row["train_mem_mb"] = train_step_mem(model, x, device, amp)
                 except torch.cuda.OutOfMemoryError:
                     row["img_s"] = "OOM"
                     torch.cuda.empty_cache()
                 model.cpu()
-    cols = ["model", "preset", "res", "batch", "img_s", "latency_ms", "peak_mb", "train_peak_mb"]
+    cols = ["model", "preset", "res", "batch", "img_s", "latency_ms", "peak_mb", "train_mem_mb"]
     print(f"\n{device.type.upper()} {torch.cuda.get_device_name() if device.type == 'cuda' else ''}, "
           f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, warm-up {args.warmup}, repeats {args.repeats}\n")
     print_table(cols, rows)
@@ -129,19 +130,30 @@ def bench_models(args, csv_path):
 
 
 def train_step_mem(model, x, device, amp):
-    """peak memory of one training step (forward, backward, AdamW step) in MiB; 'n/a' on CPU"""
-    if device.type != "cuda":
-        return "n/a"
+    """memory of one training step in MiB. CUDA: peak allocated over forward, backward and the AdamW step.
+    CPU (no allocator statistics): tensors saved for the backward (the activations, counted once per storage)
+    + 4 x the parameters (weights, gradients, AdamW's two moments): the terms that set the peak."""
     model.train().requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
-
-    def step():
-        with amp:
-            loss = model(x).logits.float().logsumexp(-1).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
     try:
+        if device.type != "cuda":
+            params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+            saved = {}
+
+            def pack(t):
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                return t
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                model(x).logits.float().logsumexp(-1).mean()
+            activations = sum(n for ptr, n in saved.items() if ptr not in params)
+            return f"{(activations + 4 * sum(p.nbytes for p in model.parameters())) / 2**20:.0f}"
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+        def step():
+            with amp:
+                loss = model(x).logits.float().logsumexp(-1).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         return f"{peak_mb(device, step):.0f}"
     except torch.cuda.OutOfMemoryError:
         return "OOM"
@@ -206,7 +218,8 @@ def bench_scan(args, csv_path):
         [(64, 768, 16, 197), (64, 768, 16, 785), (128, 1536, 16, 197), (128, 1536, 16, 785)] if device.type == "cuda"
         else [(8, 384, 16, 197), (8, 384, 16, 1025)])
     impls = {"baseline (per-step slicing)": scan_baseline,
-             "ours: selective_scan_ref": lambda *a: scan_kernel.selective_scan_ref(*a, delta_softplus=True)}
+             "ours: selective_scan_ref": lambda *a: scan_kernel.selective_scan_ref(*a, delta_softplus=True),
+             "ours: chunked (CPU path)": lambda *a: scan_kernel.selective_scan_chunked(*a, delta_softplus=True)}
     if device.type == "cuda":                                                           # never timed under the interpreter
         impls["ours: triton"] = lambda *a: scan_kernel.selective_scan(*a, delta_softplus=True, backend="triton")
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
@@ -251,6 +264,42 @@ def bench_scan(args, csv_path):
     return rows
 
 
+# ----------------------------------------------------------------------------------------------- ablation table
+
+def final_top1(run_dir):
+    """top-1 of the last validation in RUN_DIR/log.jsonl, None while the run has none"""
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        vals = [rec["val_top1"] for rec in map(json.loads, f) if "val_top1" in rec]
+    return vals[-1] if vals else None
+
+
+def summarize_runs(root):
+    """Markdown table of ROOT/<config>-s<seed>/finetune runs: top-1 mean and spread over seeds (+ ROOT/teacher)."""
+    if not os.path.isdir(root):
+        raise train.UserError(f"--runs {root}: no such folder")
+    runs = {}
+    for name in sorted(os.listdir(root)):
+        config, _, seed = name.rpartition("-s")
+        top1 = final_top1(os.path.join(root, name, "finetune"))
+        if config and seed.isdigit() and top1 is not None:
+            runs.setdefault(config, []).append((int(seed), top1))
+    teacher = final_top1(os.path.join(root, "teacher"))
+    if not runs and teacher is None:
+        raise train.UserError(f"--runs {root}: no finished <config>-s<seed>/finetune or teacher run in it")
+    print("| configuration | seeds | top-1 mean | std | min - max | per seed |\n|---|---|---|---|---|---|")
+    if teacher is not None:
+        print(f"| teacher (ViT) | 1 | {teacher:.1f} | | | |")
+    for config, res in runs.items():
+        top1 = torch.tensor([t for _, t in res], dtype=torch.float64)
+        std = f"{top1.std().item():.1f}" if len(res) > 1 else ""
+        print(f"| {config} | {len(res)} | {top1.mean().item():.1f} | {std} | {top1.min().item():.1f} - {top1.max().item():.1f} | "
+              + ", ".join(f"s{s}: {t:.1f}" for s, t in res) + " |")
+    return runs
+
+
 # ----------------------------------------------------------------------------------------------- main
 
 def main(argv=None):
@@ -275,6 +324,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=20 if cuda else 3)
     p.add_argument("--max-seconds", type=float, default=30.0, help="bench: skip larger inputs once one call takes longer")
     p.add_argument("--out", default=".", help="folder for bench.csv / bench.png / bench_scan.csv")
+    p.add_argument("--runs", help="folder of <config>-s<seed> runs: print their top-1 over seeds")
     args = p.parse_args(argv)
     try:
         if args.bench or args.bench_scan:
@@ -283,10 +333,12 @@ def main(argv=None):
                 bench_models(args, os.path.join(args.out, "bench.csv"))
             if args.bench_scan:
                 bench_scan(args, os.path.join(args.out, "bench_scan.csv"))
+        elif args.runs:
+            summarize_runs(args.runs)
         elif args.ckpt:
             accuracy(args)
         else:
-            p.error("give --ckpt PATH, --bench or --bench-scan")
+            p.error("give --ckpt PATH, --runs DIR, --bench or --bench-scan")
     except train.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,11 +20,13 @@ direction 1 in reverse, both in the original token order):
     out = (y_fwd + y_bwd) * silu(z)        (Vim's "/ 2" is left to the caller)
 
 Backends (the math is identical; only speed and memory differ):
-    "reference": selective_scan_ref, pure PyTorch + autograd (CPU training path, test oracle).
+    "reference": selective_scan_ref, pure PyTorch + autograd, a plain loop over time (the test oracle).
+    "chunked":   selective_scan_chunked, PyTorch with a hand-written backward, vectorised per chunk of
+                 CPU_CHUNK steps (the CPU path for training and inference).
     "triton":    _ScanFn, Triton kernels for forward and backward (CUDA, or the CPU interpreter
                  when TRITON_INTERPRET=1 was set before this module was imported).
     "auto":      "triton" if triton imports, u is fp32/fp16/bf16 and (u.is_cuda or TRITON_INTERPRET=1),
-                 else "reference". An explicit "triton" that cannot run raises instead.
+                 else "chunked". An explicit "triton" that cannot run raises instead.
 """
 
 import os
@@ -82,23 +84,23 @@ def _check(fn, u, delta, A, B, C, D, z, delta_bias, lead=()):
         raise ValueError(f"{fn}: need L >= 1 and N >= 1, got L={L}, N={N}")
 
 
-def _use_triton(fn, backend, u):
-    """True for the Triton path; "triton" raises (never falls back) when it cannot run."""
-    if backend not in ("auto", "triton", "reference"):
-        raise ValueError(f"{fn}: backend must be 'auto', 'triton' or 'reference', got {backend!r}")
-    if backend == "reference":
-        return False
+def _pick_backend(fn, backend, u):
+    """-> "triton", "chunked" or "reference"; an explicit "triton" raises (never falls back) when it cannot run."""
+    if backend not in ("auto", "triton", "chunked", "reference"):
+        raise ValueError(f"{fn}: backend must be 'auto', 'triton', 'chunked' or 'reference', got {backend!r}")
     runnable = triton is not None and (u.is_cuda or _INTERPRET) and u.dtype in _KERNEL_DTYPES
-    if backend == "auto" or runnable:
-        return runnable
+    if backend == "auto":
+        return "triton" if runnable else "chunked"
+    if backend != "triton" or runnable:
+        return backend
     if triton is None:
-        raise RuntimeError(f"{fn}: backend='triton' but triton is not installed; use backend='reference'")
+        raise RuntimeError(f"{fn}: backend='triton' but triton is not installed; use backend='chunked' (PyTorch)")
     if not u.is_cuda and not _INTERPRET:
         raise RuntimeError(f"{fn}: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
                            f"importing scan_kernel (CPU interpreter); got a {u.device} tensor. "
-                           f"Use backend='reference' for the pure-PyTorch path.")
+                           f"Use backend='chunked' (or 'reference') for the pure-PyTorch path.")
     raise TypeError(f"{fn}: the triton backend takes float32/float16/bfloat16 u, got {u.dtype}; "
-                    f"use backend='reference'")
+                    f"use backend='chunked' or 'reference'")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,6 +134,105 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         y = y * F.silu(z.to(f))
     out = y.to(u.dtype)
     return (out, h) if return_last_state else out
+
+
+# ----------------------------------------------------------------------------------------------
+# chunked: the fast CPU path. The reference's math with a hand-written backward. Time is cut into
+# chunks of CPU_CHUNK steps; per chunk, the decays exp(dt A) and inputs dt u B of all its steps are
+# computed in one vectorised op each, the recurrence is one in-place multiply-add per step, and the
+# outputs <C_t, h_t> are one multiply-sum per chunk. Only the state entering each chunk is kept for
+# the backward, which recomputes the chunk's states and runs the adjoint recurrence
+#     g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}      (g_t = dLoss/dh_t; "t+1" = the next scan step)
+# from which d(dt u) = <g_t, B_t>, dB_t = sum_d g_t dt u, dC_t = sum_d h_t dy_t and
+# d(dt_t A) = g_t h_{t-1} exp(dt_t A) follow in vectorised ops. Saved memory: O(batch dim L)
+# inputs + O(batch dim N L / CPU_CHUNK) states, never (batch, dim, L, N).
+
+CPU_CHUNK = 16
+
+
+def _time_major(x):  # (batch, K, L) -> (L, batch, K) contiguous: one step = one contiguous block
+    return x.permute(2, 0, 1).contiguous()
+
+
+def _chunk_states(dt, v, A, B, h, reverse):
+    """One chunk: dt, v = dt u (T, batch, dim); B (T, batch, N); h (batch, dim, N) the state entering it.
+    -> decays exp(dt A) and states h_t, both (T, batch, dim, N) in time order, and the state leaving it."""
+    decay = torch.exp(dt.unsqueeze(-1) * A)  # (T, batch, dim, N)
+    H = v.unsqueeze(-1) * B.unsqueeze(2)  # (T, batch, dim, N), dt u B, turned into h_t in place
+    for t in (range(len(H) - 1, -1, -1) if reverse else range(len(H))):
+        h = H[t].addcmul_(decay[t], h)
+    return decay, H, h
+
+
+def _chunks(L, reverse):  # [(start, end), ...] in scan order
+    bounds = [(lo, min(lo + CPU_CHUNK, L)) for lo in range(0, L, CPU_CHUNK)]
+    return bounds[::-1] if reverse else bounds
+
+
+class _ChunkedScanFn(torch.autograd.Function):
+    """y_t = <C_t, h_t>, h_t = exp(dt_t A) h_{t-1} + v_t B_t. dt, v (batch, dim, L); A (dim, N); B, C
+    (batch, N, L), all fp32/fp64. Returns y (batch, dim, L) and the last state (batch, dim, N)."""
+
+    @staticmethod
+    def forward(ctx, dt, v, A, B, C, reverse):
+        dt, v, B, C = map(_time_major, (dt, v, B, C))  # (L, batch, K)
+        h = dt.new_zeros(dt.shape[1], dt.shape[2], A.shape[1])  # (batch, dim, N)
+        y = torch.empty_like(dt)  # (L, batch, dim)
+        starts = []
+        for lo, hi in _chunks(len(dt), reverse):
+            starts.append(h)
+            _, H, h = _chunk_states(dt[lo:hi], v[lo:hi], A, B[lo:hi], h, reverse)
+            h = h.clone()  # a view into H, which the next line overwrites
+            y[lo:hi] = H.mul_(C[lo:hi].unsqueeze(2)).sum(-1)
+        ctx.save_for_backward(dt, v, A, B, C, *starts)
+        ctx.reverse = reverse
+        return y.permute(1, 2, 0), h
+
+    @staticmethod
+    def backward(ctx, dy, dlast):
+        dt, v, A, B, C, *starts = ctx.saved_tensors
+        reverse, dy = ctx.reverse, _time_major(dy)
+        ddt, dv, dB, dC, dA = map(torch.empty_like, (dt, v, B, C, A))
+        dA.zero_()
+        carry = dlast if dlast is not None else torch.zeros_like(starts[0])  # exp(dt_{t+1} A) g_{t+1}
+        for (lo, hi), h0 in reversed(list(zip(_chunks(len(dt), reverse), starts))):
+            decay, H, _ = _chunk_states(dt[lo:hi], v[lo:hi], A, B[lo:hi], h0, reverse)
+            G = dy[lo:hi].unsqueeze(-1) * C[lo:hi].unsqueeze(2)  # (T, batch, dim, N), C_t dy_t
+            prev = None
+            for t in (range(len(G)) if reverse else range(len(G) - 1, -1, -1)):  # against the scan
+                G[t].add_(carry) if prev is None else G[t].addcmul_(decay[prev], G[prev])
+                prev = t
+            carry = decay[prev] * G[prev]
+            H_before = torch.cat([H[1:], h0[None]]) if reverse else torch.cat([h0[None], H[:-1]])  # h_{t-1}
+            dv[lo:hi] = (G * B[lo:hi].unsqueeze(2)).sum(-1)
+            dB[lo:hi] = (G * v[lo:hi].unsqueeze(-1)).sum(2)
+            dC[lo:hi] = H.mul_(dy[lo:hi].unsqueeze(-1)).sum(2)
+            dlog = G.mul_(H_before).mul_(decay)  # d(dt_t A), (T, batch, dim, N)
+            ddt[lo:hi] = (dlog * A).sum(-1)
+            dA += (dlog * dt[lo:hi].unsqueeze(-1)).sum((0, 1))
+        batch_first = lambda x: x.permute(1, 2, 0)  # noqa: E731  (L, batch, K) -> (batch, K, L)
+        return batch_first(ddt), batch_first(dv), dA, batch_first(dB), batch_first(dC), None
+
+
+def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                           return_last_state=False, reverse=False):
+    """Selective scan in PyTorch with a hand-written, chunk-recomputing backward: the CPU path.
+    Same arguments, math and outputs as selective_scan_ref (module docstring), faster on CPU, and
+    its backward keeps one state per CPU_CHUNK steps instead of autograd's one per step."""
+    _check("selective_scan_chunked", u, delta, A, B, C, D, z, delta_bias)
+    f = torch.promote_types(u.dtype, torch.float32)
+    u32, dt = u.to(f), delta.to(f)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(f)[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    y, last = _ChunkedScanFn.apply(dt, dt * u32, A.to(f), B.to(f), C.to(f), reverse)
+    if D is not None:
+        y = y + D.to(f)[:, None] * u32
+    if z is not None:
+        y = y * F.silu(z.to(f))
+    out = y.to(u.dtype)
+    return (out, last) if return_last_state else out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -448,13 +549,16 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """Selective scan, mamba-ssm selective_scan_fn semantics (see the module docstring).
 
     backend: "triton" (Triton forward + backward; CUDA, or CPU with TRITON_INTERPRET=1 set before
-    import), "reference" (selective_scan_ref), "auto" = "triton" if triton imports, u is fp32/fp16/bf16
-    and (u.is_cuda or TRITON_INTERPRET=1), else "reference". Both compute the same math; "triton"
-    raises instead of falling back. last_state is differentiable on both backends.
+    import), "chunked" (selective_scan_chunked, the fast PyTorch path), "reference" (selective_scan_ref),
+    "auto" = "triton" if triton imports, u is fp32/fp16/bf16 and (u.is_cuda or TRITON_INTERPRET=1),
+    else "chunked". All compute the same math; "triton" raises instead of falling back.
+    last_state is differentiable on every backend.
     Returns out (batch, dim, L) in u's dtype [, last_state (batch, dim, N) fp32]."""
     _check("selective_scan", u, delta, A, B, C, D, z, delta_bias)
-    if not _use_triton("selective_scan", backend, u):
-        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse)
+    backend = _pick_backend("selective_scan", backend, u)
+    if backend != "triton":
+        scan = selective_scan_chunked if backend == "chunked" else selective_scan_ref
+        return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse)
     stack = lambda x: None if x is None else x[None]  # noqa: E731  (views, no copies)
     out, last = _ScanFn.apply(u[None], delta[None], A[None], B[None], C[None], stack(D), z, stack(delta_bias),
                               delta_softplus, reverse, return_last_state, torch.is_grad_enabled())
@@ -469,14 +573,16 @@ def bidirectional_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=N
     z (batch, dim, L), shared. Direction 0 scans t = 0..L-1, direction 1 t = L-1..0, both in the
     original token order; y_dir includes D * u. Any strides (e.g. transposed views), no copies.
     "triton": one forward launch and one backward launch for both directions.
-    "reference": two selective_scan_ref calls (reverse=False / True), summed in fp32, gated."""
+    "chunked" / "reference": two PyTorch scans (reverse=False / True; no flips), summed in fp32, gated."""
     _check("bidirectional_selective_scan", u, delta, A, B, C, D, z, delta_bias, lead=(2,))
-    if _use_triton("bidirectional_selective_scan", backend, u):
+    backend = _pick_backend("bidirectional_selective_scan", backend, u)
+    if backend == "triton":
         return _ScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, False, False,
                             torch.is_grad_enabled())[0]
+    scan = selective_scan_chunked if backend == "chunked" else selective_scan_ref
     f = torch.promote_types(u.dtype, torch.float32)
-    y = sum(selective_scan_ref(u[k].to(f), delta[k], A[k], B[k], C[k], None if D is None else D[k], None,
-                               None if delta_bias is None else delta_bias[k], delta_softplus, reverse=k == 1)
+    y = sum(scan(u[k].to(f), delta[k], A[k], B[k], C[k], None if D is None else D[k], None,
+                 None if delta_bias is None else delta_bias[k], delta_softplus, reverse=k == 1)
             for k in (0, 1))
     if z is not None:
         y = y * F.silu(z.to(f))

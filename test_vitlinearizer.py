@@ -139,6 +139,41 @@ def test_reference_never_builds_full_state():
     assert max(numels) < batch * dim * L * N
 
 
+# ------------------------------------------------------------------------- chunked PyTorch path vs reference
+
+@pytest.mark.parametrize("L", [1, sk.CPU_CHUNK - 1, sk.CPU_CHUNK, 2 * sk.CPU_CHUNK + 3])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_chunked_matches_reference(L, reverse):
+    """Outputs, last state and every gradient (incl. through the last state), fp64, across chunk boundaries."""
+    x = leaves(make_inputs(2, 5, 3, L, seed=L), torch.float64)
+    g = torch.Generator().manual_seed(5)
+    w_out, w_last = torch.randn(2, 5, L, generator=g, dtype=torch.float64), torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
+    res = []
+    for backend in ("chunked", "reference"):
+        out, last = selective_scan(**x, delta_softplus=True, reverse=reverse, return_last_state=True, backend=backend)
+        grads = torch.autograd.grad((out * w_out).sum() + (last * w_last).sum(), [x[k] for k in NAMES])
+        res.append((out, last, *grads))
+    for name, got, want in zip(["out", "last"] + NAMES, *res):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_chunked_gradcheck():
+    x = leaves(make_inputs(1, 2, 2, sk.CPU_CHUNK + 2, seed=3), torch.float64)
+    fn = lambda *a: sk.selective_scan_chunked(*a, delta_softplus=True, return_last_state=True, reverse=True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, [x[k] for k in NAMES])
+
+
+def test_chunked_keeps_one_state_per_chunk():
+    """Saved for backward: inputs of size (batch, dim or N, L) and one (batch, dim, N) state per chunk."""
+    batch, dim, N, L = 2, 3, 5, 4 * sk.CPU_CHUNK
+    x = leaves(make_inputs(batch, dim, N, L))
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        sk.selective_scan_chunked(**x, delta_softplus=True)
+    assert shapes.count((batch, dim, N)) == L // sk.CPU_CHUNK
+    assert max(math.prod(s) for s in shapes) <= batch * N * L
+
+
 # ------------------------------------------------------------------------- Triton kernel vs reference
 
 CASES = {  # L, dim, N, batch, D, z, bias, softplus, strided, reverse, return_last_state
@@ -194,10 +229,18 @@ def test_auto_uses_kernel_under_interpreter(monkeypatch):
         raise AssertionError("auto fell back to the reference")
 
     monkeypatch.setattr(sk, "selective_scan_ref", boom)
+    monkeypatch.setattr(sk, "selective_scan_chunked", boom)
     x = make_inputs(1, 2, 2, 3)
     selective_scan(**x, backend="auto")
-    with pytest.raises(AssertionError):
-        selective_scan(**x, backend="reference")
+    for backend in ("reference", "chunked"):
+        with pytest.raises(AssertionError):
+            selective_scan(**x, backend=backend)
+
+
+def test_auto_is_chunked_on_cpu(monkeypatch):
+    monkeypatch.setattr(sk, "_INTERPRET", False)
+    monkeypatch.setattr(sk, "selective_scan_chunked", lambda *a: "chunked")
+    assert selective_scan(**make_inputs(1, 2, 2, 3), backend="auto") == "chunked"
 
 
 # ------------------------------------------------------------------------- fused bidirectional scan
@@ -228,8 +271,9 @@ def test_bidirectional_matches_flipped_reference(L, dim, N, batch):
     want = run(flipped_reference, leaves(x, torch.float64), w)
     got = run(bidirectional_selective_scan, leaves(x), w, delta_softplus=True, backend="triton")
     assert_close(got, want, 2e-5)
-    ref = run(bidirectional_selective_scan, leaves(x, torch.float64), w, delta_softplus=True, backend="reference")
-    assert_close(ref, want, 1e-12)
+    for backend in ("reference", "chunked"):
+        ref = run(bidirectional_selective_scan, leaves(x, torch.float64), w, delta_softplus=True, backend=backend)
+        assert_close(ref, want, 1e-12)
 
 
 # ------------------------------------------------------------------------- bad input
@@ -258,12 +302,12 @@ def run_python(code, env):
 def test_triton_backend_on_cpu_without_interpreter_raises():
     code = ("import torch, scan_kernel as sk\n"
             "u = torch.randn(1, 2, 3); A = -torch.ones(2, 4); B = torch.randn(1, 4, 3)\n"
-            "sk.selective_scan(u, u, A, B, B)  # auto -> reference\n"
+            "sk.selective_scan(u, u, A, B, B)  # auto -> chunked\n"
             "try:\n    sk.selective_scan(u, u, A, B, B, backend='triton')\n"
             "except RuntimeError as e:\n    print('ERR', e)\n")
     msg = run_python(code, {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert msg.startswith("ERR") and "\n" not in msg
-    assert "TRITON_INTERPRET=1" in msg and "CUDA" in msg and "backend='reference'" in msg
+    assert "TRITON_INTERPRET=1" in msg and "CUDA" in msg and "backend='chunked'" in msg
     msg = run_python("import sys; sys.modules['triton'] = None  # as if triton were not installed\n" + code, os.environ)
     assert msg.startswith("ERR") and "not installed" in msg
 
@@ -712,13 +756,13 @@ def test_distiller_trains_student_and_head_never_the_teacher(target):
 
 @pytest.fixture
 def cpu_dispatch(monkeypatch):
-    """The scan dispatch a CPU user gets (backend "auto" = the reference), although this file set TRITON_INTERPRET."""
+    """The scan dispatch a CPU user gets (backend "auto" = chunked), although this file set TRITON_INTERPRET."""
     monkeypatch.setattr(sk, "_INTERPRET", False)
 
 
 TINY = ["--img-size", "16", "--batch-size", "16", "--demo-train", "64", "--demo-teacher-train", "64", "--demo-val", "32",
         "--stages", "2",
-        "--teacher-opts", "dim=32,depth=2,heads=2", "--student-opts", "dim=32,depth=2,d_state=4,scan_backend=reference",
+        "--teacher-opts", "dim=32,depth=2,heads=2", "--student-opts", "dim=32,depth=2,d_state=4,scan_backend=chunked",
         "--log-every", "1", "--lr", "2e-3", "--warmup-epochs", "0.5"]
 
 
@@ -912,7 +956,24 @@ def test_bench_and_bench_scan_run_small(tmp_path, capsys):
     assert evaluate_cli.main(["--bench-scan", "--scan-shapes", "2,8,4,9", "--warmup", "0", "--repeats", "1",
                               "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "baseline (per-step slicing)" in out and "selective_scan_ref" in out and "fwd+bwd" in out
+    assert "baseline (per-step slicing)" in out and "selective_scan_ref" in out and "chunked" in out and "fwd+bwd" in out
+
+
+def test_cpu_train_memory_counts_activations_once_and_chunked_scan_saves_less():
+    class Tiny(nn.Module):                       # saved for backward: the input and relu's output (not the weight)
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(512, 512)
+
+        def forward(self, x):
+            return vl.Output(self.lin(x).relu(), None, None)
+    got = evaluate_cli.train_step_mem(Tiny(), torch.randn(2048, 512), torch.device("cpu"), None)
+    assert float(got) == round((2 * 2048 * 512 * 4 + 4 * (512 * 512 + 512) * 4) / 2**20) == 12
+    x = torch.randn(2, 3, 32, 32)
+    mem = {b: float(evaluate_cli.train_step_mem(vl.VisionMamba(vl.MambaConfig(
+        img_size=32, patch_size=4, dim=32, depth=2, d_state=16, scan_backend=b)), x, torch.device("cpu"), None))
+        for b in ("reference", "chunked")}
+    assert mem["chunked"] < mem["reference"] / 2
 
 
 @pytest.mark.usefixtures("cpu_dispatch")
@@ -994,3 +1055,28 @@ def test_stage_all_checks_the_student_before_training_the_teacher(tmp_path, caps
     rc, _, err = run_train(capsys, "--out", tmp_path / "r", *TINY, "--student", "huge")
     assert rc == 2 and "unknown student preset 'huge'" in one_error_line(err)
     assert not (tmp_path / "r" / "teacher").exists()
+
+
+def test_stage_teacher_uses_the_teacher_lr():
+    assert train.parse_args(["--stage", "teacher"]).lr == train.DEMO["teacher_lr"] != train.DEMO["lr"]
+    assert train.parse_args(["--stage", "teacher", "--lr", "2e-3"]).lr == 2e-3
+    assert train.parse_args(["--stage", "distill"]).lr == train.DEMO["lr"]
+
+
+def test_runs_table_over_seeds(tmp_path, capsys):
+    import statistics
+    top1 = {"am+mp": [40.0, 50.5, 45.25], "labels_only": [30.0, 36.0]}
+    for config, values in top1.items():
+        for seed, v in enumerate(values):
+            (tmp_path / f"{config}-s{seed}" / "finetune").mkdir(parents=True)
+            (tmp_path / f"{config}-s{seed}" / "finetune" / "log.jsonl").write_text(
+                json.dumps({"step": 1, "loss": 2.0}) + "\n" + json.dumps({"step": 9, "val_top1": v, "val_top5": 99}) + "\n")
+    (tmp_path / "mp_only-s0" / "distill").mkdir(parents=True)                # unfinished: no finetune yet
+    assert evaluate_cli.main(["--runs", str(tmp_path)]) == 0
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in capsys.readouterr().out.splitlines()[2:]}
+    assert set(rows) == {"am+mp", "labels_only"}
+    for config, values in top1.items():
+        seeds, mean, std = (c.strip() for c in rows[config][:3])
+        assert (int(seeds), float(mean), float(std)) == (len(values), round(statistics.mean(values), 1),
+                                                         round(statistics.stdev(values), 1))
+    assert evaluate_cli.main(["--runs", str(tmp_path / "nope")]) == 2

@@ -80,7 +80,7 @@ def get_parser():
     g.add_argument("--teacher-epochs", type=int); g.add_argument("--distill-epochs", type=int); g.add_argument("--finetune-epochs", type=int)
     g.add_argument("--batch-size", type=int, help="per process; global batch = batch size x processes")
     g.add_argument("--lr", type=float, help="peak lr (default: --blr x global batch / 512)")
-    g.add_argument("--teacher-lr", type=float, help="peak lr of the teacher stage in --stage all (default: --lr)")
+    g.add_argument("--teacher-lr", type=float, help="peak lr of the teacher stage (stage all, or stage teacher without --lr; default: --lr)")
     g.add_argument("--blr", type=float, default=5e-4)
     g.add_argument("--min-lr", type=float, default=1e-6)
     g.add_argument("--warmup-epochs", type=float)
@@ -104,9 +104,12 @@ def get_parser():
 
 def parse_args(argv=None):
     args = get_parser().parse_args(argv)
+    lr_given = args.lr is not None
     for k, v in (DEMO if args.data is None else DATA).items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    if args.stage == "teacher" and not lr_given and args.teacher_lr is not None:
+        args.lr = args.teacher_lr                                           # the teacher's own lr, as in stage all
     if args.out is None:
         args.out = os.path.join("runs", "demo" if args.data is None else os.path.basename(os.path.normpath(args.data)))
     return args

@@ -348,7 +348,7 @@ class MambaConfig:
     num_classes: int = 1000
     bidirectional: str = "fused"    # "fused": both directions in every block; "alternate": one per block, flipping
     drop_path: float = 0.0
-    scan_backend: str = "auto"      # "auto" | "triton" | "reference", see scan_kernel.selective_scan
+    scan_backend: str = "auto"      # "auto" | "triton" | "chunked" | "reference", see scan_kernel.selective_scan
     eps: float = 1e-5
 
 
