@@ -8,7 +8,7 @@ Evaluate a checkpoint, or benchmark the teacher against the student.
     python eval.py --runs runs/ablation                           # table of seeds x configurations (README "Results")
 """
 import argparse, csv, json, os, sys, time
-import torch, torch.nn.functional as F
+import torch, torch.nn as nn, torch.nn.functional as F
 
 import train
 import vitlinearizer as vl
@@ -97,7 +97,7 @@ def bench_models(args, csv_path):
             for name, model in models.items():
                 model.to(device).eval()
                 row = dict(model=name, preset=args.teacher_preset if name == "teacher" else args.student, res=res,
-                           batch=bs, img_s="", latency_ms="", peak_mb="", train_mem_mb="")
+                           batch=bs, img_s="", latency_ms="", peak_mb="", train_mem_mb="", vs_teacher="", time_split="")
                 rows.append(row)
                 if name in slow:
                     row["img_s"] = "skipped (slow)"
@@ -116,13 +116,22 @@ def bench_models(args, csv_path):
                     row.update(img_s=f"{bs / sec:.1f}", latency_ms=f"{1000 * sec:.1f}", peak_mb="n/a" if mem is None else f"{mem:.0f}")
                     if res in (224, 448) and bs == max(map(int, args.batch_sizes.split(","))):
                         row["train_mem_mb"] = train_step_mem(model, x, device, amp)
+                    if name == "student":
+                        teacher_row = rows[-2]
+                        if teacher_row["latency_ms"]:
+                            row["vs_teacher"] = f"{float(teacher_row['latency_ms']) / (1000 * sec):.2f}x"
+                        with amp:
+                            parts, total = student_time_split(model, x, device)
+                        row["time_split"] = " ".join(f"{k.split()[0]} {100 * v / total:.0f}%" for k, v in parts.items())
                 except torch.cuda.OutOfMemoryError:
                     row["img_s"] = "OOM"
                     torch.cuda.empty_cache()
                 model.cpu()
-    cols = ["model", "preset", "res", "batch", "img_s", "latency_ms", "peak_mb", "train_mem_mb"]
+    cols = ["model", "preset", "res", "batch", "img_s", "latency_ms", "vs_teacher", "peak_mb", "train_mem_mb", "time_split"]
     print(f"\n{device.type.upper()} {torch.cuda.get_device_name() if device.type == 'cuda' else ''}, "
-          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, warm-up {args.warmup}, repeats {args.repeats}\n")
+          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, {torch.get_num_threads()} CPU threads, warm-up "
+          f"{args.warmup}, repeats {args.repeats}; vs_teacher = teacher latency / student latency (> 1: student faster); "
+          f"time_split = the student's forward by part; train_mem_mb: {'peak' if device.type == 'cuda' else 'saved activations + 4 x parameters'}\n")
     print_table(cols, rows)
     write_csv(csv_path, cols, rows)
     print(f"\nwrote {csv_path}" + plot(rows, csv_path.rsplit(".", 1)[0] + ".png"))
@@ -159,6 +168,46 @@ def train_step_mem(model, x, device, amp):
         return "OOM"
     finally:
         model.eval().requires_grad_(False)
+
+
+def student_time_split(model, x, device):
+    """-> {part: seconds} of one no-grad forward of a VisionMamba: the scan, the in/out projections, the depthwise
+    conv, the norms, and the rest (x_proj / dt_proj matmuls, gates, layout, patch embedding, head)."""
+    parts = dict.fromkeys(["scan", "in/out projections", "depthwise conv", "norms"], 0.0)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed_call(part, fn):
+        def wrapper(*a, **k):
+            sync()
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            sync()
+            parts[part] += time.perf_counter() - t
+            return out
+        return wrapper
+    saved = {name: getattr(vl, name) for name in ("selective_scan", "bidirectional_selective_scan")}
+    conv = vl.BiMamba.conv
+    patched = [(m, m.forward) for m in model.modules() if isinstance(m, (nn.RMSNorm, nn.Linear))]
+    try:
+        for name, fn in saved.items():
+            setattr(vl, name, timed_call("scan", fn))
+        vl.BiMamba.conv = timed_call("depthwise conv", conv)
+        for m, fwd in patched:
+            m.forward = timed_call("norms" if isinstance(m, nn.RMSNorm) else "in/out projections", fwd)
+        with torch.no_grad():
+            sync()
+            t = time.perf_counter()
+            model(x)
+            sync()
+            total = time.perf_counter() - t
+    finally:
+        for name, fn in saved.items():
+            setattr(vl, name, fn)
+        vl.BiMamba.conv = conv
+        for m, _ in patched:
+            del m.forward
+    parts["rest"] = total - sum(parts.values())
+    return parts, total
 
 
 def print_table(cols, rows):

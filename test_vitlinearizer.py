@@ -953,10 +953,27 @@ def test_bench_and_bench_scan_run_small(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| teacher | demo | 32 | 2 |" in out and "| student | demo | 32 | 2 |" in out
     assert len(open(tmp_path / "bench.csv").readlines()) == 5
+    student_row = [line for line in out.splitlines() if line.startswith("| student | demo | 32 |")][0]
+    assert "x |" in student_row and "scan " in student_row and "rest " in student_row   # speed-up and time split
     assert evaluate_cli.main(["--bench-scan", "--scan-shapes", "2,8,4,9", "--warmup", "0", "--repeats", "1",
                               "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "baseline (per-step slicing)" in out and "selective_scan_ref" in out and "chunked" in out and "fwd+bwd" in out
+
+
+def test_student_time_split_restores_the_model():
+    model = vl.VisionMamba(replace(TINY_STUDENT, scan_backend="chunked")).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        before = model(x).logits
+    parts, total = evaluate_cli.student_time_split(model, x, torch.device("cpu"))
+    assert set(parts) == {"scan", "in/out projections", "depthwise conv", "norms", "rest"}
+    assert all(parts[k] > 0 for k in ("scan", "in/out projections", "depthwise conv", "norms"))
+    assert abs(sum(parts.values()) - total) < 1e-9
+    assert vl.bidirectional_selective_scan is sk.bidirectional_selective_scan and vl.BiMamba.conv.__name__ == "conv"
+    assert not any("forward" in vars(m) for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, before)
 
 
 def test_cpu_train_memory_counts_activations_once_and_chunked_scan_saves_less():
