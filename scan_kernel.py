@@ -115,11 +115,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     would make the backward O(L^2))."""
     _check("selective_scan_ref", u, delta, A, B, C, D, z, delta_bias)
     f = torch.promote_types(u.dtype, torch.float32)  # fp32 math (fp64 stays fp64 for gradcheck)
-    u32, dt, A, B, C = u.to(f), delta.to(f), A.to(f), B.to(f), C.to(f)
-    if delta_bias is not None:
-        dt = dt + delta_bias.to(f)[:, None]
-    if delta_softplus:
-        dt = F.softplus(dt)  # threshold 20: x if x > 20 else log1p(exp(x))
+    u32, dt, A, B, C = u.to(f), _step_size(delta, delta_bias, delta_softplus, f), A.to(f), B.to(f), C.to(f)
     dts, dtus = dt.unbind(-1), (dt * u32).unbind(-1)  # L x (B, D)
     Bs, Cs = B.unbind(-1), C.unbind(-1)  # L x (B, N)
     h = u32.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (B, D, N)
@@ -127,13 +123,23 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     for t in (reversed(range(len(ys))) if reverse else range(len(ys))):
         h = torch.exp(dts[t][:, :, None] * A) * h + dtus[t][:, :, None] * Bs[t][:, None, :]  # (B, D, N)
         ys[t] = torch.bmm(h, Cs[t][:, :, None])[..., 0]  # (B, D)
-    y = torch.stack(ys, dim=-1)  # (B, D, L)
-    if D is not None:
-        y = y + D.to(f)[:, None] * u32
-    if z is not None:
-        y = y * F.silu(z.to(f))
-    out = y.to(u.dtype)
+    out = _skip_and_gate(torch.stack(ys, dim=-1), u32, D, z).to(u.dtype)  # (B, D, L)
     return (out, h) if return_last_state else out
+
+
+def _step_size(delta, delta_bias, softplus, f):
+    """dt = softplus(delta + delta_bias) in dtype f (softplus only if asked; x if x > 20, else log1p(exp(x)))"""
+    dt = delta.to(f)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(f)[:, None]
+    return F.softplus(dt) if softplus else dt
+
+
+def _skip_and_gate(y, u, D, z):
+    """(y + D u) * silu(z), each term only if given; y and u in the math dtype"""
+    if D is not None:
+        y = y + D.to(y.dtype)[:, None] * u
+    return y * F.silu(z.to(y.dtype)) if z is not None else y
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,8 +198,8 @@ class _ChunkedScanFn(torch.autograd.Function):
     def backward(ctx, dy, dlast):
         dt, v, A, B, C, *starts = ctx.saved_tensors
         reverse, dy = ctx.reverse, _time_major(dy)
-        ddt, dv, dB, dC, dA = map(torch.empty_like, (dt, v, B, C, A))
-        dA.zero_()
+        ddt, dv, dB, dC = map(torch.empty_like, (dt, v, B, C))
+        dA = torch.zeros_like(A)
         carry = dlast if dlast is not None else torch.zeros_like(starts[0])  # exp(dt_{t+1} A) g_{t+1}
         for (lo, hi), h0 in reversed(list(zip(_chunks(len(dt), reverse), starts))):
             decay, H, _ = _chunk_states(dt[lo:hi], v[lo:hi], A, B[lo:hi], h0, reverse)
@@ -221,17 +227,9 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     its backward keeps one state per CPU_CHUNK steps instead of autograd's one per step."""
     _check("selective_scan_chunked", u, delta, A, B, C, D, z, delta_bias)
     f = torch.promote_types(u.dtype, torch.float32)
-    u32, dt = u.to(f), delta.to(f)
-    if delta_bias is not None:
-        dt = dt + delta_bias.to(f)[:, None]
-    if delta_softplus:
-        dt = F.softplus(dt)
+    u32, dt = u.to(f), _step_size(delta, delta_bias, delta_softplus, f)
     y, last = _ChunkedScanFn.apply(dt, dt * u32, A.to(f), B.to(f), C.to(f), reverse)
-    if D is not None:
-        y = y + D.to(f)[:, None] * u32
-    if z is not None:
-        y = y * F.silu(z.to(f))
-    out = y.to(u.dtype)
+    out = _skip_and_gate(y, u32, D, z).to(u.dtype)
     return (out, last) if return_last_state else out
 
 
@@ -584,6 +582,4 @@ def bidirectional_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=N
     y = sum(scan(u[k].to(f), delta[k], A[k], B[k], C[k], None if D is None else D[k], None,
                  None if delta_bias is None else delta_bias[k], delta_softplus, reverse=k == 1)
             for k in (0, 1))
-    if z is not None:
-        y = y * F.silu(z.to(f))
-    return y.to(u.dtype)
+    return _skip_and_gate(y, None, None, z).to(u.dtype)

@@ -120,16 +120,21 @@ def test_reference_gradcheck(reverse):
     assert torch.autograd.gradcheck(fn, [x[k] for k in NAMES])
 
 
-def saved_numels(fn):
-    numels = []
+def saved_shapes(fn):
+    """shapes of the tensors autograd saves for the backward while fn() runs"""
+    shapes = []
 
     def pack(t):
-        numels.append(t.numel())
+        shapes.append(tuple(t.shape))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
-    return numels
+    return shapes
+
+
+def saved_numels(fn):
+    return [math.prod(s) for s in saved_shapes(fn)]
 
 
 def test_reference_never_builds_full_state():
@@ -167,9 +172,7 @@ def test_chunked_keeps_one_state_per_chunk():
     """Saved for backward: inputs of size (batch, dim or N, L) and one (batch, dim, N) state per chunk."""
     batch, dim, N, L = 2, 3, 5, 4 * sk.CPU_CHUNK
     x = leaves(make_inputs(batch, dim, N, L))
-    shapes = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
-        sk.selective_scan_chunked(**x, delta_softplus=True)
+    shapes = saved_shapes(lambda: sk.selective_scan_chunked(**x, delta_softplus=True))
     assert shapes.count((batch, dim, N)) == L // sk.CPU_CHUNK
     assert max(math.prod(s) for s in shapes) <= batch * N * L
 
