@@ -876,7 +876,7 @@ def test_image_folder_training_skips_a_corrupt_file(tmp_path, capsys):
     root = write_tree(tmp_path / "d", corrupt=1)
     rc, out, err = run_train(capsys, "--data", root, "--out", tmp_path / "r", "--stage", "teacher", "--epochs", 2,
                        "--teacher-preset", "demo", "--teacher-opts", "dim=32,depth=2,heads=2", "--img-size", 16,
-                       "--batch-size", 13, "--workers", 1, "--log-every", 1)
+                       "--batch-size", 13, "--workers", 1, "--log-every", 1, "--recipe", "none")
     assert rc == 0, err
     assert "skipped 1 unreadable image(s) of 13" in err and "bad0.JPEG" in err
     assert [r["epoch"] for r in log(tmp_path / "r" / "teacher" / "log.jsonl") if "val_top1" in r] == [1, 2]
@@ -1025,7 +1025,8 @@ def bad_case(tmp_path, case):
         os.rename(os.path.join(root, "val", "fox"), os.path.join(root, "val", "owl"))
         return ["--data", root], "only in train ['fox'], only in val ['owl']"
     if case == "too many corrupt":
-        return ["--data", write_tree(tmp_path / "d", corrupt=4), "--max-bad-frac", "0.01"], "could not be read"
+        return ["--data", write_tree(tmp_path / "d", corrupt=4), "--max-bad-frac", "0.01", "--recipe", "none"], \
+            "could not be read"                                             # (repeated augmentation would see fewer)
     if case == "bad teacher":
         torch.save({"foo.weight": torch.zeros(2)}, tmp_path / "t.pt")
         return ["--stage", "distill", "--teacher", tmp_path / "t.pt"], "could not load teacher"
