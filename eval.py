@@ -17,27 +17,32 @@ import scan_kernel
 
 # ----------------------------------------------------------------------------------------------- accuracy
 
-def load_model(path):
-    """our checkpoint (any kind), else whatever load_teacher takes (timm / CLIP file, timm:NAME)"""
+def load_model(path, ema=False):
+    """our checkpoint (any kind; ema: its EMA weights), else whatever load_teacher takes (timm / CLIP file, timm:NAME)"""
     ck = train.load_checkpoint(path) if not path.startswith("timm:") else {}
+    if ema and not ck.get("ema"):
+        raise train.UserError(f"{path} holds no EMA weights (train with --ema-decay)")
     if "kind" in ck:
         try:
-            return vl.model_from_checkpoint(ck, path), ck
+            return vl.model_from_checkpoint({**ck, "model": ck["ema"]} if ema else ck, path), ck
         except Exception as e:
             raise train.UserError(f"{path}: {e}") from e
     return train.load_teacher(path, None), ck
 
 
 def accuracy(args):
-    model, ck = load_model(args.ckpt)
+    model, ck = load_model(args.ckpt, args.ema)
     run = ck.get("args", {})
     args.img_size = args.img_size or run.get("img_size") or model.cfg.img_size
+    train.check_resolution(args.img_size, model.cfg.patch_size, "model")
+    if not 0 < args.crop_ratio <= 1:
+        raise train.UserError(f"--crop-ratio {args.crop_ratio}: must be in (0, 1]")
     if args.data is None and run and run.get("data") is None:                            # the demo's held-out set
         ds = train.RelationsDemo(run["demo_val"], args.img_size, seed=run["demo_seed"] + 1)
         classes = ds.classes
     elif args.data is not None:
         classes, samples = train.list_split(args.data, "val")
-        ds = train.ImageFolder(samples, classes, args.img_size, train=False)
+        ds = train.ImageFolder(samples, classes, args.img_size, train=False, crop_ratio=args.crop_ratio)
     else:
         raise train.UserError(f"{args.ckpt} was not trained on the demo: give --data DIR (DIR/val/<class>/*)")
     if ck.get("classes") and list(ck["classes"]) != list(classes):
@@ -47,7 +52,8 @@ def accuracy(args):
     ctx = train.Ctx(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     args.seed, args.max_bad_frac = 0, 0.01
     res = train.evaluate(model.to(ctx.device), train.make_loader(ds, args, ctx, train=False), args, ctx)
-    print(f"{args.ckpt}: top-1 {res['top1']:.2f}  top-5 {res['top5']:.2f}  ({len(ds)} images, {len(classes)} classes)")
+    print(f"{args.ckpt}{' (EMA weights)' if args.ema else ''}: top-1 {res['top1']:.2f}  top-5 {res['top5']:.2f}  "
+          f"({len(ds)} images, {len(classes)} classes, {args.img_size} px)")
     return res
 
 
@@ -356,7 +362,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", help="checkpoint to evaluate (train.py's, or a teacher file / timm:NAME)")
     p.add_argument("--data", help="ImageNet-layout folder; its val/ split is evaluated (default: the demo's held-out set)")
-    p.add_argument("--img-size", type=int, help="default: the checkpoint's training resolution")
+    p.add_argument("--img-size", type=int, help="default: the checkpoint's training resolution; any multiple of the "
+                   "patch size works (position embeddings resampled), e.g. 448 for a 224 px model")
+    p.add_argument("--crop-ratio", type=float, default=0.875, help="--data: resize to img-size / ratio, centre crop "
+                   "(Adventurer evaluates above 224 px with 1.0)")
+    p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights (--ema-decay runs)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=4 if cuda else 0)
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])

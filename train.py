@@ -482,8 +482,12 @@ def _factor(m, inc, g):
     return max(0.1, 1.0 + _signed(0.9 * m, g)) if inc else 0.1 + 1.8 * m
 
 
+def _fill(im):
+    return FILL if len(im.getbands()) == 3 else round(sum(FILL) / 3)
+
+
 def _affine(im, coeffs):
-    return im.transform(im.size, Image.AFFINE, coeffs, resample=Image.BICUBIC, fillcolor=FILL)
+    return im.transform(im.size, Image.AFFINE, coeffs, resample=Image.BICUBIC, fillcolor=_fill(im))
 
 
 def _posterize(im, bits):
@@ -501,7 +505,7 @@ RAND_OPS = {
     "AutoContrast": lambda im, m, inc, g: ImageOps.autocontrast(im),
     "Equalize": lambda im, m, inc, g: ImageOps.equalize(im),
     "Invert": lambda im, m, inc, g: ImageOps.invert(im),
-    "Rotate": lambda im, m, inc, g: im.rotate(_signed(30 * m, g), resample=Image.BICUBIC, fillcolor=FILL),
+    "Rotate": lambda im, m, inc, g: im.rotate(_signed(30 * m, g), resample=Image.BICUBIC, fillcolor=_fill(im)),
     "Posterize": lambda im, m, inc, g: _posterize(im, 4 - int(4 * m) if inc else int(4 * m)),
     "Solarize": lambda im, m, inc, g: ImageOps.solarize(im, 256 - int(256 * m) if inc else int(256 * m)),
     "SolarizeAdd": lambda im, m, inc, g: _solarize_add(im, int(110 * m)),
