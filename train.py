@@ -71,7 +71,7 @@ RECIPES = {
                    drop_path=dict(teacher=None, distill=None, finetune=0.2)),
 }
 RECIPE_NOTES = {
-    "none": "no recipe: the flags' own defaults (random-resized crop and flip only)",
+    "none": "no recipe: the flags' own defaults (no augmentation beyond an image folder's random-resized crop and flip)",
     "deit": "DeiT's ImageNet recipe (facebookresearch/deit main.py defaults; lr 5e-4 x global batch / 512)",
     "vim": "Vim-S's (hustvl/Vim pt-vim-s.sh): DeiT's recipe in fp32, lr 1e-3 at global batch 512, drop path 0.05",
     "adventurer-128": "Adventurer stage 1 (wangf3014/Adventurer): 300 epochs at 128 px, 3-Augment, global batch 1024 "
@@ -102,9 +102,10 @@ def get_parser():
     g.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
     g.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many steps; re-run to continue")
     g.add_argument("--no-baseline", action="store_true", help="stage all: skip the labels-only student")
-    g.add_argument("--recipe", choices=sorted(RECIPES), help="named flag defaults (flags given here win): " + "; ".join(
-        f"{k}: {v}" for k, v in RECIPE_NOTES.items()) + ". Default: deit for --data runs, none for the demo. The paper's "
-        "own training recipe is not public; these are the published recipes of the models it builds on")
+    g.add_argument("--recipe", choices=list(RECIPES), help="named flag defaults, printed at start; flags given here "
+                   "win (RECIPES in train.py, README 'Recipes'). Default: deit for --data runs, none for the demo. The "
+                   "paper's own training recipe is not public: these are the published recipes of DeiT, Vim, "
+                   "Adventurer (its student; progressive resolution 128 -> 224 -> fine-tuning) and MAE fine-tuning")
     g = p.add_argument_group("models")
     g.add_argument("--teacher-preset", help=f"ViT trained by --stage teacher: {sorted(vl.TEACHER_PRESETS)}")
     g.add_argument("--teacher-opts", help="override preset fields, e.g. dim=64,depth=4")
@@ -1063,6 +1064,8 @@ def run_stage(args, stage, data, ctx):
     args = for_stage(args, stage)                                           # per-stage recipe values
     train_ds = data.teacher_train if stage == "teacher" and data.teacher_train is not None else data.train
     train_ds = with_augmentation(train_ds, args)
+    if ctx.main and not isinstance(train_ds, ImageFolder) and (args.aa not in (None, "", "none")):
+        print(f"note: --aa {args.aa} and --hflip act on image folders (--data); the demo's images are used as they are")
     val_ds, classes = data.val, data.classes
     label = args.name or stage
     args.run_dir = os.path.join(args.out, label)
