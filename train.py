@@ -492,8 +492,8 @@ def _affine(im, coeffs):
 
 
 def _posterize(im, bits):
-    return ImageOps.posterize(im, bits) if bits > 0 else Image.new(im.mode, im.size)   # 0 bits kept: black (new Pillow
-                                                                                      # refuses bits=0)
+    """keep the top `bits` bits; 0 bits (the top magnitude of the increasing variant) gives black, as older Pillow did"""
+    return ImageOps.posterize(im, bits) if bits > 0 else Image.new(im.mode, im.size)
 
 
 def _solarize_add(im, add, thresh=128):
