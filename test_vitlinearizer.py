@@ -1455,3 +1455,21 @@ def test_digits_folder_teacher_distill_finetune_with_every_augmentation(tmp_path
     assert f"top-1 {tk['metrics']['ema_top1']:.2f}" in capsys.readouterr().out
     assert evaluate_cli.main(["--ckpt", teacher, "--data", root, "--img-size", "32", "--crop-ratio", "1.0"]) == 0
     assert "32 px" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("cpu_dispatch")
+def test_progressive_resolution_from_the_command_line(tmp_path, capsys):
+    """a 16 px student continues at 32 px (--init, position embeddings resized), then eval.py runs it at 64 px"""
+    common = [*TINY, "--stage", "finetune", "--epochs", 1, "--batch-size", 32]
+    assert run_train(capsys, "--out", tmp_path / "r", *common, "--name", "s16")[0] == 0
+    rc, out, err = run_train(capsys, "--out", tmp_path / "r", *common, "--name", "s32", "--img-size", 32,
+                             "--init", tmp_path / "r" / "s16" / "last.pt", "--drop-path", 0.2)
+    assert rc == 0, err
+    assert "position embeddings resized from 4x4 to 8x8 patches" in out
+    ck = torch.load(tmp_path / "r" / "s32" / "last.pt", weights_only=True)
+    assert ck["config"]["img_size"] == 32 and ck["config"]["drop_path"] == 0.2 and ck["model"]["pos_embed"].shape[1] == 64
+    capsys.readouterr()
+    assert evaluate_cli.main(["--ckpt", str(tmp_path / "r" / "s32" / "last.pt"), "--img-size", "64"]) == 0
+    assert "64 px" in capsys.readouterr().out
+    assert evaluate_cli.main(["--ckpt", str(tmp_path / "r" / "s32" / "last.pt"), "--img-size", "30"]) == 2
+    assert "not a multiple of the model patch size 4" in one_error_line(capsys.readouterr().err)
