@@ -224,7 +224,7 @@ def test_kernel_saves_checkpoints_not_states():
     x = leaves(make_inputs(batch, dim, N, L))
     numels = saved_numels(lambda: selective_scan(**x, delta_softplus=True, backend="triton"))
     assert max(numels) < batch * dim * L * N / 2
-    assert batch * dim * math.ceil(L / sk.CHUNK) * N in numels  # the (batch, dim, n_chunks, N) checkpoints
+    assert batch * dim * math.ceil(L / sk._tiles(dim, L, N)[1]) * N in numels  # the (batch, dim, n_chunks, N) checkpoints
 
 
 def test_auto_uses_kernel_under_interpreter(monkeypatch):
@@ -1100,3 +1100,38 @@ def test_runs_table_over_seeds(tmp_path, capsys):
         assert (int(seeds), float(mean), float(std)) == (len(values), round(statistics.mean(values), 1),
                                                          round(statistics.stdev(values), 1))
     assert evaluate_cli.main(["--runs", str(tmp_path / "nope")]) == 2
+
+
+# ---------------------------------------------------------------- issue 11: the GPU report's parts, run small on the CPU
+
+def test_gpu_report_parts_run_small_on_cpu(monkeypatch):
+    """The report's checks and timers on tiny shapes, on the CPU: the kernel (interpreter) passes its check, a wrong
+    scan fails it, the three bidirectional ways agree, and the tables have the rows the README quotes."""
+    cpu = torch.device("cpu")
+    for directions, layout in ((2, "transposed"), (1, "L-contiguous")):
+        x = evaluate_cli.scan_inputs(2, 3, 4, 5, torch.float32, layout, directions, cpu)
+        assert x["z"].shape == (2, 3, 5) and x["u"].shape == (2,) * (directions == 2) + (2, 3, 5)
+        assert evaluate_cli.scan_check(x, True, directions)[0] < 1e-5
+    chunked = sk.selective_scan_chunked
+
+    def wrong_scan(*args):  # 1 % off
+        out, last = chunked(*args)
+        return 1.01 * out, last
+    monkeypatch.setattr(sk, "selective_scan_chunked", wrong_scan)
+    x = evaluate_cli.scan_inputs(1, 3, 4, 6, torch.float32, "L-contiguous", 1, cpu)
+    err, worst = evaluate_cli.scan_check(x, False, 1, backend="chunked")
+    assert err > 1e-3
+    monkeypatch.undo()
+    ins = evaluate_cli.scan_inputs(1, 3, 4, 6, torch.float32, "transposed", 2, cpu)
+    outs = [fn() for fn in evaluate_cli.bidirectional_three_ways(ins, backend="reference").values()]
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0])
+    rows = evaluate_cli.scan_speed((1, 3, 4, 6), torch.float32, "L-contiguous", 1.0, cpu, backend="chunked", repeats=1)
+    assert [r["mode"] for r in rows] == ["fwd"] * 3 + ["fwd+bwd"] * 3 and rows[0]["fused_speedup"] == "1.00x"
+    act, small = 2 * 3 * 5 * 2, 2 * 4 * 5 * 2  # batch 2, dim 3, N 4, L 5, 2-byte elements
+    assert evaluate_cli.scan_bytes(2, 3, 4, 5, 2, 2, False) == 2 * (2 * act + 2 * small) + 2 * act
+    teacher = vl.ViT(replace(TINY_TEACHER, img_size=16))
+    student = vl.VisionMamba(replace(TINY_STUDENT, scan_backend="chunked"))
+    rows = evaluate_cli.model_speed(16, 2, {"t": teacher, "s": student}, cpu, repeats=1)
+    assert [r["model"] for r in rows] == ["t", "s"] and rows[0]["speed vs teacher (train / infer)"] == "1.00 / 1.00"
+    assert float(rows[1]["GFLOPs"]) > 0

@@ -401,14 +401,14 @@ class BiMamba(nn.Module):
 
     def forward(self, hidden):                                                         # (B, L, D)
         R, N = self.dt_proj.shape[-1], self.cfg.d_state
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)                                   # (B, L, E) each
-        u = self.conv(x.transpose(1, 2))                                               # (ndir, B, E, L)
-        x_dbl = u.transpose(-1, -2) @ self.x_proj.transpose(-1, -2).unsqueeze(1)      # (ndir, B, L, R+2N)
-        dt_low, B, C = x_dbl.split([R, N, N], dim=-1)
-        delta = (dt_low @ self.dt_proj.transpose(-1, -2).unsqueeze(1)).transpose(-1, -2)   # (ndir, B, E, L)
-        B, C = B.transpose(-1, -2), C.transpose(-1, -2)                                # (ndir, B, N, L)
+        # every (., L) tensor below is made contiguous along L (weights on the left of the matmuls), the layout the
+        # scan kernel reads fastest; only the output goes back to (B, L, .)
+        x, z = (self.in_proj.weight @ hidden.transpose(1, 2)).chunk(2, dim=1)           # (B, E, L) each
+        u = self.conv(x)                                                               # (ndir, B, E, L)
+        x_dbl = self.x_proj.unsqueeze(1) @ u                                           # (ndir, B, R+2N, L)
+        dt_low, B, C = x_dbl.split([R, N, N], dim=2)
+        delta = self.dt_proj.unsqueeze(1) @ dt_low                                     # (ndir, B, E, L)
         A = -torch.exp(self.A_log.float())                                             # (ndir, E, N)
-        z = z.transpose(1, 2)                                                          # (B, E, L)
         if self.directions == "both":
             y = bidirectional_selective_scan(u, delta, A, B, C, self.D.float(), z, self.dt_bias.float(),
                                              delta_softplus=True, backend=self.cfg.scan_backend) / 2
