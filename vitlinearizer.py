@@ -103,7 +103,7 @@ class ViTConfig:
     registers: int = 0         # extra learned tokens after the class token (DINOv2 reg4); not in the output
     patch_bias: bool = True    # False: CLIP's patch embedding has no bias
     qkv_bias: bool = True
-    layer_scale: float = 0.0   # > 0: per-channel scales on both residual branches, initialised so (DeiT-III, DINOv2)
+    layer_scale: float = 0.0   # > 0: per-channel scales of both residual branches, starting at this (DeiT-III, DINOv2)
     final_norm: str = "tokens"   # "tokens": LayerNorm on every output token; "pooled": none on the tokens, fc_norm
                                  # on their mean patch token before the head (MAE fine-tuned); "none"
     pos_antialias: bool = False  # resample position embeddings with antialias (timm, open_clip) or without (HF, ours)
