@@ -47,28 +47,29 @@ def labelled(value, distill):
 # Named recipes (--recipe NAME): plain dicts of flag defaults. Flags given on the command line win over the recipe, the
 # recipe over the mode defaults above. A dict value gives each stage its own default. The distillation stage sees
 # random-resized crops and flips only in every recipe (no labels to mix; as MAE-style masked pre-training does) and its
-# student keeps its preset's drop path: our choice, the paper is silent. --data runs default to "deit".
+# student keeps its preset's drop path: our choice, the paper is silent. The ViT teacher, trained with labels, gets the
+# recipe's drop path as the student does. --data runs default to "deit".
 # The paper's own recipe is NOT public: these are the published recipes of the models it builds on.
 _DEIT = dict(teacher_epochs=300, distill_epochs=300, finetune_epochs=300, img_size=224, blr=5e-4, min_lr=1e-5,
              warmup_epochs=5.0, weight_decay=0.05, label_smoothing=0.1, mixup=0.8, cutmix=1.0, mixup_switch_prob=0.5,
              aa=labelled("rand-m9-mstd0.5-inc1", "none"), erase_prob=labelled(0.25, 0.0), repeated_aug=labelled(3, 1),
              ema_decay=labelled(0.99996, 0.0), layer_decay=1.0, hflip=0.5,
-             drop_path=dict(teacher=None, distill=None, finetune=0.1))   # teacher: ViT drop path not built in yet
+             drop_path=labelled(0.1, None))
 _ADVENTURER = dict(_DEIT, blr=5e-4, batch_size=128, amp="bf16", aa=labelled("3augment", "none"),
                    erase_prob=0.0, label_smoothing=0.0)
 RECIPES = {
     "none": {},
     "deit": _DEIT,
-    "vim": dict(_DEIT, amp="none", blr=1e-3, weight_decay=0.05, drop_path=dict(teacher=None, distill=None, finetune=0.05)),
+    "vim": dict(_DEIT, amp="none", blr=1e-3, weight_decay=0.05, drop_path=labelled(0.05, None)),
     "adventurer-128": dict(_ADVENTURER, img_size=128, teacher_epochs=300, distill_epochs=300, finetune_epochs=300,
-                           drop_path=dict(teacher=None, distill=None, finetune=0.1)),
+                           drop_path=labelled(0.1, None)),
     "adventurer-224": dict(_ADVENTURER, img_size=224, teacher_epochs=100, distill_epochs=100, finetune_epochs=100,
-                           drop_path=dict(teacher=None, distill=None, finetune=0.4)),
+                           drop_path=labelled(0.4, None)),
     "adventurer-ft": dict(_DEIT, img_size=224, teacher_epochs=20, distill_epochs=20, finetune_epochs=20, batch_size=64,
                           lr=1e-5, min_lr=1e-5, weight_decay=0.1, amp="bf16", erase_prob=0.0, repeated_aug=1,
-                          drop_path=dict(teacher=None, distill=None, finetune=0.6)),
+                          drop_path=labelled(0.6, None)),
     "mae-ft": dict(_DEIT, finetune_epochs=50, blr=2e-3, min_lr=1e-6, layer_decay=0.75, repeated_aug=1, ema_decay=0.0,
-                   drop_path=dict(teacher=None, distill=None, finetune=0.2)),
+                   drop_path=labelled(0.2, None)),
 }
 RECIPE_NOTES = {
     "none": "no recipe: the flags' own defaults (no augmentation beyond an image folder's random-resized crop and flip)",
@@ -767,7 +768,7 @@ def layer_id(name, depth):
     """MAE / BEiT layer of a parameter: 0 = patch embedding, tokens, position embeddings; i + 1 = block i; depth + 1 =
     the rest (final norm, class head, the distiller's MP head). Names may carry the distiller's 'student.' prefix."""
     name = name.removeprefix("student.")
-    if name.startswith(("patch_embed", "cls_token", "mask_token", "pos_embed", "pos_cls", "norm_pre")):
+    if name.startswith(("patch_embed", "cls_token", "reg_token", "mask_token", "pos_embed", "pos_cls", "norm_pre")):
         return 0
     if name.startswith("blocks."):
         return int(name.split(".")[1]) + 1
