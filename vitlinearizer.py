@@ -240,6 +240,9 @@ def convert_timm(sd):
 
 def infer_vit_config(sd, **overrides):
     """Architecture from the weights; heads by the 64-dims-per-head convention unless given."""
+    missing = [k for k in ("cls_token", "pos_embed", "patch_embed.weight", "blocks.0.mlp.fc1.weight") if k not in sd]
+    if missing:
+        raise ValueError(f"incomplete ViT weights: missing {', '.join(missing)} (a partial or truncated checkpoint?)")
     dim = sd["cls_token"].shape[-1]
     n_patches = sd["pos_embed"].shape[1] - 1
     grid, patch = math.isqrt(n_patches), sd["patch_embed.weight"].shape[-1]
