@@ -36,9 +36,9 @@ class UserError(Exception):
 # Defaults that depend on the mode. The demo is a miniature of the paper's setting: the teacher learns from a larger
 # labelled set (standing in for its large pre-training corpus), the students get a small one, and both students get the
 # same images, labels and optimizer steps. Sizes are chosen to finish in minutes on 2 CPU cores.
-# Threads: the demo's models are tiny, so one thread is as fast as two on a quiet 2-core CPU and far faster on a busy
-# one (tiny ops spread over busy cores wait for each other); and the figures it prints depend on the thread count
-# (float sums in another order), so it is fixed. --data runs default to the cores this process may use.
+# Threads: the demo's models are tiny, so a second thread gains little on a quiet CPU and costs a lot on a busy one
+# (tiny ops spread over busy cores wait for each other: README, "The built-in demo"); and the figures it prints depend
+# on the thread count (float sums in another order), so it is fixed. --data runs default to the cores they may use.
 DEMO_THREADS = 1
 DEMO = dict(img_size=32, teacher_preset="demo", student="demo", teacher_opts="", student_opts="dim=64,depth=4,d_state=8",
             batch_size=32, lr=4e-3, teacher_lr=1e-3, warmup_epochs=1.0, teacher_epochs=6, distill_epochs=16,
@@ -525,7 +525,22 @@ def make_config(presets, name, opts, what, **fields):
     bad = sorted(set(over) - valid)
     if bad:
         raise UserError(f"{what} config has no field(s) {bad}; fields: {sorted(valid)}")
-    return dataclasses.replace(cfg, **over)
+    for k, v in parse_opts(opts).items():                                   # the values, against the preset's types
+        default, allowed = getattr(cfg, k), OPT_CHOICES.get(k)
+        number = type(default) in (int, float) and type(v) in (int, float) and not (type(default) is int and type(v) is float)
+        if not (number or type(v) is type(default)) or allowed and v not in allowed or number and not (
+                v > 0 or v == 0 and k in ("num_classes", "dt_rank", "drop_path")):
+            want = f"one of {', '.join(allowed)}" if allowed else {int: "a whole number > 0", float: "a number > 0",
+                                                                   bool: "True or False"}.get(type(default), "text")
+            raise UserError(f"--{what}-opts {k}={v!r}: must be {want}")
+    cfg = dataclasses.replace(cfg, **over)
+    if getattr(cfg, "heads", 1) and cfg.dim % getattr(cfg, "heads", 1):
+        raise UserError(f"--{what}-opts: dim {cfg.dim} is not a multiple of heads {cfg.heads}")
+    return cfg
+
+
+OPT_CHOICES = dict(act=("gelu", "quick_gelu"), bidirectional=("fused", "alternate"),
+                   scan_backend=("auto", "triton", "chunked", "reference"))
 
 
 def check_resolution(img_size, patch, what):
