@@ -1388,6 +1388,8 @@ def test_misleading_messages_name_the_right_thing(tmp_path, capsys, monkeypatch)
     rc, _, err = run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 2, "--out", tmp_path / "b",
                            "--resume", other, "--teacher-opts", "dim=48,depth=2,heads=2")
     assert rc == 2 and f"cannot resume {other} with different model arguments" in one_error_line(err)
+    rc, _, err = run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 2, "--out", tmp_path / "a", "--batch-size", 8)
+    assert rc == 2 and "cannot resume with another global batch (16 -> 8)" in one_error_line(err)
     # a non-finite loss before any checkpoint: no "kept the last good checkpoint"
     real = train.normalize
     monkeypatch.setattr(train, "normalize", lambda x, device: real(x, device) * float("inf"))
@@ -1439,6 +1441,7 @@ def test_eval_reads_the_teacher_files_its_help_names(tmp_path, capsys, fmt):
     assert f"top-1 {want['top1']:.2f}  top-5 {want['top5']:.2f}" in capsys.readouterr().out
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")                  # torch's own note on --workers 3
 def test_threads_and_workers_are_chosen_on_purpose(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)   # a 2-core box
     assert train.parse_args([]).threads == train.DEMO_THREADS == 1                    # the demo: fixed, reproducible

@@ -485,7 +485,7 @@ def stop_together(err, ctx, skip=False):
         msgs = [None] * ctx.world
         dist.all_gather_object(msgs, None if err is None else str(err))
         rank = next(r for r, m in enumerate(msgs) if m is not None)
-        shared = UserError(f"{msgs[rank]} (rank {rank})")
+        shared = UserError(msgs[rank] if msgs.count(msgs[rank]) == ctx.world else f"{msgs[rank]} (rank {rank})")
         shared.shared = True
         raise shared from err
     return bool(flags[1] > 0)
