@@ -1334,6 +1334,27 @@ def test_a_full_disk_says_so_in_one_line_and_keeps_the_last_checkpoint(tmp_path,
     run_dir = tmp_path / "r" / "teacher"
     assert torch.load(run_dir / "last.pt", weights_only=True)["step"] == 2             # the 2nd checkpoint, intact
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "last.pt", "log.jsonl"]   # no partial file
+    # a log line that the full disk cuts off half-way is cut off again: the log stays valid JSON lines
+    before = (run_dir / "log.jsonl").read_text()
+
+    class HalfWritten:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            self.f.write(text[:len(text) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+    monkeypatch.setattr(train, "open", lambda path, mode="r": HalfWritten(open(path, mode)), raising=False)
+    with pytest.raises(train.UserError, match="disk full while writing"):
+        train.write_log(str(run_dir / "log.jsonl"), json.dumps({"step": 99, "loss": 1.0}) + "\n", "a")
+    assert (run_dir / "log.jsonl").read_text() == before
 
 
 @pytest.mark.usefixtures("cpu_dispatch")
@@ -1410,6 +1431,8 @@ def test_eval_warns_about_a_distillation_checkpoint(tmp_path, capsys):
     assert evaluate_cli.main(["--ckpt", str(tmp_path / "r" / "distill" / "last.pt")]) == 0
     err = capsys.readouterr().err
     assert "warning:" in err and "class head was never trained" in err and "--stage finetune --init" in err
+    assert evaluate_cli.main(["--ckpt", str(tmp_path / "r" / "distill" / "last.pt"), "--img-size", "18"]) == 2
+    assert "--img-size 18 is not a multiple of the model patch size 4" in one_error_line(capsys.readouterr().err)
 
 
 @pytest.mark.usefixtures("cpu_dispatch")

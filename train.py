@@ -214,7 +214,8 @@ def check_out_dir(path, flag):
     while not os.path.exists(parent):
         parent = os.path.dirname(os.path.abspath(parent))
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: cannot write there ({parent} is {'a file' if not os.path.isdir(parent) else 'not writable'})")
+        why = "not writable" if os.path.isdir(parent) else "a file"
+        raise UserError(f"{flag} {path}: cannot write there ({parent} is {why})")
 
 
 # ----------------------------------------------------------------------------------------------- demo data
@@ -525,16 +526,20 @@ def make_config(presets, name, opts, what, **fields):
     bad = sorted(set(over) - valid)
     if bad:
         raise UserError(f"{what} config has no field(s) {bad}; fields: {sorted(valid)}")
-    for k, v in parse_opts(opts).items():                                   # the values, against the preset's types
-        default, allowed = getattr(cfg, k), OPT_CHOICES.get(k)
-        number = type(default) in (int, float) and type(v) in (int, float) and not (type(default) is int and type(v) is float)
-        if not (number or type(v) is type(default)) or allowed and v not in allowed or number and not (
-                v > 0 or v == 0 and k in ("num_classes", "dt_rank", "drop_path")):
-            want = f"one of {', '.join(allowed)}" if allowed else {int: "a whole number > 0", float: "a number > 0",
-                                                                   bool: "True or False"}.get(type(default), "text")
+    for k, v in parse_opts(opts).items():                                   # the values, against the preset's
+        default, choices = getattr(cfg, k), OPT_CHOICES.get(k)
+        if choices:
+            ok, want = v in choices, f"one of {', '.join(choices)}"
+        elif type(default) in (int, float):
+            zero_ok = k in ("num_classes", "dt_rank", "drop_path")           # 0 = no head / automatic / off
+            ok = type(v) in (int, float) and (type(default) is float or type(v) is int) and (v > 0 or zero_ok and v == 0)
+            want = f"a {'whole ' if type(default) is int else ''}number {'>= 0' if zero_ok else '> 0'}"
+        else:
+            ok, want = type(v) is type(default), type(default).__name__
+        if not ok:
             raise UserError(f"--{what}-opts {k}={v!r}: must be {want}")
     cfg = dataclasses.replace(cfg, **over)
-    if getattr(cfg, "heads", 1) and cfg.dim % getattr(cfg, "heads", 1):
+    if hasattr(cfg, "heads") and cfg.dim % cfg.heads:
         raise UserError(f"--{what}-opts: dim {cfg.dim} is not a multiple of heads {cfg.heads}")
     return cfg
 
@@ -612,13 +617,18 @@ def save_checkpoint(path, obj):
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e):
-            raise UserError(f"disk full while writing {path}: the previous checkpoint is kept and the partial file "
-                            "removed; free space, then run the same command again to continue") from None
         if isinstance(e, OSError):
-            raise UserError(f"cannot write {path}: {e.strerror or e}; the previous checkpoint is kept") from None
+            raise write_error(e, path) from None
         raise
     fsync_dir(folder)
+
+
+def write_error(e, path):
+    """a UserError for an OSError while writing PATH: 'disk full' when it is"""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"disk full while writing {path}: the last complete checkpoint is kept, no partial file is left; "
+                         "free space, then run the same command again to continue")
+    return UserError(f"cannot write {path}: {e.strerror or e}; the last complete checkpoint is kept")
 
 
 def fsync_dir(folder):
@@ -631,13 +641,22 @@ def fsync_dir(folder):
             os.close(fd)
 
 
-def write_atomic(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_log(path, text, mode):
+    """mode "a": append a line (a failed write is cut off again); "w": replace the whole log atomically"""
+    target = path if mode == "a" else f"{path}.tmp{os.getpid()}"
+    size = os.path.getsize(path) if mode == "a" and os.path.exists(path) else 0
+    try:
+        with open(target, mode) as f:
+            f.write(text)
+            f.flush()
+            if mode == "w":
+                os.fsync(f.fileno())
+        if mode == "w":
+            os.replace(target, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.truncate(target, size) if mode == "a" else os.remove(target)
+        raise write_error(e, path) from None
 
 
 _held_locks = {}                                                            # run folder -> open lock file
@@ -963,7 +982,9 @@ def run_stage(args, stage, data, ctx):
             live_log = log_path + ".new"                                    # the old record stays until our 1st checkpoint
         with contextlib.suppress(FileNotFoundError):
             os.remove(log_path + ".new")
-        write_atomic(live_log, "".join(history))
+    with together(ctx):
+        if ctx.main:
+            write_log(live_log, "".join(history), "w")
 
     model = trained
     if args.compile:
@@ -997,17 +1018,17 @@ def run_stage(args, stage, data, ctx):
                     args={k: v for k, v in vars(args).items()}, finished=finished, metrics=metrics or {},
                     log=history, log_sums=log_sums, log_keys=keys))
                 if live_log != log_path:                                    # this run's record replaces the old one
-                    write_atomic(log_path, "".join(history))
+                    write_log(log_path, "".join(history), "w")
                     os.remove(live_log)
                     live_log = log_path
         saved_step = step
 
-    def log(rec):
+    def log(rec):                                                           # every rank, at the same steps
         line = json.dumps(rec) + "\n"
         history.append(line)
-        if ctx.main:
-            with open(live_log, "a") as f:
-                f.write(line)
+        with together(ctx):
+            if ctx.main:
+                write_log(live_log, line, "a")
 
     if ctx.main:
         n_params = sum(p.numel() for p in params)
