@@ -425,10 +425,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         check_args(args)
-        if args.threads is None:
-            args.threads = train.DEMO_THREADS if args.ckpt and not args.data and not (args.bench or args.bench_scan or args.runs) \
-                else train.cores_per_process()
-        torch.set_num_threads(args.threads)
+        demo_set = args.ckpt and not (args.data or args.bench or args.bench_scan or args.runs)   # as train.py's demo
+        torch.set_num_threads(args.threads or (train.DEMO_THREADS if demo_set else train.cores_per_process()))
         if args.bench or args.bench_scan:
             os.makedirs(args.out, exist_ok=True)
             if args.bench:
