@@ -18,11 +18,12 @@ import scan_kernel
 # ----------------------------------------------------------------------------------------------- accuracy
 
 def load_model(path):
-    """our checkpoint (any kind), else whatever load_teacher takes (timm / CLIP file, TorchScript, .safetensors, timm:NAME)"""
+    """our checkpoint (any kind), else whatever load_teacher takes (a teacher file of any format it reads, a Hub folder,
+    timm:NAME)"""
     if path.startswith("timm:"):
         return train.load_teacher(path, None), {}
     try:
-        ck = vl.read_state_dict(path)
+        ck, _ = vl.read_checkpoint(path)                                   # a file, or a Hub folder
     except Exception as e:
         raise train.UserError(f"could not read {path}: {type(e).__name__}: {e}".replace("\n", " ")) from e
     if isinstance(ck, dict) and "kind" in ck:
@@ -324,6 +325,257 @@ def bench_scan(args, csv_path):
     return rows
 
 
+# ----------------------------------------------------------------------------------------------- GPU report
+
+def median_ms(fn, device, warmup=3, repeats=20):
+    """median milliseconds of fn(); on CUDA each call is timed with its own pair of events"""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t))
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth(device):
+    """GB/s of a 2 GiB device-to-device copy, bytes read + written: the practical memory ceiling of this device"""
+    src = torch.empty(2**29, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, warmup=3, repeats=10)
+    return 2 * src.nbytes / ms / 1e6
+
+
+def scan_inputs(batch, dim, N, L, dtype, layout, directions, device, seed=0):
+    """Random scan inputs. layout "L-contiguous": (.., dim, L) and (.., N, L) tensors contiguous along L (what our
+    student passes); "transposed": transposed views of (.., L, dim) / (.., L, N) tensors (what Vim's block passes).
+    directions 2: u, delta, A, B, C, D, delta_bias stacked on a leading axis of 2 (bidirectional_selective_scan)."""
+    g = torch.Generator(device).manual_seed(seed)
+    lead = (2,) if directions == 2 else ()
+    rand = lambda *shape: torch.randn(shape, device=device, generator=g)  # noqa: E731
+
+    def act(lead, rows, scale=1.0, shift=0.0):
+        if layout == "L-contiguous":
+            return (rand(*lead, batch, rows, L) * scale + shift).to(dtype)
+        return (rand(*lead, batch, L, rows) * scale + shift).to(dtype).transpose(-1, -2)
+    return dict(u=act(lead, dim), delta=act(lead, dim, 0.5, -1.0), A=-torch.exp(0.5 * rand(*lead, dim, N)),
+                B=act(lead, N), C=act(lead, N), D=rand(*lead, dim), z=act((), dim), delta_bias=0.3 * rand(*lead, dim))
+
+
+def scan_check(x, reverse, directions, backend="triton"):
+    """-> (error, name): the largest error of the scan's output, last state (single direction) and every gradient
+    against the fp64 reference on the same (rounded) inputs, relative to each tensor's largest magnitude, and which
+    tensor it was. On CUDA the allocator's free memory is filled with NaN first, so an unwritten output shows."""
+    names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+    device = x["u"].device
+    w = torch.randn(x["u"].shape[-3:], device=device, dtype=torch.float64)
+    results = []
+    for backend, dtype in ((backend, None), ("reference", torch.float64)):
+        leaves = {k: v.detach().to(dtype or v.dtype).requires_grad_() for k, v in x.items()}
+        if device.type == "cuda":
+            torch.full((2**28,), float("nan"), device=device)  # poison: freed at once, reused by the next allocations
+        if directions == 2:
+            out, last = scan_kernel.bidirectional_selective_scan(**leaves, delta_softplus=True, backend=backend), None
+        else:
+            out, last = scan_kernel.selective_scan(**leaves, delta_softplus=True, reverse=reverse,
+                                                   return_last_state=True, backend=backend)
+        loss = (out.double() * w).sum() + (0 if last is None else last.double().sum())
+        grads = torch.autograd.grad(loss, [leaves[k] for k in names])
+        results.append([out] + ([] if last is None else [last]) + list(grads))
+    labels = ["out"] + ([] if directions == 2 else ["last state"]) + ["d" + k for k in names]
+    errs = {lab: ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).nan_to_num(float("inf")).item()
+            for lab, a, b in zip(labels, *results)}
+    worst = max(errs, key=errs.get)
+    return errs[worst], worst
+
+
+def scan_bytes(batch, dim, N, L, itemsize, directions, backward):
+    """unavoidable bytes: each input read once, each output written once. Forward: u, delta, B, C per direction
+    and z read, out written. Backward: the same reads plus dout, then du, ddelta, dB, dC per direction and dz."""
+    act, small = batch * dim * L * itemsize, batch * N * L * itemsize
+    fwd = directions * (2 * act + 2 * small) + 2 * act
+    return fwd + (directions * (4 * act + 4 * small) + 3 * act if backward else 0)
+
+
+def bidirectional_three_ways(ins, backend="auto"):
+    """{name: fn() -> out}: the fused launch, two single-direction launches (reverse=True, no copies), and Vim's own
+    way (two launches, the backward direction on flipped copies of its inputs and z, its output flipped back)"""
+    pick = lambda k: {n: (v if n == "z" else v[k]) for n, v in ins.items()}  # noqa: E731
+    flip = lambda d: {n: (v.flip(-1) if n in ("u", "delta", "B", "C", "z") else v) for n, v in d.items()}  # noqa: E731
+    scan = lambda d, **kw: scan_kernel.selective_scan(**d, delta_softplus=True, backend=backend, **kw)  # noqa: E731
+    return {"fused bidirectional": lambda: scan_kernel.bidirectional_selective_scan(**ins, delta_softplus=True,
+                                                                                    backend=backend),
+            "two launches, reverse=True": lambda: scan(pick(0)) + scan(pick(1), reverse=True),
+            "two launches + flips (Vim)": lambda: scan(pick(0)) + scan(flip(pick(1))).flip(-1)}
+
+
+def scan_speed(shape, dtype, layout, peak, device, backend="auto", repeats=20):
+    """rows of forward and forward + backward times of the three ways of bidirectional_three_ways"""
+    batch, dim, N, L = shape
+    x = scan_inputs(batch, dim, N, L, dtype, layout, 2, device)
+    rows = []
+    for backward in (False, True):
+        ins = {k: v.detach().requires_grad_(backward) for k, v in x.items()}
+        gy = torch.randn(x["z"].shape, device=device, dtype=dtype)
+        times = {}
+        for name, fn in bidirectional_three_ways(ins, backend).items():
+            def call():
+                with torch.set_grad_enabled(backward):
+                    out = fn()
+                    if backward:
+                        torch.autograd.grad(out, list(ins.values()), gy)
+            times[name] = median_ms(call, device, warmup=2, repeats=repeats)
+        nbytes = scan_bytes(batch, dim, N, L, dtype.itemsize, 2, backward)
+        for name, ms in times.items():
+            rows.append(dict(shape=f"{batch}x{dim}x{N}x{L}", dtype=str(dtype)[6:], layout=layout,
+                             mode="fwd+bwd" if backward else "fwd", impl=name, ms=f"{ms:.3f}",
+                             GB_s=f"{nbytes / ms / 1e6:.0f}", of_peak=f"{100 * nbytes / ms / 1e6 / peak:.0f}%",
+                             fused_speedup=f"{ms / times['fused bidirectional']:.2f}x"))
+    rows[3]["fused_speedup"] += f" (fwd+bwd = {float(rows[3]['ms']) / float(rows[0]['ms']):.2f} x fwd)"
+    return rows
+
+
+def model_flops(model, res, device):
+    """forward FLOPs of one image: matmuls, convolutions and attention as torch counts them, plus the selective scan,
+    which it cannot see (per channel, step, state and direction: dt A, exp, dt u B, a h + b, C h: 7 operations)"""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, 3, res, res, device=device))
+    flops = counter.get_total_flops()
+    if isinstance(model, vl.VisionMamba):
+        cfg, L = model.cfg, 1 + (res // model.cfg.patch_size) ** 2
+        directions = 2 if cfg.bidirectional == "fused" else 1
+        flops += cfg.depth * directions * cfg.expand * cfg.dim * L * 7 * cfg.d_state
+    return flops
+
+
+def attention_kernel(model, device):
+    """name of the CUDA kernel that PyTorch's scaled_dot_product_attention runs for this ViT under bf16"""
+    x = torch.randn(2, 3, model.cfg.img_size, model.cfg.img_size, device=device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof, torch.no_grad(), \
+            torch.autocast("cuda", dtype=torch.bfloat16):
+        model(x)
+    hits = [e.key for e in prof.key_averages()
+            if any(k in e.key.lower() for k in ("flash", "fmha", "attention", "cudnn", "efficient"))]
+    return min(hits, key=len)[:70] if hits else "not found"
+
+
+def model_speed(res, batch, models, device, repeats=5):
+    """per model: training (forward, backward, AdamW step) and inference images/s and peak memory under bf16
+    autocast, forward GFLOPs per image, and each against the first model (the teacher)"""
+    rows = []
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for name, model in models.items():
+        model.to(device)
+        x = torch.randn(batch, 3, res, res, device=device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+        row = dict(res=res, tokens=1 + (res // 16) ** 2, batch=batch, model=name)
+
+        def train_step():
+            with amp:
+                loss = model(x).logits.float().logsumexp(-1).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        def infer():
+            with torch.no_grad(), amp:
+                model(x)
+        for mode, fn in (("train", train_step), ("infer", infer)):
+            model.train(mode == "train")
+            try:
+                mem = peak_mb(device, fn)
+                ms = median_ms(fn, device, warmup=1, repeats=repeats)
+                row[f"{mode} img/s"] = f"{batch * 1000 / ms:.0f}"
+                row[f"{mode} GB"] = "n/a" if mem is None else f"{mem / 1024:.1f}"
+            except torch.cuda.OutOfMemoryError:
+                row[f"{mode} img/s"], row[f"{mode} GB"] = "OOM", ""
+                torch.cuda.empty_cache()
+        row["GFLOPs"] = f"{model_flops(model.eval(), res, device) / 1e9:.3g}"
+        rows.append(row)
+        del opt
+        model.cpu()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    t = rows[0]
+    for row in rows:
+        ratio = [f"{float(row[k]) / float(t[k]):.2f}" if "OOM" not in (row[k], t[k]) else "-"
+                 for k in ("train img/s", "infer img/s")]
+        row["speed vs teacher (train / infer)"] = " / ".join(ratio)
+        row["FLOP ratio teacher / model"] = f"{float(t['GFLOPs']) / float(row['GFLOPs']):.2f}"
+    return rows
+
+
+def gpu_report(args):
+    """One command on a CUDA machine: the Triton scan against the reference, its speed, and student vs teacher.
+    Returns the failed correctness rows (exit code 1 if any)."""
+    if not torch.cuda.is_available():
+        raise train.UserError("--gpu-report needs a CUDA GPU; on a CPU the tests check the kernel under the interpreter")
+    import triton
+    device, t0 = torch.device("cuda"), time.perf_counter()
+    torch.manual_seed(0)
+    name, peak = torch.cuda.get_device_name(), copy_bandwidth(device)
+    print(f"\n## GPU report: {name}, {torch.cuda.get_device_properties(0).multi_processor_count} SMs, torch "
+          f"{torch.__version__}, triton {triton.__version__}; device-to-device copy {peak:.0f} GB/s (read + write), "
+          f"taken as the peak below\n", flush=True)
+
+    print("### Triton scan vs the fp64 reference: largest error over out, last state and every gradient, relative "
+          "to that tensor's largest value (batch 2, dim 40; outputs NaN-poisoned first)\n", flush=True)
+    rows = []
+    for directions, layout in ((2, "transposed"), (2, "L-contiguous"), (1, "L-contiguous")):
+        for dtype in (torch.float32, torch.bfloat16):
+            for L in (1, 197, 785, 4097):
+                for N in (16, 64):
+                    if directions == 1 and N == 64 and L > 197:
+                        continue
+                    reverse = directions == 1 and L % 4 == 1
+                    x = scan_inputs(2, 40, N, L, dtype, layout, directions, device, seed=L + N)
+                    err, worst = scan_check(x, reverse, directions)
+                    tol = 1e-3 if dtype == torch.float32 else 3e-2
+                    rows.append(dict(scan="fused bidirectional" if directions == 2 else f"single, reverse={reverse}",
+                                     layout=layout, dtype=str(dtype)[6:], L=L, N=N, error=f"{err:.1e}", worst=worst,
+                                     result="PASS" if err <= tol else f"FAIL (tol {tol:g})"))
+    print_table(list(rows[0]), rows)
+    failed = [r for r in rows if r["result"] != "PASS"]
+    print(f"\n{len(rows) - len(failed)} / {len(rows)} pass ({time.perf_counter() - t0:.0f} s so far)\n", flush=True)
+
+    print("### Selective scan speed, bidirectional (batch x dim x N x L; GB/s = unavoidable bytes / time, median of 20;"
+          " fused_speedup = time / fused time)\n", flush=True)
+    rows = []
+    for shape, dtype, layout in (((128, 768, 16, 197), torch.bfloat16, "L-contiguous"),
+                                 ((128, 768, 16, 197), torch.bfloat16, "transposed"),
+                                 ((128, 768, 16, 197), torch.float32, "L-contiguous"),
+                                 ((128, 768, 64, 197), torch.bfloat16, "L-contiguous"),
+                                 ((32, 768, 16, 785), torch.bfloat16, "L-contiguous"),
+                                 ((8, 768, 16, 4097), torch.bfloat16, "L-contiguous")):
+        rows += scan_speed(shape, dtype, layout, peak, device)
+    print_table(list(rows[0]), rows)
+    print(f"\n({time.perf_counter() - t0:.0f} s so far)\n", flush=True)
+
+    teacher = vl.ViT(vl.TEACHER_PRESETS[args.teacher_preset])
+    models = {args.teacher_preset: teacher, **{s: vl.VisionMamba(vl.STUDENT_PRESETS[s])
+                                               for s in (args.student, args.student + "_alt")}}
+    print(f"### Student vs teacher, bf16 autocast, median of 5 steps; the teacher's attention is PyTorch SDPA "
+          f"(kernel: {attention_kernel(teacher.to(device), device)})\n", flush=True)
+    rows = []
+    for res, batch in ((224, 64), (448, 16), (1024, 2)):
+        rows += model_speed(res, batch, models, device)
+        print(f"({res} px done, {time.perf_counter() - t0:.0f} s so far)", flush=True)
+    print()
+    print_table(list(rows[0]), rows)
+    print(f"\ngpu report: {time.perf_counter() - t0:.0f} s on {name}")
+    return failed
+
+
 # ----------------------------------------------------------------------------------------------- ablation table
 
 def final_top1(run_dir):
@@ -390,7 +642,7 @@ def check_args(args):
             raise train.UserError(f"--scan-shapes {args.scan_shapes!r}: give b,dim,N,L (four whole numbers) per shape, "
                                   "shapes separated by ';'")
     if args.ckpt and not args.ckpt.startswith("timm:"):
-        train.check_file(args.ckpt, "--ckpt")
+        train.check_file(args.ckpt, "--ckpt", folder_ok=True)
     for flag, path in (("--data", args.data), ("--runs", args.runs)):
         if path is not None:
             train.check_folder(path, flag)
@@ -408,6 +660,8 @@ def main(argv=None):
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
     p.add_argument("--bench", action="store_true", help="teacher vs student throughput, latency and peak memory")
     p.add_argument("--bench-scan", action="store_true", help="selective scan: baseline vs scan_kernel")
+    p.add_argument("--gpu-report", action="store_true", help="CUDA only: the Triton scan against the reference, its "
+                   "speed (GB/s, fused vs two launches), and student vs teacher throughput / memory, as Markdown")
     p.add_argument("--teacher-preset", default="vit_b16")
     p.add_argument("--teacher-opts", default="")
     p.add_argument("--student", default="base")
@@ -425,8 +679,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         check_args(args)
-        demo_set = args.ckpt and not (args.data or args.bench or args.bench_scan or args.runs)   # as train.py's demo
+        demo_set = args.ckpt and not (args.data or args.bench or args.bench_scan or args.runs or args.gpu_report)
         torch.set_num_threads(args.threads or (train.DEMO_THREADS if demo_set else train.cores_per_process()))
+        if args.gpu_report:
+            return 1 if gpu_report(args) else 0
         if args.bench or args.bench_scan:
             os.makedirs(args.out, exist_ok=True)
             if args.bench:

@@ -183,7 +183,7 @@ def check_args(args):
     for flag in ("teacher", "init", "resume"):
         path = getattr(args, flag)
         if path not in (None, "auto") and not path.startswith("timm:"):
-            check_file(path, f"--{flag}")
+            check_file(path, f"--{flag}", folder_ok=flag == "teacher")      # a teacher may be a Hub folder
     check_out_dir(args.out, "--out")
 
 
@@ -192,11 +192,14 @@ def check_folder(path, flag, hint=""):
         raise UserError(f"{flag} {path}: {'not a folder' if os.path.exists(path) else 'no such folder'}{hint}")
 
 
-def check_file(path, flag):
-    """a file that exists, is not a folder, is not empty and can be read"""
+def check_file(path, flag, folder_ok=False):
+    """a file that exists, is not a folder (unless folder_ok: its reader checks what is in it), is not empty and can
+    be read"""
     if not os.path.exists(path):
         raise UserError(f"{flag} {path}: no such file")
     if os.path.isdir(path):
+        if folder_ok:
+            return
         raise UserError(f"{flag} {path} is a folder: give a checkpoint file")
     try:
         open(path, "rb").close()
