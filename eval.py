@@ -373,8 +373,8 @@ def scan_inputs(batch, dim, N, L, dtype, layout, directions, device, seed=0):
 
 def scan_check(x, reverse, directions, backend="triton"):
     """-> (error, name): the largest error of the scan's output, last state (single direction) and every gradient
-    against the fp64 reference on the same (rounded) inputs, relative to each tensor's largest magnitude, and which
-    tensor it was. On CUDA the allocator's free memory is filled with NaN first, so an unwritten output shows."""
+    against the fp64 reference on the same (rounded) inputs, max |got - ref| / (1 + max |ref|) (relative for large
+    tensors, absolute for tiny ones such as dA at L = 1, which is exactly 0), and which tensor it was. On CUDA the allocator's free memory is filled with NaN first, so an unwritten output shows."""
     names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
     device = x["u"].device
     w = torch.randn(x["u"].shape[-3:], device=device, dtype=torch.float64)
@@ -392,7 +392,7 @@ def scan_check(x, reverse, directions, backend="triton"):
         grads = torch.autograd.grad(loss, [leaves[k] for k in names])
         results.append([out] + ([] if last is None else [last]) + list(grads))
     labels = ["out"] + ([] if directions == 2 else ["last state"]) + ["d" + k for k in names]
-    errs = {lab: ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).nan_to_num(float("inf")).item()
+    errs = {lab: ((a.double() - b).abs().max() / (1 + b.abs().max())).nan_to_num(float("inf")).item()
             for lab, a, b in zip(labels, *results)}
     worst = max(errs, key=errs.get)
     return errs[worst], worst
@@ -515,6 +515,92 @@ def model_speed(res, batch, models, device, repeats=5):
     return rows
 
 
+def kernel_resources():
+    """registers and spills of the scan kernels compiled so far in this process, and the warps per SM they allow
+    (64K registers per SM, allocated per warp in units of 256)"""
+    seen = set()
+    for kernel in (scan_kernel._fwd_kernel, scan_kernel._bwd_kernel):
+        for cache in getattr(kernel, "device_caches", {}).values():
+            for compiled in cache[0].values():
+                regs, warps = compiled.n_regs, compiled.metadata.num_warps
+                per_warp = -(-regs * 32 // 256) * 256
+                resident = min(64, 32 * warps, 65536 // (per_warp * warps) * warps)
+                seen.add(f"{kernel.fn.__name__[1:4]} {warps} warps: {regs} registers, {compiled.n_spills} spills, "
+                         f"{resident} warps/SM")
+    return sorted(seen)
+
+
+def kernel_budget(archs=(80, 90), dim=768, batch=2):
+    """Compile, on any machine and without a GPU, every Triton scan launch that Vim-sized inputs make (L 197, 785,
+    4097; N 16, 64; fp32, bf16; one direction and fused bidirectional; forward with and without saving y, and
+    backward) for sm_80 (A100) and sm_90 (H100 / H200), and read registers, stack (spill) bytes and shared memory
+    from the cubin with the cuobjdump that ships with Triton. -> rows, one per distinct launch and architecture."""
+    import re, subprocess, tempfile
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+    if not hasattr(scan_kernel._fwd_kernel, "_pack_args"):
+        raise train.UserError(f"--kernel-budget needs a compiled (not interpreted) kernel and triton >= 3.6 "
+                              f"(TRITON_INTERPRET set, or triton {triton.__version__})")
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    launches, launch = [], scan_kernel._launch
+    scan_kernel._launch = lambda kernel, grid, *a, **kw: launches.append((kernel, a, kw, where))
+    try:
+        for L in (197, 785, 4097):
+            for N in (16, 64):
+                for dtype in (torch.float32, torch.bfloat16):
+                    for directions in (1, 2):
+                        where = f"L {L}, N {N}"
+                        x = scan_inputs(batch, dim, N, L, dtype, "L-contiguous", directions, torch.device("cpu"))
+                        lead = {k: (v if directions == 2 else v[None]) for k, v in x.items() if k != "z"}
+                        for grad in (False, True):
+                            ins = {k: v.detach().requires_grad_(grad) for k, v in lead.items()}
+                            z = x["z"].detach().requires_grad_(grad)
+                            with torch.set_grad_enabled(grad):
+                                out, _ = scan_kernel._ScanFn.apply(ins["u"], ins["delta"], ins["A"], ins["B"], ins["C"],
+                                                                   ins["D"], z, ins["delta_bias"], True, False, False,
+                                                                   grad)
+                                if grad:
+                                    out.float().sum().backward()
+    finally:
+        scan_kernel._launch = launch
+    rows, seen = [], {}
+    for arch in archs:
+        target = GPUTarget("cuda", arch, 32)
+        backend = make_backend(target)
+        for kernel, args, kw, where in launches:
+            binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+            bound, specialization, options = binder(*args, **kw)
+            options, signature, constexprs, attrs = kernel._pack_args(backend, kw, bound, specialization, options)
+            key = (arch, kernel.fn.__name__, repr(signature), repr(constexprs), repr(attrs), options.num_warps)
+            if key in seen:
+                seen[key]["shapes"].add(where)
+                continue
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                                      options=options.__dict__)
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(compiled.asm["cubin"])
+                f.flush()
+                usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                                       text=True).stdout
+            regs, stack, shared = (int(re.search(rf"{k}:(\d+)", usage)[1]) for k in ("REG", "STACK", "SHARED"))
+            warps = options.num_warps
+            per_warp = -(-regs * 32 // 256) * 256  # registers are given to warps in units of 256
+            programs = min(65536 // (per_warp * warps), 32, 64 // warps,
+                           (164 if arch == 80 else 228) * 1024 // max(shared, 1))
+            scan = ("fused bidirectional" if kw.get("ND") == 2 else "one direction") + (
+                " forward" + (" (training: saves y)" if kw.get("STORE_Y") else "") if "ND" in kw else " backward")
+            seen[key] = dict(kernel=scan, arch=f"sm_{arch}", dtype=str(args[0].dtype)[6:], NP=kw["NP"],
+                             warps=warps, registers=regs, stack_bytes=stack, shared_bytes=shared,
+                             resident_warps=programs * warps, shapes={where})
+            rows.append(seen[key])
+    for r in rows:
+        r["shapes"] = "L " + " / ".join(sorted({w.split(",")[0][2:] for w in r["shapes"]}, key=int)) + ", " + \
+            " / ".join(sorted({w.split(", ")[1] for w in r["shapes"]}))
+    return rows
+
+
 def gpu_report(args):
     """One command on a CUDA machine: the Triton scan against the reference, its speed, and student vs teacher.
     Returns the failed correctness rows (exit code 1 if any)."""
@@ -528,8 +614,8 @@ def gpu_report(args):
           f"{torch.__version__}, triton {triton.__version__}; device-to-device copy {peak:.0f} GB/s (read + write), "
           f"taken as the peak below\n", flush=True)
 
-    print("### Triton scan vs the fp64 reference: largest error over out, last state and every gradient, relative "
-          "to that tensor's largest value (batch 2, dim 40; outputs NaN-poisoned first)\n", flush=True)
+    print("### Triton scan vs the fp64 reference: largest error over out, last state and every gradient, "
+          "max |got - ref| / (1 + max |ref|) (batch 2, dim 40; outputs NaN-poisoned first)\n", flush=True)
     rows = []
     for directions, layout in ((2, "transposed"), (2, "L-contiguous"), (1, "L-contiguous")):
         for dtype in (torch.float32, torch.bfloat16):
@@ -559,6 +645,7 @@ def gpu_report(args):
                                  ((8, 768, 16, 4097), torch.bfloat16, "L-contiguous")):
         rows += scan_speed(shape, dtype, layout, peak, device)
     print_table(list(rows[0]), rows)
+    print("\nCompiled scan kernels: " + "; ".join(kernel_resources()))
     print(f"\n({time.perf_counter() - t0:.0f} s so far)\n", flush=True)
 
     teacher = vl.ViT(vl.TEACHER_PRESETS[args.teacher_preset])
@@ -660,6 +747,8 @@ def main(argv=None):
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
     p.add_argument("--bench", action="store_true", help="teacher vs student throughput, latency and peak memory")
     p.add_argument("--bench-scan", action="store_true", help="selective scan: baseline vs scan_kernel")
+    p.add_argument("--kernel-budget", action="store_true", help="no GPU needed: compile the Triton scan for sm_80 "
+                   "and sm_90 at Vim shapes; print registers, spills, shared memory and resident warps per SM")
     p.add_argument("--gpu-report", action="store_true", help="CUDA only: the Triton scan against the reference, its "
                    "speed (GB/s, fused vs two launches), and student vs teacher throughput / memory, as Markdown")
     p.add_argument("--teacher-preset", default="vit_b16")
@@ -679,8 +768,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         check_args(args)
-        demo_set = args.ckpt and not (args.data or args.bench or args.bench_scan or args.runs or args.gpu_report)
+        demo_set = args.ckpt and not (args.data or args.bench or args.bench_scan or args.runs or args.gpu_report
+                                   or args.kernel_budget)
         torch.set_num_threads(args.threads or (train.DEMO_THREADS if demo_set else train.cores_per_process()))
+        if args.kernel_budget:
+            rows = kernel_budget()
+            print_table(list(rows[0]), rows)
+            return 0
         if args.gpu_report:
             return 1 if gpu_report(args) else 0
         if args.bench or args.bench_scan:
