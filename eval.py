@@ -18,16 +18,27 @@ import scan_kernel
 # ----------------------------------------------------------------------------------------------- accuracy
 
 def load_model(path, ema=False):
-    """our checkpoint (any kind; ema: its EMA weights), else whatever load_teacher takes (timm / CLIP file, timm:NAME)"""
-    ck = train.load_checkpoint(path) if not path.startswith("timm:") else {}
-    if ema and not ck.get("ema"):
+    """our checkpoint (any kind; ema: its EMA weights), else whatever load_teacher takes (a teacher file of any format
+    it reads, a Hub folder, timm:NAME)"""
+    if path.startswith("timm:") and not ema:
+        return train.load_teacher(path, None), {}
+    try:
+        ck, _ = vl.read_checkpoint(path) if not path.startswith("timm:") else ({}, None)   # a file, or a Hub folder
+    except Exception as e:
+        raise train.UserError(f"could not read {path}: {type(e).__name__}: {e}".replace("\n", " ")) from e
+    if ema and not (isinstance(ck, dict) and ck.get("ema")):
         raise train.UserError(f"{path} holds no EMA weights (train with --ema-decay)")
-    if "kind" in ck:
+    if isinstance(ck, dict) and "kind" in ck:
         try:
-            return vl.model_from_checkpoint({**ck, "model": ck["ema"]} if ema else ck, path), ck
+            model = vl.model_from_checkpoint({**ck, "model": ck["ema"]} if ema else ck, path)
         except Exception as e:
             raise train.UserError(f"{path}: {e}") from e
-    return train.load_teacher(path, None), ck
+        if ck.get("stage") == "distill":
+            print(f"warning: {path} is a distillation checkpoint: its class head was never trained (distillation uses "
+                  "no labels), so its accuracy is near chance; fine-tune it first (train.py --stage finetune --init "
+                  f"{path})", file=sys.stderr)
+        return model, ck
+    return train.load_teacher(path, None), {}
 
 
 def accuracy(args):
@@ -35,8 +46,6 @@ def accuracy(args):
     run = ck.get("args", {})
     args.img_size = args.img_size or run.get("img_size") or model.cfg.img_size
     train.check_resolution(args.img_size, model.cfg.patch_size, "model")
-    if not 0 < args.crop_ratio <= 1:
-        raise train.UserError(f"--crop-ratio {args.crop_ratio}: must be in (0, 1]")
     if args.data is None and run and run.get("data") is None:                            # the demo's held-out set
         ds = train.RelationsDemo(run["demo_val"], args.img_size, seed=run["demo_seed"] + 1)
         classes = ds.classes
@@ -98,8 +107,8 @@ def bench_models(args, csv_path):
     models = {"teacher": vl.ViT(train.make_config(vl.TEACHER_PRESETS, args.teacher_preset, args.teacher_opts, "teacher")),
               "student": vl.VisionMamba(train.make_config(vl.STUDENT_PRESETS, args.student, args.student_opts, "student"))}
     rows, slow = [], set()
-    for res in map(int, args.resolutions.split(",")):
-        for bs in map(int, args.batch_sizes.split(",")):
+    for res in int_list(args.resolutions, "--resolutions"):
+        for bs in int_list(args.batch_sizes, "--batch-sizes"):
             for name, model in models.items():
                 model.to(device).eval()
                 row = dict(model=name, preset=args.teacher_preset if name == "teacher" else args.student, res=res,
@@ -120,7 +129,7 @@ def bench_models(args, csv_path):
                         slow.add(name)
                     sec = timed(fwd, args.warmup, args.repeats, device)
                     row.update(img_s=f"{bs / sec:.1f}", latency_ms=f"{1000 * sec:.1f}", peak_mb="n/a" if mem is None else f"{mem:.0f}")
-                    if res in (224, 448) and bs == max(map(int, args.batch_sizes.split(","))):
+                    if res in (224, 448) and bs == max(int_list(args.batch_sizes, "--batch-sizes")):
                         row["train_mem_mb"] = train_step_mem(model, x, device, amp)
                     if name == "student":
                         teacher_row = rows[-2]
@@ -269,7 +278,7 @@ def scan_baseline(u, delta, A, B, C, D, z, delta_bias):
 
 def bench_scan(args, csv_path):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shapes = [tuple(map(int, s.split(","))) for s in args.scan_shapes.split(";")] if args.scan_shapes else (
+    shapes = [tuple(int_list(s, "--scan-shapes")) for s in args.scan_shapes.split(";")] if args.scan_shapes else (
         [(64, 768, 16, 197), (64, 768, 16, 785), (128, 1536, 16, 197), (128, 1536, 16, 785)] if device.type == "cuda"
         else [(8, 384, 16, 197), (8, 384, 16, 1025)])
     impls = {"baseline (per-step slicing)": scan_baseline,
@@ -695,6 +704,43 @@ def summarize_runs(root):
 
 # ----------------------------------------------------------------------------------------------- main
 
+def int_list(text, flag, sep=","):
+    """'224,448' -> [224, 448], every entry a whole number >= 1"""
+    try:
+        values = [int(v) for v in text.split(sep)]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise train.UserError(f"{flag} {text!r}: give whole numbers >= 1 separated by '{sep}'")
+    return values
+
+
+def check_args(args):
+    """Every numeric flag and file argument, checked before anything runs: a UserError that says what is allowed.
+    A new flag's check goes here."""
+    for flag, value, least in (("--img-size", args.img_size, 1), ("--batch-size", args.batch_size, 1),
+                               ("--workers", args.workers, 0), ("--warmup", args.warmup, 0),
+                               ("--repeats", args.repeats, 1), ("--threads", args.threads, 1)):
+        if value is not None and value < least:
+            raise train.UserError(f"{flag} {value}: must be a whole number >= {least}")
+    if not 0 < args.max_seconds < float("inf"):
+        raise train.UserError(f"--max-seconds {args.max_seconds}: must be a finite number > 0")
+    if not 0 < args.crop_ratio <= 1:
+        raise train.UserError(f"--crop-ratio {args.crop_ratio}: must be > 0 and <= 1")
+    int_list(args.resolutions, "--resolutions")
+    int_list(args.batch_sizes, "--batch-sizes")
+    for shape in (args.scan_shapes or "1,1,1,1").split(";"):
+        if len(int_list(shape, "--scan-shapes")) != 4:
+            raise train.UserError(f"--scan-shapes {args.scan_shapes!r}: give b,dim,N,L (four whole numbers) per shape, "
+                                  "shapes separated by ';'")
+    if args.ckpt and not args.ckpt.startswith("timm:"):
+        train.check_file(args.ckpt, "--ckpt", folder_ok=True)
+    for flag, path in (("--data", args.data), ("--runs", args.runs)):
+        if path is not None:
+            train.check_folder(path, flag)
+    train.check_out_dir(args.out, "--out")
+
+
 def main(argv=None):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -726,8 +772,14 @@ def main(argv=None):
     p.add_argument("--max-seconds", type=float, default=30.0, help="bench: skip larger inputs once one call takes longer")
     p.add_argument("--out", default=".", help="folder for bench.csv / bench.png / bench_scan.csv")
     p.add_argument("--runs", help="folder of <config>-s<seed> runs: print their top-1 over seeds")
+    p.add_argument("--threads", type=int, help=f"torch CPU threads (default: {train.DEMO_THREADS} for --ckpt on the "
+                   "demo's held-out set, else the CPU cores this process may use; overrides OMP_NUM_THREADS)")
     args = p.parse_args(argv)
     try:
+        check_args(args)
+        demo_set = args.ckpt and not (args.data or args.bench or args.bench_scan or args.runs or args.gpu_report
+                                   or args.kernel_budget)
+        torch.set_num_threads(args.threads or (train.DEMO_THREADS if demo_set else train.cores_per_process()))
         if args.kernel_budget:
             rows = kernel_budget()
             print_table(list(rows[0]), rows)

@@ -4,6 +4,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")          # before scan_kernel's @triton.jit decorators run
 
 import dataclasses
+import errno
 import json
 import math
 import shutil
@@ -1075,32 +1076,39 @@ def test_image_folder_training_skips_a_corrupt_file(tmp_path, capsys):
 
 # ---------------------------------------------------------------- never lose work
 
+def same_log(path):
+    """the log without the measured fields (speed and memory differ from run to run)"""
+    return [{k: v for k, v in r.items() if k not in ("img_per_s", "peak_mem_mb")} for r in log(path)]
+
+
 @pytest.mark.usefixtures("cpu_dispatch")
 def test_resume_follows_the_uninterrupted_trajectory(tmp_path, capsys, monkeypatch):
     teacher = tiny_teacher(tmp_path / "t.pt")
-    args = ["--stage", "distill", "--teacher", teacher, *TINY, "--epochs", 3, "--drop-path", 0.1, "--ckpt-every", 2]
+    args = ["--stage", "distill", "--teacher", teacher, *TINY, "--epochs", 3, "--drop-path", 0.1, "--ckpt-every", 2,
+            "--log-every", 3]                                                                  # log windows span checkpoints
     assert run_train(capsys, "--out", tmp_path / "a", *args)[0] == 0                           # uninterrupted: 12 steps
-    ref = losses(tmp_path / "a" / "distill" / "log.jsonl")
-    assert len(ref) == 12
-    # a clean stop after 5 steps (mid-epoch), then the same command again
+    ref = same_log(tmp_path / "a" / "distill" / "log.jsonl")
+    assert [r["step"] for r in ref] == [3, 6, 9, 12]
+    # a clean stop after 5 steps (mid-epoch, mid log window), then the same command again: the same log, line for line
     assert run_train(capsys, "--out", tmp_path / "b", *args, "--max-steps", 5)[0] == 0
     assert run_train(capsys, "--out", tmp_path / "b", *args)[0] == 0
-    assert losses(tmp_path / "b" / "distill" / "log.jsonl") == ref
-    # a crash between checkpoints (after step 7; the last checkpoint is at step 6): work since step 6 is redone
+    assert same_log(tmp_path / "b" / "distill" / "log.jsonl") == ref
+    # Ctrl-C between checkpoints (in the 10th step; the last checkpoint is at step 8): one line; the resumed run drops
+    # the log line of step 9 and redoes the work since step 8
     real = train.lr_at
 
     def crash(step, *a):
-        if step == 7:
+        if step == 9:
             raise KeyboardInterrupt
         return real(step, *a)
     monkeypatch.setattr(train, "lr_at", crash)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(capsys, "--out", tmp_path / "c", *args)
-    assert max(losses(tmp_path / "c" / "distill" / "log.jsonl")) == 7
+    rc, _, err = run_train(capsys, "--out", tmp_path / "c", *args)
+    assert rc == 130 and err.strip().splitlines()[-1].startswith("interrupted: run the same command again")
+    assert [r["step"] for r in log(tmp_path / "c" / "distill" / "log.jsonl")] == [3, 6, 9]
     monkeypatch.setattr(train, "lr_at", real)
     rc, out, err = run_train(capsys, "--out", tmp_path / "c", *args)
-    assert rc == 0 and "resuming" in out and "at step 6" in out
-    assert losses(tmp_path / "c" / "distill" / "log.jsonl") == ref
+    assert rc == 0 and "resuming" in out and "at step 8" in out
+    assert same_log(tmp_path / "c" / "distill" / "log.jsonl") == ref
 
 
 @pytest.mark.usefixtures("cpu_dispatch")
@@ -1203,7 +1211,7 @@ def test_scan_baseline_matches_reference():
 
 def bad_case(tmp_path, case):
     if case == "missing folder":
-        return ["--data", tmp_path / "nope"], "does not exist"
+        return ["--data", tmp_path / "nope"], "no such folder"
     if case == "empty folder":
         os.makedirs(tmp_path / "e" / "train"), os.makedirs(tmp_path / "e" / "val")
         return ["--data", tmp_path / "e"], "no class sub-folders"
@@ -1560,7 +1568,7 @@ def test_recipes_defaults_precedence_and_printout():
 
 
 @pytest.mark.parametrize("flags, msg", [(["--aa", "rand-x9"], "is not a RandAugment spec"),
-                                        (["--erase-prob", "1.5"], "--erase-prob 1.5: must be a probability"),
+                                        (["--erase-prob", "1.5"], "--erase-prob 1.5: must be between 0 and 1"),
                                         (["--repeated-aug", "0"], "--repeated-aug 0"),
                                         (["--layer-decay", "0"], "--layer-decay 0.0"),
                                         (["--ema-decay", "1"], "--ema-decay 1.0"),
@@ -1728,3 +1736,397 @@ def test_kernel_compiles_for_a100_and_h100_within_its_budget():
         assert r["registers"] <= KERNEL_BUDGET["registers"], r
         assert r["stack_bytes"] <= KERNEL_BUDGET["stack_bytes"], r
         assert r["resident_warps"] >= KERNEL_BUDGET["resident_warps"], r
+
+
+# ---------------------------------------------------------------- issue 9: bad flags and files, faults (one line, nothing lost)
+
+SHORT = [*TINY, "--teacher-epochs", 1, "--distill-epochs", 1, "--finetune-epochs", 1]   # stage all in a few seconds
+
+BAD_TRAIN_FLAGS = [  # (extra argv, words the error line must contain)
+    (["--img-size", 0], "--img-size 0"), (["--img-size", -8], "--img-size -8"), (["--batch-size", 0], "--batch-size 0"),
+    (["--ckpt-every", 0], "--ckpt-every 0"), (["--log-every", 0], "--log-every 0"), (["--workers", -1], "--workers -1"),
+    (["--mask-ratio", 1.5], "--mask-ratio 1.5"), (["--stages", 0], "--stages 0"),
+    (["--stages", 3], "use 1 <= --stages <= 2"), (["--lr", -1], "--lr -1"),
+    (["--stage", "teacher", "--epochs", 0], "--epochs 0"), (["--stage", "teacher", "--epochs", -2], "--epochs -2"),
+    (["--lr", "nan"], "--lr nan"), (["--blr", "inf"], "--blr inf"), (["--teacher-lr", 0], "--teacher-lr 0"),
+    (["--min-lr", -1], "--min-lr -1"), (["--min-lr", 1], "--min-lr 1.0 is above --lr"),
+    (["--warmup-epochs", -1], "--warmup-epochs -1"), (["--weight-decay", -0.1], "--weight-decay -0.1"),
+    (["--clip-grad", -1], "--clip-grad -1"), (["--lam", -1], "--lam -1"), (["--am-weight", -1], "--am-weight -1"),
+    (["--lam", 0, "--am-weight", 0], "no distillation loss"), (["--label-smoothing", 1], "--label-smoothing 1"),
+    (["--kd-weight", 2], "--kd-weight 2"), (["--kd-temp", 0], "--kd-temp 0"), (["--drop-path", 1], "--drop-path 1"),
+    (["--max-bad-frac", 1.5], "--max-bad-frac 1.5"), (["--eval-every", -1], "--eval-every -1"),
+    (["--max-steps", 0], "--max-steps 0"), (["--threads", 0], "--threads 0"), (["--seed", -1], "--seed -1"),
+    (["--demo-seed", -1], "--demo-seed -1"), (["--demo-train", 0], "--demo-train 0"), (["--demo-val", 0], "--demo-val 0"),
+    (["--demo-teacher-train", -1], "--demo-teacher-train -1"), (["--teacher-epochs", 0], "--teacher-epochs 0"),
+    (["--distill-epochs", 0], "--distill-epochs 0"), (["--finetune-epochs", -1], "--finetune-epochs -1"),
+    (["--epochs", 2], "--epochs (stage all:"), (["--name", "x"], "--name applies to a single --stage"),
+    (["--init", "x.pt"], "--init starts a single --stage (teacher, distill or finetune)"),
+    (["--stage", "finetune", "--kd-weight", 0.5], "--kd-weight needs --teacher"),
+    (["--fresh", "--resume", "x.pt"], "--fresh starts over and --resume x.pt continues"),
+    (["--student-opts", "dim=-4"], "--student-opts dim=-4: must be a whole number > 0"),
+    (["--student-opts", "dim=abc"], "--student-opts dim='abc': must be a whole number > 0"),
+    (["--student-opts", "bidirectional=maybe"], "must be one of fused, alternate"),
+    (["--student-opts", "dimm=3"], "student config has no field(s) ['dimm']"),
+    (["--teacher-opts", "dim=32,depth=2,heads=3"], "dim 32 is not a multiple of heads 3"),
+]
+
+
+@pytest.mark.usefixtures("cpu_dispatch")
+@pytest.mark.parametrize("extra,words", BAD_TRAIN_FLAGS, ids=[" ".join(map(str, e)) for e, _ in BAD_TRAIN_FLAGS])
+def test_bad_train_flags_get_one_line_and_write_nothing(tmp_path, capsys, extra, words):
+    rc, out, err = run_train(capsys, *SHORT, "--out", tmp_path / "r", *extra)
+    assert rc == 2 and words in one_error_line(err), err
+    assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("log.jsonl"))
+
+
+BAD_EVAL_FLAGS = [(["--batch-size", 0], "--batch-size 0"), (["--workers", -1], "--workers -1"),
+                  (["--img-size", 0], "--img-size 0"), (["--repeats", 0], "--repeats 0"), (["--warmup", -1], "--warmup -1"),
+                  (["--max-seconds", 0], "--max-seconds 0"), (["--max-seconds", "nan"], "--max-seconds nan"),
+                  (["--threads", 0], "--threads 0"), (["--resolutions", "224,abc"], "--resolutions '224,abc'"),
+                  (["--resolutions", 0], "--resolutions '0'"), (["--batch-sizes", "0"], "--batch-sizes '0'"),
+                  (["--scan-shapes", "1,2"], "b,dim,N,L")]
+
+
+@pytest.mark.usefixtures("cpu_dispatch")
+@pytest.mark.parametrize("extra,words", BAD_EVAL_FLAGS, ids=[" ".join(map(str, e)) for e, _ in BAD_EVAL_FLAGS])
+def test_bad_eval_flags_get_one_line(tmp_path, capsys, extra, words):
+    tiny_bench = ["--bench", "--bench-scan", "--teacher-preset", "demo", "--teacher-opts", "dim=32,depth=2,heads=2",
+                  "--student", "demo", "--student-opts", "dim=32,depth=2", "--resolutions", "16", "--batch-sizes", "1",
+                  "--scan-shapes", "1,4,2,5", "--warmup", "0", "--repeats", "1", "--out", str(tmp_path)]
+    capsys.readouterr()
+    assert evaluate_cli.main(tiny_bench + [str(a) for a in extra]) == 2
+    assert words in one_error_line(capsys.readouterr().err)
+    assert not list(tmp_path.glob("*.csv"))
+
+
+def bad_file(tmp_path, kind):
+    """a file argument that is not what the flag needs"""
+    path = tmp_path / "f.pt"
+    if kind == "missing":
+        return path, "no such file"
+    if kind == "folder":
+        path.mkdir()
+        return path, "is a folder"
+    if kind == "empty":
+        path.write_bytes(b"")
+        return path, "is empty (0 bytes)"
+    if kind == "text":
+        path.write_text("not a checkpoint\n")
+        return path, "could not"
+    if kind == "student":                                   # a checkpoint of another model
+        torch.save(dict(kind="vision_mamba", config=dataclasses.asdict(TINY_STUDENT),
+                        model=vl.VisionMamba(TINY_STUDENT).state_dict()), path)
+        return path, "VisionMamba"
+    if kind == "incomplete teacher":                        # a timm file that lost a tensor
+        torch.save({k: v for k, v in random_vit_state_dict().items() if k != "pos_embed"}, path)
+        return path, "has no 'pos_embed'"
+
+
+@pytest.mark.usefixtures("cpu_dispatch")
+@pytest.mark.parametrize("kind", ["missing", "folder", "empty", "text", "student", "incomplete teacher"])
+@pytest.mark.parametrize("flag", ["--teacher", "--init", "--resume", "eval --ckpt"])
+def test_bad_file_arguments_get_one_line(tmp_path, capsys, flag, kind):
+    path, words = bad_file(tmp_path, kind)
+    if flag == "eval --ckpt":
+        capsys.readouterr()
+        rc, err = evaluate_cli.main(["--ckpt", str(path)]), capsys.readouterr().err
+    else:
+        stage = {"--teacher": "distill", "--init": "finetune", "--resume": "teacher"}[flag]
+        rc, _, err = run_train(capsys, *TINY, "--stage", stage, "--epochs", 1, "--out", tmp_path / "r", flag, path)
+    if flag in ("--init", "--resume") and kind in ("student", "incomplete teacher"):
+        words = "not a checkpoint written by train.py" if flag == "--init" else "not a training checkpoint of train.py"
+        if kind == "student" and flag == "--init":                                     # a fine start for a student
+            assert rc == 0, err
+            return
+    if flag == "eval --ckpt" and kind == "student":
+        words = "was not trained on the demo"
+    if flag in ("--teacher", "eval --ckpt") and kind == "folder":                     # a teacher may be a Hub folder
+        words = "holds none of"
+    assert rc == 2 and words in one_error_line(err), err
+    assert "KeyError" not in err and not list((tmp_path / "r").rglob("*.pt"))
+
+
+@pytest.mark.usefixtures("cpu_dispatch")
+def test_unreadable_files_and_folders_get_one_line(tmp_path, capsys):
+    teacher = tiny_teacher(tmp_path / "t.pt")
+    os.chmod(teacher, 0)
+    (tmp_path / "file").write_text("x")
+    cases = [(["--stage", "distill", "--teacher", teacher], "cannot read it (Permission denied)"),
+             (["--out", tmp_path / "file"], "is a file: give a folder"),
+             (["--out", tmp_path / "file" / "sub"], "cannot write there"),
+             (["--data", tmp_path / "file"], "--data " + str(tmp_path / "file") + ": not a folder")]
+    root = os.geteuid() == 0
+    for extra, words in cases:
+        if root and "Permission" in words:
+            for folder in (tmp_path, tmp_path.parent, tmp_path.parent.parent):
+                os.chmod(folder, 0o755)
+            os.seteuid(65534)                                   # root reads anything: test as an ordinary user
+        try:
+            rc, _, err = run_train(capsys, *TINY, "--out", tmp_path / "r", *extra) if "--out" not in extra else \
+                run_train(capsys, *TINY, *extra)
+        finally:
+            if root:
+                os.seteuid(0)
+        assert rc == 2 and words in one_error_line(err), err
+    for argv, words in ((["--ckpt", str(tmp_path / "t.pt"), "--data", str(tmp_path / "file")], "not a folder"),
+                        (["--runs", str(tmp_path / "file")], "--runs " + str(tmp_path / "file") + ": not a folder"),
+                        (["--bench", "--out", str(tmp_path / "file")], "is a file: give a folder")):
+        capsys.readouterr()
+        assert evaluate_cli.main(argv) == 2 and words in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.usefixtures("cpu_dispatch")
+def test_fresh_keeps_the_old_record_until_the_new_run_has_a_checkpoint(tmp_path, capsys, monkeypatch):
+    root = tmp_path / "ablation"
+    args = ["--stage", "finetune", *TINY, "--epochs", 1, "--out", root / "cfg-s0"]
+    assert run_train(capsys, *args)[0] == 0
+    run_dir = root / "cfg-s0" / "finetune"
+    before = (run_dir / "log.jsonl").read_bytes(), (run_dir / "last.pt").read_bytes()
+    top1 = evaluate_cli.final_top1(run_dir)
+    assert top1 is not None
+    real = train.lr_at
+
+    def die_at_step_1(step, *a):
+        if step == 1:
+            raise MemoryError("killed")
+        return real(step, *a)
+    monkeypatch.setattr(train, "lr_at", die_at_step_1)
+    with pytest.raises(MemoryError):                                                  # a fresh run dies at step 1
+        run_train(capsys, *args, "--fresh", "--seed", 1)
+    assert ((run_dir / "log.jsonl").read_bytes(), (run_dir / "last.pt").read_bytes()) == before
+    assert evaluate_cli.main(["--runs", str(root)]) == 0 and f"| cfg | 1 | {top1:.1f} |" in capsys.readouterr().out
+    monkeypatch.setattr(train, "lr_at", real)
+    assert run_train(capsys, *args, "--fresh", "--seed", 1)[0] == 0                    # its replacement exists: swapped
+    assert (run_dir / "log.jsonl").read_bytes() != before[0] and not list(run_dir.glob("log.jsonl.*"))
+    assert torch.load(run_dir / "last.pt", weights_only=True)["args"]["seed"] == 1
+
+
+@pytest.mark.usefixtures("cpu_dispatch")
+def test_a_batch_with_no_readable_image_is_skipped_and_counted(tmp_path, capsys):
+    root = write_tree(tmp_path / "d", corrupt=1)                                       # 12 good images, 1 bad one
+    rc, out, err = run_train(capsys, "--data", root, "--out", tmp_path / "r", "--stage", "teacher", "--epochs", 1,
+                             "--teacher-preset", "demo", "--teacher-opts", "dim=32,depth=2,heads=2", "--img-size", 16,
+                             "--batch-size", 1, "--workers", 0, "--log-every", 1, "--max-bad-frac", 0.5, "--recipe", "none")
+    assert rc == 0, err
+    assert "skipped 1 unreadable image(s) of 13" in err and "1 batch(es) with no readable image skipped" in err
+    ck = torch.load(tmp_path / "r" / "teacher" / "last.pt", weights_only=True)
+    assert ck["finished"] and ck["step"] == 12                                         # 13 batches, 12 updates
+
+
+def test_an_error_on_one_rank_stops_every_rank_with_one_line(tmp_path):
+    wrapper = tmp_path / "rank1_fails.py"                                              # rank 1 alone finds too many bad images
+    wrapper.write_text(f"""import os, sys
+sys.path.insert(0, {HERE!r})
+import train
+if os.environ["RANK"] == "1":
+    real = train.BadImages.add
+    def add(self, n_good, errors):
+        real(self, n_good, errors)
+        if self.seen > 8:
+            raise train.UserError("40 of 50 images could not be read (more than --max-bad-frac 0.01); first: x.JPEG")
+    train.BadImages.add = add
+sys.exit(train.main())
+""")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(wrapper),
+           "--stage", "teacher", "--out", str(tmp_path / "r"), *map(str, TINY), "--batch-size", "4", "--epochs", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    lines = [l for l in p.stderr.splitlines() if l.startswith("error")]
+    assert p.returncode != 0 and lines == ["error: 40 of 50 images could not be read (more than --max-bad-frac 0.01); "
+                                           "first: x.JPEG (rank 1)"], p.stderr[-3000:]
+    assert 'train.py", line' not in p.stderr and "gloo" not in p.stderr.lower(), p.stderr[-3000:]   # no worker traceback
+    assert not list((tmp_path / "r").rglob("*.tmp*"))
+
+
+def full_disk_save(real, fail_at):
+    """torch.save that fails like a full disk from its fail_at-th call on: part of the file written, then ENOSPC
+    (torch raises OSError through a Python file object, a RuntimeError of its own when it opens the path itself)"""
+    calls = []
+
+    def save(obj, f, *a, **kw):
+        calls.append(f)
+        if len(calls) < fail_at:
+            return real(obj, f, *a, **kw)
+        if isinstance(f, (str, os.PathLike)):
+            with open(f, "wb") as out:
+                out.write(b"PK\x03\x04" + b"\0" * 1000)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        f.write(b"PK\x03\x04" + b"\0" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return save
+
+
+@pytest.mark.usefixtures("cpu_dispatch")
+def test_a_full_disk_says_so_in_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch, "save", full_disk_save(torch.save, fail_at=3))
+    rc, _, err = run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 2, "--ckpt-every", 1, "--out", tmp_path / "r")
+    assert rc == 2 and "disk full while writing" in one_error_line(err), err
+    run_dir = tmp_path / "r" / "teacher"
+    assert torch.load(run_dir / "last.pt", weights_only=True)["step"] == 2             # the 2nd checkpoint, intact
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "last.pt", "log.jsonl"]   # no partial file
+    # a log line that the full disk cuts off half-way is cut off again: the log stays valid JSON lines
+    before = (run_dir / "log.jsonl").read_text()
+
+    class HalfWritten:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            self.f.write(text[:len(text) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+    monkeypatch.setattr(train, "open", lambda path, mode="r": HalfWritten(open(path, mode)), raising=False)
+    with pytest.raises(train.UserError, match="disk full while writing"):
+        train.write_log(str(run_dir / "log.jsonl"), json.dumps({"step": 99, "loss": 1.0}) + "\n", "a")
+    assert (run_dir / "log.jsonl").read_text() == before
+
+
+@pytest.mark.usefixtures("cpu_dispatch")
+def test_partial_files_of_a_killed_write_are_removed(tmp_path, capsys):
+    run_dir = tmp_path / "r" / "teacher"
+    run_dir.mkdir(parents=True)
+    (run_dir / "last.pt.tmp4242").write_bytes(b"PK\x03\x04" + b"\0" * 1000)          # kill -9 during a write
+    rc, _, err = run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 1, "--out", tmp_path / "r")
+    assert rc == 0 and "removed" in err and "last.pt.tmp4242" in err
+    assert not list(run_dir.glob("*.tmp*"))
+
+
+def test_checkpoints_are_fsynced_before_the_rename(tmp_path, monkeypatch):
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", str(src)))
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    train.save_checkpoint(str(tmp_path / "last.pt"), {"w": torch.ones(3)})
+    tmp = str(tmp_path / f"last.pt.tmp{os.getpid()}")
+    assert events.index(("fsync", tmp)) < events.index(("rename", tmp)) < events.index(("fsync", str(tmp_path)))
+    assert torch.equal(torch.load(tmp_path / "last.pt", weights_only=True)["w"], torch.ones(3))
+
+
+@pytest.mark.usefixtures("cpu_dispatch")
+def test_a_second_run_on_the_same_folder_gets_one_line(tmp_path, capsys):
+    import fcntl
+    run_dir = tmp_path / "r" / "teacher"
+    run_dir.mkdir(parents=True)
+    with open(run_dir / ".lock", "w") as held:                                        # another run holds the folder
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("pid 4242 on otherhost\n")
+        held.flush()
+        rc, _, err = run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 1, "--out", tmp_path / "r")
+        assert rc == 2 and "in use by another run (pid 4242 on otherhost)" in one_error_line(err)
+        assert not (run_dir / "log.jsonl").exists() and not (run_dir / "last.pt").exists()
+    rc, _, err = run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 1, "--out", tmp_path / "r")
+    assert rc == 0, err                                                                # released: the folder is free
+
+
+@pytest.mark.usefixtures("cpu_dispatch")
+def test_misleading_messages_name_the_right_thing(tmp_path, capsys, monkeypatch):
+    # --resume FILE with another model names FILE, not this run's folder
+    assert run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 2, "--max-steps", 1, "--out", tmp_path / "a")[0] == 0
+    other = tmp_path / "a" / "teacher" / "last.pt"
+    rc, _, err = run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 2, "--out", tmp_path / "b",
+                           "--resume", other, "--teacher-opts", "dim=48,depth=2,heads=2")
+    assert rc == 2 and f"cannot resume {other} with different model arguments" in one_error_line(err)
+    rc, _, err = run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 2, "--out", tmp_path / "a", "--batch-size", 8)
+    assert rc == 2 and "cannot resume with another global batch (16 -> 8)" in one_error_line(err)
+    # a non-finite loss before any checkpoint: no "kept the last good checkpoint"
+    real = train.normalize
+    monkeypatch.setattr(train, "normalize", lambda x, device: real(x, device) * float("inf"))
+    rc, _, err = run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 1, "--out", tmp_path / "c")
+    line = one_error_line(err)
+    assert rc == 2 and "no checkpoint of this run was written yet" in line and "kept" not in line
+    monkeypatch.setattr(train, "normalize", real)
+    # patch sizes that differ: the message names the student options that match the teacher
+    rc, _, err = run_train(capsys, "--stage", "distill", "--teacher", tiny_teacher(tmp_path / "t.pt"), *TINY,
+                           "--student", "tiny", "--out", tmp_path / "d")
+    assert rc == 2 and "add patch_size=4 to --student-opts or use --student demo" in one_error_line(err)
+
+
+@pytest.mark.usefixtures("cpu_dispatch")
+def test_eval_warns_about_a_distillation_checkpoint(tmp_path, capsys):
+    teacher = tiny_teacher(tmp_path / "t.pt")
+    assert run_train(capsys, "--stage", "distill", "--teacher", teacher, *TINY, "--epochs", 1, "--out", tmp_path / "r")[0] == 0
+    assert evaluate_cli.main(["--ckpt", str(tmp_path / "r" / "distill" / "last.pt")]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "class head was never trained" in err and "--stage finetune --init" in err
+    assert evaluate_cli.main(["--ckpt", str(tmp_path / "r" / "distill" / "last.pt"), "--img-size", "18"]) == 2
+    assert "--img-size 18 is not a multiple of the model patch size 4" in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.usefixtures("cpu_dispatch")
+@pytest.mark.parametrize("fmt", ["torchscript", "safetensors"])
+def test_eval_reads_the_teacher_files_its_help_names(tmp_path, capsys, fmt):
+    root = write_tree(tmp_path / "d", corrupt=0)
+    torch.manual_seed(0)
+    vit = vl.ViT(vl.ViTConfig(img_size=16, patch_size=4, dim=32, depth=2, heads=2, num_classes=3)).eval()
+    if fmt == "torchscript":                                          # a TorchScript archive, keys as timm writes them
+        class Holder(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.module = vit                                     # -> module.* keys, which load_teacher strips
+
+            def forward(self, x):
+                return self.module(x).logits
+        path = tmp_path / "teacher.pt"
+        torch.jit.save(torch.jit.trace(Holder(), torch.randn(1, 3, 16, 16)), str(path))
+    else:
+        path = tmp_path / "teacher.safetensors"                       # the format: header length, JSON header, bytes
+        header, blobs = {}, []
+        for k, v in vit.state_dict().items():
+            offset = sum(map(len, blobs))
+            blobs.append(v.contiguous().numpy().tobytes())
+            header[k] = {"dtype": "F32", "shape": list(v.shape), "data_offsets": [offset, offset + len(blobs[-1])]}
+        text = json.dumps(header).encode()
+        path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+    classes, samples = train.list_split(root, "val")
+    args = type("Args", (), dict(amp="none", max_bad_frac=0.01, batch_size=64, workers=0, seed=0))()
+    want = train.evaluate(vit, train.make_loader(train.ImageFolder(samples, classes, 16, False), args, train.Ctx(),
+                                                  train=False), args, train.Ctx())
+    capsys.readouterr()
+    assert evaluate_cli.main(["--ckpt", str(path), "--data", root]) == 0
+    assert f"top-1 {want['top1']:.2f}  top-5 {want['top5']:.2f}" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")                  # torch's own note on --workers 3
+def test_threads_and_workers_are_chosen_on_purpose(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)   # a 2-core box
+    assert train.parse_args([]).threads == train.DEMO_THREADS == 1                    # the demo: fixed, reproducible
+    assert train.parse_args(["--threads", "3"]).threads == 3
+    data = train.parse_args(["--data", str(tmp_path)])
+    assert (data.threads, data.workers) == (2, 2)                                     # --data: the cores; 2 workers, not 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")                                       # two torchrun processes share them
+    data = train.parse_args(["--data", str(tmp_path)])
+    assert (data.threads, data.workers) == (1, 1)
+    assert train.parse_args(["--data", str(tmp_path), "--workers", "6"]).workers == 6  # given: kept (with a warning)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    before = torch.get_num_threads()
+    try:
+        rc, out, err = run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 1, "--out", tmp_path / "r",
+                                 "--threads", 2, "--workers", 3)
+        assert rc == 0 and "2 thread(s)" in out and torch.get_num_threads() == 2
+        assert "warning: --workers 3 on 2 CPU core(s)" in err
+        assert evaluate_cli.main(["--ckpt", str(tmp_path / "r" / "teacher" / "last.pt")]) == 0
+        assert torch.get_num_threads() == train.DEMO_THREADS                           # eval on the demo set: fixed too
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("cpu_dispatch")
+def test_a_warm_up_longer_than_the_run_is_reported(tmp_path, capsys):
+    root = write_tree(tmp_path / "d", corrupt=0)
+    rc, _, err = run_train(capsys, "--data", root, "--out", tmp_path / "r", "--stage", "teacher", "--epochs", 2,
+                           "--teacher-preset", "demo", "--teacher-opts", "dim=32,depth=2,heads=2", "--img-size", 16,
+                           "--batch-size", 4, "--workers", 0)                      # --data: 5 warm-up epochs by default
+    assert rc == 0 and "warning: the warm-up (15 steps, --warmup-epochs 5) is not shorter than the run (6 steps)" in err
