@@ -1673,6 +1673,8 @@ def test_progressive_resolution_from_the_command_line(tmp_path, capsys):
     assert "64 px" in capsys.readouterr().out
     assert evaluate_cli.main(["--ckpt", str(tmp_path / "r" / "s32" / "last.pt"), "--img-size", "30"]) == 2
     assert "not a multiple of the model patch size 4" in one_error_line(capsys.readouterr().err)
+    assert evaluate_cli.main(["--ckpt", str(tmp_path / "r" / "s32" / "last.pt"), "--crop-ratio", "0"]) == 2
+    assert "--crop-ratio 0.0: must be > 0 and <= 1" in one_error_line(capsys.readouterr().err)
 
 
 # ---------------------------------------------------------------- issue 11: the GPU report's parts, run small on the CPU
