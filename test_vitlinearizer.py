@@ -1586,7 +1586,7 @@ AUG = ["--aa", "rand-m9-mstd0.5-inc1", "--erase-prob", "0.5", "--mixup", "0.8", 
 @pytest.mark.usefixtures("cpu_dispatch")
 def test_resume_with_every_augmentation_and_ema_follows_the_uninterrupted_run(tmp_path, capsys):
     root = write_tree(tmp_path / "d", n=6, corrupt=0)
-    args = ["--data", root, "--stage", "finetune", *TINY, "--batch-size", 4, "--epochs", 2, "--workers", 0,
+    args = ["--data", root, "--stage", "finetune", *TINY, "--batch-size", 4, "--epochs", 2, "--workers", 0, "--threads", 1,
             "--student-opts", "dim=32,depth=2,d_state=4,scan_backend=chunked", "--ckpt-every", 2, *AUG]
     assert run_train(capsys, "--out", tmp_path / "a", *args)[0] == 0
     ref = losses(tmp_path / "a" / "finetune" / "log.jsonl")
@@ -1630,7 +1630,7 @@ def test_digits_folder_teacher_distill_finetune_with_every_augmentation(tmp_path
     modes = {Image.open(p).mode for p in (tmp_path / "digits").rglob("*.*")}
     assert modes == {"L", "RGB", "P", "CMYK"}
     common = ["--data", root, "--out", tmp_path / "r", "--img-size", 16, "--batch-size", 32, "--workers", 1,
-              "--log-every", 1, "--warmup-epochs", 0.5, "--stages", 2, *AUG]
+              "--threads", 1, "--log-every", 1, "--warmup-epochs", 0.5, "--stages", 2, *AUG]
     rc, out, err = run_train(capsys, *common, "--stage", "teacher", "--teacher-preset", "demo", "--epochs", 3,
                              "--teacher-opts", "dim=32,depth=2,heads=2", "--lr", "2e-3")
     assert rc == 0, err
