@@ -33,7 +33,7 @@ def accuracy(args):
     run = ck.get("args", {})
     args.img_size = args.img_size or run.get("img_size") or model.cfg.img_size
     if args.data is None and run and run.get("data") is None:                            # the demo's held-out set
-        ds = train.RelationsDemo(run["demo_val"], args.img_size, seed=run["demo_seed"] + 1)
+        ds = train.demo_set(demo_args(run, args.img_size), "val")
         classes = ds.classes
     elif args.data is not None:
         classes, samples = train.list_split(args.data, "val")
@@ -49,6 +49,60 @@ def accuracy(args):
     res = train.evaluate(model.to(ctx.device), train.make_loader(ds, args, ctx, train=False), args, ctx)
     print(f"{args.ckpt}: top-1 {res['top1']:.2f}  top-5 {res['top5']:.2f}  ({len(ds)} images, {len(classes)} classes)")
     return res
+
+
+def demo_args(run, img_size):
+    """the demo arguments of a run (checkpoints from before --demo-task used the relations task)"""
+    return argparse.Namespace(**{"demo_task": "relations", "demo_probe": train.DEMO["demo_probe"], **run, "img_size": img_size})
+
+
+# ----------------------------------------------------------------------------------------------- linear probe
+
+def random_init(ck, seed):
+    """the checkpoint's architecture as training initialises it from scratch (seed, then the run's position init):
+    what a distillation run starts from"""
+    cls, ccls = (vl.ViT, vl.ViTConfig) if ck["kind"] == "vit" else (vl.VisionMamba, vl.MambaConfig)
+    torch.manual_seed(seed)
+    model = cls(ccls(**ck["config"]))
+    if ck.get("args", {}).get("pos_init", "sincos") == "sincos":
+        train.sincos_pos_init_(model)
+    return model
+
+
+def probe_ckpts(args):
+    """eval.py --probe: linear probe of each frozen checkpoint; results also merged into <its folder>/probe.json"""
+    ctx = train.Ctx(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    args.seed, args.max_bad_frac = 0, 0.01
+    results = {}
+    for path in args.probe:
+        model, ck = load_model(path)
+        run = ck.get("args", {})
+        img_size = args.img_size or run.get("img_size") or model.cfg.img_size
+        if args.data is None and run.get("data") is None and run:
+            a = demo_args(run, img_size)
+            a.demo_probe = args.probe_train or a.demo_probe
+            probe_set, val = train.demo_set(a, "probe"), train.demo_set(a, "val")
+        elif args.data is not None:
+            d = train.Data(argparse.Namespace(data=args.data, img_size=img_size, distill_data=None))
+            probe_set, val = d.probe(args.probe_train), d.val
+        else:
+            raise train.UserError(f"{path} was not trained on the demo: give --data DIR (DIR/{{train,val}}/<class>/*)")
+        if args.random_init:
+            if "kind" not in ck:
+                raise train.UserError(f"--random-init needs one of our checkpoints (its architecture), not {path}")
+            model, name = random_init(ck, args.random_init_seed), f"random-init-s{args.random_init_seed}"
+        else:
+            name = os.path.basename(path)
+        args.img_size, args.batch_size = img_size, max(args.batch_size, 256)
+        res = train.probe(model, probe_set, val, args, ctx)
+        print(f"{path}{' (random init)' if args.random_init else ''}: linear probe top-1 {res['top1']:.2f}  "
+              f"(train {res['train_top1']:.2f}; {len(probe_set)} probe images, {len(val)} held out)")
+        out = os.path.join(os.path.dirname(path) or ".", "probe.json")
+        if not path.startswith("timm:"):
+            old = json.load(open(out)) if os.path.exists(out) else {}
+            train.save_json(out, {**old, name: res})
+        results[path] = res
+    return results
 
 
 # ----------------------------------------------------------------------------------------------- model benchmark
@@ -315,38 +369,75 @@ def bench_scan(args, csv_path):
 
 # ----------------------------------------------------------------------------------------------- ablation table
 
-def final_top1(run_dir):
-    """top-1 of the last validation in RUN_DIR/log.jsonl, None while the run has none"""
+def val_curve(run_dir):
+    """[(step, top-1)] of the validations in RUN_DIR/log.jsonl (the last one is the run's result)"""
     path = os.path.join(run_dir, "log.jsonl")
     if not os.path.exists(path):
-        return None
+        return []
     with open(path) as f:
-        vals = [rec["val_top1"] for rec in map(json.loads, f) if "val_top1" in rec]
-    return vals[-1] if vals else None
+        return [(rec["step"], rec["val_top1"]) for rec in map(json.loads, f) if "val_top1" in rec]
+
+
+def final_top1(run_dir):
+    """top-1 of the last validation in RUN_DIR/log.jsonl, None while the run has none"""
+    curve = val_curve(run_dir)
+    return curve[-1][1] if curve else None
+
+
+def seed_stats(res):
+    """[(seed, value)] -> '| seeds | mean | std | min - max | per seed |' cells"""
+    v = torch.tensor([t for _, t in res], dtype=torch.float64)
+    std = f"{v.std().item():.1f}" if len(res) > 1 else ""
+    return (f"{len(res)} | {v.mean().item():.1f} | {std} | {v.min().item():.1f} - {v.max().item():.1f} | "
+            + ", ".join(f"s{s}: {t:.1f}" for s, t in sorted(res)))
 
 
 def summarize_runs(root):
-    """Markdown table of ROOT/<config>-s<seed>/finetune runs: top-1 mean and spread over seeds (+ ROOT/teacher)."""
+    """Markdown tables of ROOT/<config>-s<seed>/<run> folders, over seeds (mean, sample std, range, every seed):
+    one table per run name (final top-1 of its log.jsonl), learning curves of runs validated more than once, and the
+    linear probes in their probe.json files (eval.py --probe). ROOT/teacher (a single run) is listed too."""
     if not os.path.isdir(root):
         raise train.UserError(f"--runs {root}: no such folder")
-    runs = {}
+    top1, curves, probes = {}, {}, {}
     for name in sorted(os.listdir(root)):
         config, _, seed = name.rpartition("-s")
-        top1 = final_top1(os.path.join(root, name, "finetune"))
-        if config and seed.isdigit() and top1 is not None:
-            runs.setdefault(config, []).append((int(seed), top1))
+        if not (config and seed.isdigit() and os.path.isdir(os.path.join(root, name))):
+            continue
+        for run in sorted(os.listdir(os.path.join(root, name))):
+            run_dir = os.path.join(root, name, run)
+            curve = val_curve(run_dir)
+            if curve:
+                top1.setdefault(run, {}).setdefault(config, []).append((int(seed), curve[-1][1]))
+                curves.setdefault((config, run), []).append(dict(curve))
+            probe_file = os.path.join(run_dir, "probe.json")
+            if os.path.exists(probe_file):
+                for ckpt, res in json.load(open(probe_file)).items():
+                    probes.setdefault((config, run, ckpt), []).append((int(seed), res["top1"]))
     teacher = final_top1(os.path.join(root, "teacher"))
-    if not runs and teacher is None:
-        raise train.UserError(f"--runs {root}: no finished <config>-s<seed>/finetune or teacher run in it")
-    print("| configuration | seeds | top-1 mean | std | min - max | per seed |\n|---|---|---|---|---|---|")
-    if teacher is not None:
-        print(f"| teacher (ViT) | 1 | {teacher:.1f} | | | |")
-    for config, res in runs.items():
-        top1 = torch.tensor([t for _, t in res], dtype=torch.float64)
-        std = f"{top1.std().item():.1f}" if len(res) > 1 else ""
-        print(f"| {config} | {len(res)} | {top1.mean().item():.1f} | {std} | {top1.min().item():.1f} - {top1.max().item():.1f} | "
-              + ", ".join(f"s{s}: {t:.1f}" for s, t in res) + " |")
-    return runs
+    if not top1 and not probes and teacher is None:
+        raise train.UserError(f"--runs {root}: no finished <config>-s<seed>/<run> or teacher run in it")
+    head = "| seeds | top-1 mean | std | min - max | per seed |\n|---|---|---|---|---|---|"
+    for i, run in enumerate(sorted(top1, key=lambda r: (r != "finetune", r))):
+        print(("\n" if i else "") + f"| {run}: configuration {head}")
+        if teacher is not None and i == 0:
+            print(f"| teacher (ViT) | 1 | {teacher:.1f} | | | |")
+        for config, res in top1[run].items():
+            print(f"| {config} | {seed_stats(res)} |")
+    if teacher is not None and not top1:
+        print(f"| configuration {head}\n| teacher (ViT) | 1 | {teacher:.1f} | | | |")
+    long = {k: v for k, v in curves.items() if max(map(len, v)) > 1}
+    if long:
+        print("\n| learning curve: configuration / run | seeds | top-1 at step (mean over seeds) |\n|---|---|---|")
+        for (config, run), runs in long.items():
+            steps = sorted(set.intersection(*(set(c) for c in runs)))
+            print(f"| {config} / {run} | {len(runs)} | "
+                  + ", ".join(f"{s}: {sum(c[s] for c in runs) / len(runs):.1f}" for s in steps) + " |")
+    if probes:
+        print(f"\n| linear probe: configuration / checkpoint {head}")
+        step = lambda k: int(k[2][4:-3]) if k[2].startswith("step") and k[2][4:-3].isdigit() else 1 << 60  # noqa: E731
+        for key in sorted(probes, key=lambda k: (k[0], k[1], step(k), k[2])):
+            print(f"| {key[0]} / {key[1]}/{key[2]} | {seed_stats(probes[key])} |")
+    return top1
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -374,6 +465,16 @@ def main(argv=None):
     p.add_argument("--max-seconds", type=float, default=30.0, help="bench: skip larger inputs once one call takes longer")
     p.add_argument("--out", default=".", help="folder for bench.csv / bench.png / bench_scan.csv")
     p.add_argument("--runs", help="folder of <config>-s<seed> runs: print their top-1 over seeds")
+    p.add_argument("--probe", nargs="+", metavar="CKPT", help="linear probe of frozen checkpoints: multinomial logistic "
+                   "regression on [class token, mean patch token] of the final tokens; features standardised; weights "
+                   f"from zero; full-batch L-BFGS, fp64, L2 {train.PROBE_L2:g}, at most {train.PROBE_ITERS} iterations; "
+                   "trained on the demo's probe set (or DIR/train with --data), measured on the held-out set (DIR/val); "
+                   "results also go to <ckpt folder>/probe.json")
+    p.add_argument("--probe-train", type=int, default=0, help="probe: training images (demo: default the run's "
+                   "--demo-probe; --data: 0 = the whole train split)")
+    p.add_argument("--random-init", action="store_true", help="probe: the checkpoint's architecture at its training "
+                   "initialisation instead of its weights")
+    p.add_argument("--random-init-seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
         if args.bench or args.bench_scan:
@@ -384,10 +485,12 @@ def main(argv=None):
                 bench_scan(args, os.path.join(args.out, "bench_scan.csv"))
         elif args.runs:
             summarize_runs(args.runs)
+        elif args.probe:
+            probe_ckpts(args)
         elif args.ckpt:
             accuracy(args)
         else:
-            p.error("give --ckpt PATH, --runs DIR, --bench or --bench-scan")
+            p.error("give --ckpt PATH, --probe CKPT, --runs DIR, --bench or --bench-scan")
     except train.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
