@@ -392,6 +392,15 @@ def seed_stats(res):
             + ", ".join(f"s{s}: {t:.1f}" for s, t in sorted(res)))
 
 
+def paired_gap(res, base):
+    """mean (sample std) over the seeds both have of res - base, e.g. '+29.1 (2.3), 5 seeds'"""
+    base = dict(base)
+    d = torch.tensor([t - base[s] for s, t in res if s in base], dtype=torch.float64)
+    if not len(d):
+        return ""
+    return f"{d.mean().item():+.1f}" + (f" ({d.std().item():.1f})" if len(d) > 1 else "") + f", {len(d)} seeds"
+
+
 def summarize_runs(root):
     """Markdown tables of ROOT/<config>-s<seed>/<run> folders, over seeds (mean, sample std, range, every seed):
     one table per run name (final top-1 of its log.jsonl), learning curves of runs validated more than once, and the
@@ -418,11 +427,15 @@ def summarize_runs(root):
         raise train.UserError(f"--runs {root}: no finished <config>-s<seed>/<run> or teacher run in it")
     head = "| seeds | top-1 mean | std | min - max | per seed |\n|---|---|---|---|---|---|"
     for i, run in enumerate(sorted(top1, key=lambda r: (r != "finetune", r))):
-        print(("\n" if i else "") + f"| {run}: configuration {head}")
+        group = top1[run]
+        labels = [c for c in group if c.startswith("labels")]                # labels-only baselines of this group
+        best = max(labels, key=lambda c: sum(t for _, t in group[c]) / len(group[c])) if labels else None
+        cols = "| seeds | top-1 mean | std | min - max | per seed |" + (f" minus {best}, paired by seed |" if best else "")
+        print(("\n" if i else "") + f"| {run}: configuration {cols}\n|" + "---|" * (7 if best else 6))
         if teacher is not None and i == 0:
             print(f"| teacher (ViT) | 1 | {teacher:.1f} | | | |")
-        for config, res in top1[run].items():
-            print(f"| {config} | {seed_stats(res)} |")
+        for config, res in group.items():
+            print(f"| {config} | {seed_stats(res)} |" + (f" {paired_gap(res, group[best])} |" if best else ""))
     if teacher is not None and not top1:
         print(f"| configuration {head}\n| teacher (ViT) | 1 | {teacher:.1f} | | | |")
     long = {k: v for k, v in curves.items() if max(map(len, v)) > 1}

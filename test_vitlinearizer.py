@@ -1264,7 +1264,7 @@ def test_runs_tables_curves_and_probes_on_hand_made_logs(tmp_path, capsys):
         if probe:
             (run_dir / "probe.json").write_text(json.dumps({k: dict(top1=v, train_top1=99) for k, v in probe.items()}))
     for s, (ft, lab, p0, p9) in enumerate([(80.0, 60.0, 20.0, 70.0), (84.0, 62.0, 22.0, 74.0), (83.0, 55.0, 21.0, 72.5)]):
-        write(tmp_path / f"am+mp-s{s}" / "ft300", [(100, ft)])
+        write(tmp_path / f"am+mp-s{s}" / "n300", [(100, ft)])
         write(tmp_path / f"labels-s{s}" / "n300", [(100, lab - 10), (200, lab)])
         (tmp_path / f"am+mp-s{s}" / "distill").mkdir()
         (tmp_path / f"am+mp-s{s}" / "distill" / "probe.json").write_text(json.dumps(
@@ -1274,6 +1274,8 @@ def test_runs_tables_curves_and_probes_on_hand_made_logs(tmp_path, capsys):
     rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]] for l in out.splitlines() if l.startswith("| ")}
     assert rows["am+mp"][:3] == ["3", f"{statistics.mean([80, 84, 83]):.1f}", f"{statistics.stdev([80, 84, 83]):.1f}"]
     assert rows["am+mp"][4] == "s0: 80.0, s1: 84.0, s2: 83.0"
+    gaps = [80 - 60, 84 - 62, 83 - 55]                                                 # paired with the labels-only run
+    assert rows["am+mp"][5] == f"+{statistics.mean(gaps):.1f} ({statistics.stdev(gaps):.1f}), 3 seeds"
     assert rows["labels"][:2] == ["3", f"{statistics.mean([60, 62, 55]):.1f}"]           # the last validation counts
     assert rows["labels / n300"] == ["3", f"100: {statistics.mean([50, 52, 45]):.1f}, 200: {statistics.mean([60, 62, 55]):.1f}"]
     assert rows["am+mp / distill/step0.pt"][:2] == ["3", "21.0"] and rows["am+mp / distill/step9.pt"][1] == "72.2"

@@ -31,10 +31,10 @@ class UserError(Exception):
 # labelled set (standing in for its large pre-training corpus), the students get a small one, and both students get the
 # same images, labels and optimizer steps. Sizes are chosen to finish in minutes on 2 CPU cores.
 DEMO = dict(img_size=32, teacher_preset="demo", student="demo", teacher_opts="", student_opts="dim=64,depth=4,d_state=8",
-            batch_size=32, lr=4e-3, teacher_lr=1e-3, warmup_frac=0.05, teacher_epochs=6, distill_epochs=1,
-            finetune_epochs=16, supervised_epochs=64, finetune_lr=None, workers=0, log_every=20, ckpt_every=200,
-            eval_every=0, demo_train=300,
-            demo_teacher_train=4000, demo_val=2000, demo_task="pairs", demo_pool=32000, demo_probe=2000, threads=1)
+            batch_size=32, lr=4e-3, teacher_lr=1.5e-3, finetune_lr=1e-3, warmup_frac=0.05, teacher_epochs=5,
+            distill_epochs=1, finetune_epochs=11, supervised_epochs=80, workers=0, log_every=20, ckpt_every=200,
+            eval_every=0, demo_task="pairs", demo_train=300, demo_teacher_train=4000, demo_val=2000, demo_pool=32000,
+            demo_probe=2000, threads=1)
 DATA = dict(img_size=224, teacher_preset="vit_b16", student="small", teacher_opts="", student_opts="", batch_size=128,
             lr=None, teacher_lr=None, warmup_epochs=5.0, teacher_epochs=300, distill_epochs=300, finetune_epochs=300,
             supervised_epochs=300, finetune_lr=None,
