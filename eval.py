@@ -5,7 +5,8 @@ Evaluate a checkpoint, or benchmark the teacher against the student.
     python eval.py --ckpt runs/in1k/finetune/last.pt --data DIR  # ... on DIR/val/<class>/*
     python eval.py --bench                                        # teacher vs student: img/s, latency, memory
     python eval.py --bench-scan                                   # selective scan: per-step baseline vs ours
-    python eval.py --runs runs/ablation                           # table of seeds x configurations (README "Results")
+    python eval.py --probe runs/demo/distill/last.pt              # linear probe of a frozen model (--random-init too)
+    python eval.py --runs runs/results/pairs                      # tables over seeds (README "Results", results.sh)
 """
 import argparse, csv, json, os, sys, time
 import torch, torch.nn as nn, torch.nn.functional as F

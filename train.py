@@ -7,8 +7,9 @@ ViT-Linearizer training: distil a frozen ViT teacher into a bidirectional Mamba 
     python train.py --data DIR --stage finetune --init runs/in1k/distill/last.pt --out runs/in1k
     torchrun --nproc_per_node=8 train.py --data DIR ...            # DistributedDataParallel, one process per GPU
 
-Stages (--stage): teacher (a ViT from scratch, labels), distill (teacher frozen; AM + lambda * MP),
-finetune (labels; from --init, or from scratch = the labels-only baseline), all (every stage in turn, then a table).
+Stages (--stage): teacher (a ViT from scratch, labels), distill (teacher frozen; AM + lambda * MP; reads images only,
+never a label: the demo's pool of fresh images, or --distill-data / DIR/train), finetune (labels; from --init, or from
+scratch = the labels-only baseline), all (the demo's story: every stage in turn, linear probes, then a table).
 Each stage writes OUT/NAME/{last.pt, log.jsonl}; re-running the same command resumes from last.pt.
 """
 import argparse, ast, contextlib, dataclasses, functools, json, math, os, random, resource, sys, time
@@ -28,8 +29,11 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------------------------- config
 
 # Defaults that depend on the mode. The demo is a miniature of the paper's setting: the teacher learns from a larger
-# labelled set (standing in for its large pre-training corpus), the students get a small one, and both students get the
-# same images, labels and optimizer steps. Sizes are chosen to finish in minutes on 2 CPU cores.
+# labelled set (standing in for its large pre-training corpus), the student is distilled on a large pool of unlabelled
+# images (the generator is unlimited), then both students get the same small labelled set: the distilled one is
+# fine-tuned briefly at a lower lr, the labels-only one is trained until its held-out accuracy is flat (README
+# "Results": longer schedules do not do better). One thread: reproducible figures, and fast on a busy laptop. Sizes are
+# chosen to finish in under 10 minutes on a 2-core CPU.
 DEMO = dict(img_size=32, teacher_preset="demo", student="demo", teacher_opts="", student_opts="dim=64,depth=4,d_state=8",
             batch_size=32, lr=4e-3, teacher_lr=1.5e-3, finetune_lr=1e-3, warmup_frac=0.05, teacher_epochs=5,
             distill_epochs=1, finetune_epochs=11, supervised_epochs=80, workers=0, log_every=20, ckpt_every=200,
