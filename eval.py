@@ -18,21 +18,33 @@ import scan_kernel
 
 # ----------------------------------------------------------------------------------------------- accuracy
 
-def load_model(path):
-    """our checkpoint (any kind), else whatever load_teacher takes (timm / CLIP file, timm:NAME)"""
-    ck = train.load_checkpoint(path) if not path.startswith("timm:") else {}
-    if "kind" in ck:
+def load_model(path, for_accuracy=True):
+    """our checkpoint (any kind), else whatever load_teacher takes (a teacher file of any format it reads, a Hub folder,
+    timm:NAME)"""
+    if path.startswith("timm:"):
+        return train.load_teacher(path, None), {}
+    try:
+        ck, _ = vl.read_checkpoint(path)                                   # a file, or a Hub folder
+    except Exception as e:
+        raise train.UserError(f"could not read {path}: {type(e).__name__}: {e}".replace("\n", " ")) from e
+    if isinstance(ck, dict) and "kind" in ck:
         try:
-            return vl.model_from_checkpoint(ck, path), ck
+            model = vl.model_from_checkpoint(ck, path)
         except Exception as e:
             raise train.UserError(f"{path}: {e}") from e
-    return train.load_teacher(path, None), ck
+        if ck.get("stage") == "distill" and for_accuracy:
+            print(f"warning: {path} is a distillation checkpoint: its class head was never trained (distillation uses "
+                  "no labels), so its accuracy is near chance; fine-tune it first (train.py --stage finetune --init "
+                  f"{path})", file=sys.stderr)
+        return model, ck
+    return train.load_teacher(path, None), {}
 
 
 def accuracy(args):
     model, ck = load_model(args.ckpt)
     run = ck.get("args", {})
     args.img_size = args.img_size or run.get("img_size") or model.cfg.img_size
+    train.check_resolution(args.img_size, model.cfg.patch_size, "model")
     if args.data is None and run and run.get("data") is None:                            # the demo's held-out set
         ds = train.demo_set(demo_args(run, args.img_size), "val")
         classes = ds.classes
@@ -76,7 +88,7 @@ def probe_ckpts(args):
     args.seed, args.max_bad_frac = 0, 0.01
     results = {}
     for path in args.probe:
-        model, ck = load_model(path)
+        model, ck = load_model(path, for_accuracy=False)
         run = ck.get("args", {})
         img_size = args.img_size or run.get("img_size") or model.cfg.img_size
         if args.data is None and run.get("data") is None and run:
@@ -147,8 +159,8 @@ def bench_models(args, csv_path):
     models = {"teacher": vl.ViT(train.make_config(vl.TEACHER_PRESETS, args.teacher_preset, args.teacher_opts, "teacher")),
               "student": vl.VisionMamba(train.make_config(vl.STUDENT_PRESETS, args.student, args.student_opts, "student"))}
     rows, slow = [], set()
-    for res in map(int, args.resolutions.split(",")):
-        for bs in map(int, args.batch_sizes.split(",")):
+    for res in int_list(args.resolutions, "--resolutions"):
+        for bs in int_list(args.batch_sizes, "--batch-sizes"):
             for name, model in models.items():
                 model.to(device).eval()
                 row = dict(model=name, preset=args.teacher_preset if name == "teacher" else args.student, res=res,
@@ -169,7 +181,7 @@ def bench_models(args, csv_path):
                         slow.add(name)
                     sec = timed(fwd, args.warmup, args.repeats, device)
                     row.update(img_s=f"{bs / sec:.1f}", latency_ms=f"{1000 * sec:.1f}", peak_mb="n/a" if mem is None else f"{mem:.0f}")
-                    if res in (224, 448) and bs == max(map(int, args.batch_sizes.split(","))):
+                    if res in (224, 448) and bs == max(int_list(args.batch_sizes, "--batch-sizes")):
                         row["train_mem_mb"] = train_step_mem(model, x, device, amp)
                     if name == "student":
                         teacher_row = rows[-2]
@@ -318,7 +330,7 @@ def scan_baseline(u, delta, A, B, C, D, z, delta_bias):
 
 def bench_scan(args, csv_path):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shapes = [tuple(map(int, s.split(","))) for s in args.scan_shapes.split(";")] if args.scan_shapes else (
+    shapes = [tuple(int_list(s, "--scan-shapes")) for s in args.scan_shapes.split(";")] if args.scan_shapes else (
         [(64, 768, 16, 197), (64, 768, 16, 785), (128, 1536, 16, 197), (128, 1536, 16, 785)] if device.type == "cuda"
         else [(8, 384, 16, 197), (8, 384, 16, 1025)])
     impls = {"baseline (per-step slicing)": scan_baseline,
@@ -366,6 +378,344 @@ def bench_scan(args, csv_path):
     write_csv(csv_path, cols, rows)
     print(f"\nwrote {csv_path}")
     return rows
+
+
+# ----------------------------------------------------------------------------------------------- GPU report
+
+def median_ms(fn, device, warmup=3, repeats=20):
+    """median milliseconds of fn(); on CUDA each call is timed with its own pair of events"""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t))
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth(device):
+    """GB/s of a 2 GiB device-to-device copy, bytes read + written: the practical memory ceiling of this device"""
+    src = torch.empty(2**29, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, warmup=3, repeats=10)
+    return 2 * src.nbytes / ms / 1e6
+
+
+def scan_inputs(batch, dim, N, L, dtype, layout, directions, device, seed=0):
+    """Random scan inputs. layout "L-contiguous": (.., dim, L) and (.., N, L) tensors contiguous along L (what our
+    student passes); "transposed": transposed views of (.., L, dim) / (.., L, N) tensors (what Vim's block passes).
+    directions 2: u, delta, A, B, C, D, delta_bias stacked on a leading axis of 2 (bidirectional_selective_scan)."""
+    g = torch.Generator(device).manual_seed(seed)
+    lead = (2,) if directions == 2 else ()
+    rand = lambda *shape: torch.randn(shape, device=device, generator=g)  # noqa: E731
+
+    def act(lead, rows, scale=1.0, shift=0.0):
+        if layout == "L-contiguous":
+            return (rand(*lead, batch, rows, L) * scale + shift).to(dtype)
+        return (rand(*lead, batch, L, rows) * scale + shift).to(dtype).transpose(-1, -2)
+    return dict(u=act(lead, dim), delta=act(lead, dim, 0.5, -1.0), A=-torch.exp(0.5 * rand(*lead, dim, N)),
+                B=act(lead, N), C=act(lead, N), D=rand(*lead, dim), z=act((), dim), delta_bias=0.3 * rand(*lead, dim))
+
+
+def scan_check(x, reverse, directions, backend="triton"):
+    """-> (error, name): the largest error of the scan's output, last state (single direction) and every gradient
+    against the fp64 reference on the same (rounded) inputs, max |got - ref| / (1 + max |ref|) (relative for large
+    tensors, absolute for tiny ones such as dA at L = 1, which is exactly 0), and which tensor it was. On CUDA the allocator's free memory is filled with NaN first, so an unwritten output shows."""
+    names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+    device = x["u"].device
+    w = torch.randn(x["u"].shape[-3:], device=device, dtype=torch.float64)
+    results = []
+    for backend, dtype in ((backend, None), ("reference", torch.float64)):
+        leaves = {k: v.detach().to(dtype or v.dtype).requires_grad_() for k, v in x.items()}
+        if device.type == "cuda":
+            torch.full((2**28,), float("nan"), device=device)  # poison: freed at once, reused by the next allocations
+        if directions == 2:
+            out, last = scan_kernel.bidirectional_selective_scan(**leaves, delta_softplus=True, backend=backend), None
+        else:
+            out, last = scan_kernel.selective_scan(**leaves, delta_softplus=True, reverse=reverse,
+                                                   return_last_state=True, backend=backend)
+        loss = (out.double() * w).sum() + (0 if last is None else last.double().sum())
+        grads = torch.autograd.grad(loss, [leaves[k] for k in names])
+        results.append([out] + ([] if last is None else [last]) + list(grads))
+    labels = ["out"] + ([] if directions == 2 else ["last state"]) + ["d" + k for k in names]
+    errs = {lab: ((a.double() - b).abs().max() / (1 + b.abs().max())).nan_to_num(float("inf")).item()
+            for lab, a, b in zip(labels, *results)}
+    worst = max(errs, key=errs.get)
+    return errs[worst], worst
+
+
+def scan_bytes(batch, dim, N, L, itemsize, directions, backward):
+    """unavoidable bytes: each input read once, each output written once. Forward: u, delta, B, C per direction
+    and z read, out written. Backward: the same reads plus dout, then du, ddelta, dB, dC per direction and dz."""
+    act, small = batch * dim * L * itemsize, batch * N * L * itemsize
+    fwd = directions * (2 * act + 2 * small) + 2 * act
+    return fwd + (directions * (4 * act + 4 * small) + 3 * act if backward else 0)
+
+
+def bidirectional_three_ways(ins, backend="auto"):
+    """{name: fn() -> out}: the fused launch, two single-direction launches (reverse=True, no copies), and Vim's own
+    way (two launches, the backward direction on flipped copies of its inputs and z, its output flipped back)"""
+    pick = lambda k: {n: (v if n == "z" else v[k]) for n, v in ins.items()}  # noqa: E731
+    flip = lambda d: {n: (v.flip(-1) if n in ("u", "delta", "B", "C", "z") else v) for n, v in d.items()}  # noqa: E731
+    scan = lambda d, **kw: scan_kernel.selective_scan(**d, delta_softplus=True, backend=backend, **kw)  # noqa: E731
+    return {"fused bidirectional": lambda: scan_kernel.bidirectional_selective_scan(**ins, delta_softplus=True,
+                                                                                    backend=backend),
+            "two launches, reverse=True": lambda: scan(pick(0)) + scan(pick(1), reverse=True),
+            "two launches + flips (Vim)": lambda: scan(pick(0)) + scan(flip(pick(1))).flip(-1)}
+
+
+def scan_speed(shape, dtype, layout, peak, device, backend="auto", repeats=20):
+    """rows of forward and forward + backward times of the three ways of bidirectional_three_ways"""
+    batch, dim, N, L = shape
+    x = scan_inputs(batch, dim, N, L, dtype, layout, 2, device)
+    rows = []
+    for backward in (False, True):
+        ins = {k: v.detach().requires_grad_(backward) for k, v in x.items()}
+        gy = torch.randn(x["z"].shape, device=device, dtype=dtype)
+        times = {}
+        for name, fn in bidirectional_three_ways(ins, backend).items():
+            def call():
+                with torch.set_grad_enabled(backward):
+                    out = fn()
+                    if backward:
+                        torch.autograd.grad(out, list(ins.values()), gy)
+            times[name] = median_ms(call, device, warmup=2, repeats=repeats)
+        nbytes = scan_bytes(batch, dim, N, L, dtype.itemsize, 2, backward)
+        for name, ms in times.items():
+            rows.append(dict(shape=f"{batch}x{dim}x{N}x{L}", dtype=str(dtype)[6:], layout=layout,
+                             mode="fwd+bwd" if backward else "fwd", impl=name, ms=f"{ms:.3f}",
+                             GB_s=f"{nbytes / ms / 1e6:.0f}", of_peak=f"{100 * nbytes / ms / 1e6 / peak:.0f}%",
+                             fused_speedup=f"{ms / times['fused bidirectional']:.2f}x"))
+    rows[3]["fused_speedup"] += f" (fwd+bwd = {float(rows[3]['ms']) / float(rows[0]['ms']):.2f} x fwd)"
+    return rows
+
+
+def model_flops(model, res, device):
+    """forward FLOPs of one image: matmuls, convolutions and attention as torch counts them, plus the selective scan,
+    which it cannot see (per channel, step, state and direction: dt A, exp, dt u B, a h + b, C h: 7 operations)"""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, 3, res, res, device=device))
+    flops = counter.get_total_flops()
+    if isinstance(model, vl.VisionMamba):
+        cfg, L = model.cfg, 1 + (res // model.cfg.patch_size) ** 2
+        directions = 2 if cfg.bidirectional == "fused" else 1
+        flops += cfg.depth * directions * cfg.expand * cfg.dim * L * 7 * cfg.d_state
+    return flops
+
+
+def attention_kernel(model, device):
+    """name of the CUDA kernel that PyTorch's scaled_dot_product_attention runs for this ViT under bf16"""
+    x = torch.randn(2, 3, model.cfg.img_size, model.cfg.img_size, device=device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof, torch.no_grad(), \
+            torch.autocast("cuda", dtype=torch.bfloat16):
+        model(x)
+    hits = [e.key for e in prof.key_averages()
+            if any(k in e.key.lower() for k in ("flash", "fmha", "attention", "cudnn", "efficient"))]
+    return min(hits, key=len)[:70] if hits else "not found"
+
+
+def model_speed(res, batch, models, device, repeats=5):
+    """per model: training (forward, backward, AdamW step) and inference images/s and peak memory under bf16
+    autocast, forward GFLOPs per image, and each against the first model (the teacher)"""
+    rows = []
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for name, model in models.items():
+        model.to(device)
+        x = torch.randn(batch, 3, res, res, device=device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+        row = dict(res=res, tokens=1 + (res // 16) ** 2, batch=batch, model=name)
+
+        def train_step():
+            with amp:
+                loss = model(x).logits.float().logsumexp(-1).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        def infer():
+            with torch.no_grad(), amp:
+                model(x)
+        for mode, fn in (("train", train_step), ("infer", infer)):
+            model.train(mode == "train")
+            try:
+                mem = peak_mb(device, fn)
+                ms = median_ms(fn, device, warmup=1, repeats=repeats)
+                row[f"{mode} img/s"] = f"{batch * 1000 / ms:.0f}"
+                row[f"{mode} GB"] = "n/a" if mem is None else f"{mem / 1024:.1f}"
+            except torch.cuda.OutOfMemoryError:
+                row[f"{mode} img/s"], row[f"{mode} GB"] = "OOM", ""
+                torch.cuda.empty_cache()
+        row["GFLOPs"] = f"{model_flops(model.eval(), res, device) / 1e9:.3g}"
+        rows.append(row)
+        del opt
+        model.cpu()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    t = rows[0]
+    for row in rows:
+        ratio = [f"{float(row[k]) / float(t[k]):.2f}" if "OOM" not in (row[k], t[k]) else "-"
+                 for k in ("train img/s", "infer img/s")]
+        row["speed vs teacher (train / infer)"] = " / ".join(ratio)
+        row["FLOP ratio teacher / model"] = f"{float(t['GFLOPs']) / float(row['GFLOPs']):.2f}"
+    return rows
+
+
+def kernel_resources():
+    """registers and spills of the scan kernels compiled so far in this process, and the warps per SM they allow
+    (64K registers per SM, allocated per warp in units of 256)"""
+    seen = set()
+    for kernel in (scan_kernel._fwd_kernel, scan_kernel._bwd_kernel):
+        for cache in getattr(kernel, "device_caches", {}).values():
+            for compiled in cache[0].values():
+                regs, warps = compiled.n_regs, compiled.metadata.num_warps
+                per_warp = -(-regs * 32 // 256) * 256
+                resident = min(64, 32 * warps, 65536 // (per_warp * warps) * warps)
+                seen.add(f"{kernel.fn.__name__[1:4]} {warps} warps: {regs} registers, {compiled.n_spills} spills, "
+                         f"{resident} warps/SM")
+    return sorted(seen)
+
+
+def kernel_budget(archs=(80, 90), dim=768, batch=2):
+    """Compile, on any machine and without a GPU, every Triton scan launch that Vim-sized inputs make (L 197, 785,
+    4097; N 16, 64; fp32, bf16; one direction and fused bidirectional; forward with and without saving y, and
+    backward) for sm_80 (A100) and sm_90 (H100 / H200), and read registers, stack (spill) bytes and shared memory
+    from the cubin with the cuobjdump that ships with Triton. -> rows, one per distinct launch and architecture."""
+    import re, subprocess, tempfile
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+    if not hasattr(scan_kernel._fwd_kernel, "_pack_args"):
+        raise train.UserError(f"--kernel-budget needs a compiled (not interpreted) kernel and triton >= 3.6 "
+                              f"(TRITON_INTERPRET set, or triton {triton.__version__})")
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    launches, launch = [], scan_kernel._launch
+    scan_kernel._launch = lambda kernel, grid, *a, **kw: launches.append((kernel, a, kw, where))
+    try:
+        for L in (197, 785, 4097):
+            for N in (16, 64):
+                for dtype in (torch.float32, torch.bfloat16):
+                    for directions in (1, 2):
+                        where = f"L {L}, N {N}"
+                        x = scan_inputs(batch, dim, N, L, dtype, "L-contiguous", directions, torch.device("cpu"))
+                        lead = {k: (v if directions == 2 else v[None]) for k, v in x.items() if k != "z"}
+                        for grad in (False, True):
+                            ins = {k: v.detach().requires_grad_(grad) for k, v in lead.items()}
+                            z = x["z"].detach().requires_grad_(grad)
+                            with torch.set_grad_enabled(grad):
+                                out, _ = scan_kernel._ScanFn.apply(ins["u"], ins["delta"], ins["A"], ins["B"], ins["C"],
+                                                                   ins["D"], z, ins["delta_bias"], True, False, False,
+                                                                   grad)
+                                if grad:
+                                    out.float().sum().backward()
+    finally:
+        scan_kernel._launch = launch
+    rows, seen = [], {}
+    for arch in archs:
+        target = GPUTarget("cuda", arch, 32)
+        backend = make_backend(target)
+        for kernel, args, kw, where in launches:
+            binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+            bound, specialization, options = binder(*args, **kw)
+            options, signature, constexprs, attrs = kernel._pack_args(backend, kw, bound, specialization, options)
+            key = (arch, kernel.fn.__name__, repr(signature), repr(constexprs), repr(attrs), options.num_warps)
+            if key in seen:
+                seen[key]["shapes"].add(where)
+                continue
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                                      options=options.__dict__)
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(compiled.asm["cubin"])
+                f.flush()
+                usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                                       text=True).stdout
+            regs, stack, shared = (int(re.search(rf"{k}:(\d+)", usage)[1]) for k in ("REG", "STACK", "SHARED"))
+            warps = options.num_warps
+            per_warp = -(-regs * 32 // 256) * 256  # registers are given to warps in units of 256
+            programs = min(65536 // (per_warp * warps), 32, 64 // warps,
+                           (164 if arch == 80 else 228) * 1024 // max(shared, 1))
+            scan = ("fused bidirectional" if kw.get("ND") == 2 else "one direction") + (
+                " forward" + (" (training: saves y)" if kw.get("STORE_Y") else "") if "ND" in kw else " backward")
+            seen[key] = dict(kernel=scan, arch=f"sm_{arch}", dtype=str(args[0].dtype)[6:], NP=kw["NP"],
+                             warps=warps, registers=regs, stack_bytes=stack, shared_bytes=shared,
+                             resident_warps=programs * warps, shapes={where})
+            rows.append(seen[key])
+    for r in rows:
+        r["shapes"] = "L " + " / ".join(sorted({w.split(",")[0][2:] for w in r["shapes"]}, key=int)) + ", " + \
+            " / ".join(sorted({w.split(", ")[1] for w in r["shapes"]}))
+    return rows
+
+
+def gpu_report(args):
+    """One command on a CUDA machine: the Triton scan against the reference, its speed, and student vs teacher.
+    Returns the failed correctness rows (exit code 1 if any)."""
+    if not torch.cuda.is_available():
+        raise train.UserError("--gpu-report needs a CUDA GPU; on a CPU the tests check the kernel under the interpreter")
+    import triton
+    device, t0 = torch.device("cuda"), time.perf_counter()
+    torch.manual_seed(0)
+    name, peak = torch.cuda.get_device_name(), copy_bandwidth(device)
+    print(f"\n## GPU report: {name}, {torch.cuda.get_device_properties(0).multi_processor_count} SMs, torch "
+          f"{torch.__version__}, triton {triton.__version__}; device-to-device copy {peak:.0f} GB/s (read + write), "
+          f"taken as the peak below\n", flush=True)
+
+    print("### Triton scan vs the fp64 reference: largest error over out, last state and every gradient, "
+          "max |got - ref| / (1 + max |ref|) (batch 2, dim 40; outputs NaN-poisoned first)\n", flush=True)
+    rows = []
+    for directions, layout in ((2, "transposed"), (2, "L-contiguous"), (1, "L-contiguous")):
+        for dtype in (torch.float32, torch.bfloat16):
+            for L in (1, 197, 785, 4097):
+                for N in (16, 64):
+                    if directions == 1 and N == 64 and L > 197:
+                        continue
+                    reverse = directions == 1 and L % 4 == 1
+                    x = scan_inputs(2, 40, N, L, dtype, layout, directions, device, seed=L + N)
+                    err, worst = scan_check(x, reverse, directions)
+                    tol = 1e-3 if dtype == torch.float32 else 3e-2
+                    rows.append(dict(scan="fused bidirectional" if directions == 2 else f"single, reverse={reverse}",
+                                     layout=layout, dtype=str(dtype)[6:], L=L, N=N, error=f"{err:.1e}", worst=worst,
+                                     result="PASS" if err <= tol else f"FAIL (tol {tol:g})"))
+    print_table(list(rows[0]), rows)
+    failed = [r for r in rows if r["result"] != "PASS"]
+    print(f"\n{len(rows) - len(failed)} / {len(rows)} pass ({time.perf_counter() - t0:.0f} s so far)\n", flush=True)
+
+    print("### Selective scan speed, bidirectional (batch x dim x N x L; GB/s = unavoidable bytes / time, median of 20;"
+          " fused_speedup = time / fused time)\n", flush=True)
+    rows = []
+    for shape, dtype, layout in (((128, 768, 16, 197), torch.bfloat16, "L-contiguous"),
+                                 ((128, 768, 16, 197), torch.bfloat16, "transposed"),
+                                 ((128, 768, 16, 197), torch.float32, "L-contiguous"),
+                                 ((128, 768, 64, 197), torch.bfloat16, "L-contiguous"),
+                                 ((32, 768, 16, 785), torch.bfloat16, "L-contiguous"),
+                                 ((8, 768, 16, 4097), torch.bfloat16, "L-contiguous")):
+        rows += scan_speed(shape, dtype, layout, peak, device)
+    print_table(list(rows[0]), rows)
+    print("\nCompiled scan kernels: " + "; ".join(kernel_resources()))
+    print(f"\n({time.perf_counter() - t0:.0f} s so far)\n", flush=True)
+
+    teacher = vl.ViT(vl.TEACHER_PRESETS[args.teacher_preset])
+    models = {args.teacher_preset: teacher, **{s: vl.VisionMamba(vl.STUDENT_PRESETS[s])
+                                               for s in (args.student, args.student + "_alt")}}
+    print(f"### Student vs teacher, bf16 autocast, median of 5 steps; the teacher's attention is PyTorch SDPA "
+          f"(kernel: {attention_kernel(teacher.to(device), device)})\n", flush=True)
+    rows = []
+    for res, batch in ((224, 64), (448, 16), (1024, 2)):
+        rows += model_speed(res, batch, models, device)
+        print(f"({res} px done, {time.perf_counter() - t0:.0f} s so far)", flush=True)
+    print()
+    print_table(list(rows[0]), rows)
+    print(f"\ngpu report: {time.perf_counter() - t0:.0f} s on {name}")
+    return failed
 
 
 # ----------------------------------------------------------------------------------------------- ablation table
@@ -456,6 +806,45 @@ def summarize_runs(root):
 
 # ----------------------------------------------------------------------------------------------- main
 
+def int_list(text, flag, sep=","):
+    """'224,448' -> [224, 448], every entry a whole number >= 1"""
+    try:
+        values = [int(v) for v in text.split(sep)]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise train.UserError(f"{flag} {text!r}: give whole numbers >= 1 separated by '{sep}'")
+    return values
+
+
+def check_args(args):
+    """Every numeric flag and file argument, checked before anything runs: a UserError that says what is allowed.
+    A new flag's check goes here."""
+    for flag, value, least in (("--img-size", args.img_size, 1), ("--batch-size", args.batch_size, 1),
+                               ("--workers", args.workers, 0), ("--warmup", args.warmup, 0),
+                               ("--repeats", args.repeats, 1), ("--threads", args.threads, 1),
+                               ("--probe-train", args.probe_train, 0), ("--random-init-seed", args.random_init_seed, 0)):
+        if value is not None and value < least:
+            raise train.UserError(f"{flag} {value}: must be a whole number >= {least}")
+    if not 0 < args.max_seconds < float("inf"):
+        raise train.UserError(f"--max-seconds {args.max_seconds}: must be a finite number > 0")
+    int_list(args.resolutions, "--resolutions")
+    int_list(args.batch_sizes, "--batch-sizes")
+    for shape in (args.scan_shapes or "1,1,1,1").split(";"):
+        if len(int_list(shape, "--scan-shapes")) != 4:
+            raise train.UserError(f"--scan-shapes {args.scan_shapes!r}: give b,dim,N,L (four whole numbers) per shape, "
+                                  "shapes separated by ';'")
+    if args.ckpt and not args.ckpt.startswith("timm:"):
+        train.check_file(args.ckpt, "--ckpt", folder_ok=True)
+    for path in args.probe or ():
+        if not path.startswith("timm:"):
+            train.check_file(path, "--probe", folder_ok=True)
+    for flag, path in (("--data", args.data), ("--runs", args.runs)):
+        if path is not None:
+            train.check_folder(path, flag)
+    train.check_out_dir(args.out, "--out")
+
+
 def main(argv=None):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -467,6 +856,10 @@ def main(argv=None):
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
     p.add_argument("--bench", action="store_true", help="teacher vs student throughput, latency and peak memory")
     p.add_argument("--bench-scan", action="store_true", help="selective scan: baseline vs scan_kernel")
+    p.add_argument("--kernel-budget", action="store_true", help="no GPU needed: compile the Triton scan for sm_80 "
+                   "and sm_90 at Vim shapes; print registers, spills, shared memory and resident warps per SM")
+    p.add_argument("--gpu-report", action="store_true", help="CUDA only: the Triton scan against the reference, its "
+                   "speed (GB/s, fused vs two launches), and student vs teacher throughput / memory, as Markdown")
     p.add_argument("--teacher-preset", default="vit_b16")
     p.add_argument("--teacher-opts", default="")
     p.add_argument("--student", default="base")
@@ -489,8 +882,20 @@ def main(argv=None):
     p.add_argument("--random-init", action="store_true", help="probe: the checkpoint's architecture at its training "
                    "initialisation instead of its weights")
     p.add_argument("--random-init-seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help=f"torch CPU threads (default: {train.DEMO_THREADS} for --ckpt on the "
+                   "demo's held-out set, else the CPU cores this process may use; overrides OMP_NUM_THREADS)")
     args = p.parse_args(argv)
     try:
+        check_args(args)
+        demo_set = (args.ckpt or args.probe) and not (args.data or args.bench or args.bench_scan or args.runs
+                                                      or args.gpu_report or args.kernel_budget)
+        torch.set_num_threads(args.threads or (train.DEMO_THREADS if demo_set else train.cores_per_process()))
+        if args.kernel_budget:
+            rows = kernel_budget()
+            print_table(list(rows[0]), rows)
+            return 0
+        if args.gpu_report:
+            return 1 if gpu_report(args) else 0
         if args.bench or args.bench_scan:
             os.makedirs(args.out, exist_ok=True)
             if args.bench:

@@ -259,6 +259,13 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
 # visits time t = s (forward) or t = L-1-s (reverse); "rev" below is 0 or 1.
 
 @_jit
+def _and(mask, cond):
+    """mask & cond for a scalar cond, in a form every Triton interpreter accepts (3.9's rejects a mask made with &
+    of a tensor and a scalar; 3.2's cannot build a constant False)"""
+    return tl.where(cond, mask, mask != mask)
+
+
+@_jit
 def _softplus(x):
     return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))  # no tl.log1p in the interpreter
 
@@ -344,18 +351,18 @@ def _fwd_kernel(
     h0 = tl.zeros((BLOCK_D, NP), tl.float32)
     h1 = tl.zeros((BLOCK_D, NP), tl.float32)
     for s in range(L):
-        is_ck = (s % CHUNK == CHUNK - 1) | (s == L - 1)  # checkpoint: the state after each chunk
+        is_ck = s == tl.minimum((s // CHUNK) * CHUNK + CHUNK - 1, L - 1)  # checkpoint: a chunk's last step
         t0 = s + reverse * (L - 1 - 2 * s)
         h0, y0 = _fwd_step(h0, t0, u_p, dt_p, B_p, C_p, su_t, sdt_t, sB_t, sC_t, A0, D0, bias0, mask_d, mask_n,
                            SOFTPLUS)
-        tl.store(ck_p + (s // CHUNK) * N, h0, mask=mask_dn & is_ck)
+        tl.store(ck_p + (s // CHUNK) * N, h0, mask=_and(mask_dn, is_ck))
         if ND == 1:
             _emit(y0, t0, o_off, z_p, sz_t, so_t, out_ptr, y_ptr, mask_d, HAS_Z, STORE_Y)
         else:
             t1 = L - 1 - s
             h1, y1 = _fwd_step(h1, t1, u_p + su_k, dt_p + sdt_k, B_p + sB_k, C_p + sC_k, su_t, sdt_t, sB_t, sC_t,
                                A1, D1, bias1, mask_d, mask_n, SOFTPLUS)
-            tl.store(ck_p + ck_k + (s // CHUNK) * N, h1, mask=mask_dn & is_ck)
+            tl.store(ck_p + ck_k + (s // CHUNK) * N, h1, mask=_and(mask_dn, is_ck))
             if 2 * s < L - 1:  # first visit of t0 and t1: park the partial sums
                 tl.store(p_ptr + o_off + t0 * so_t, y0, mask=mask_d)
                 tl.store(p_ptr + o_off + t1 * so_t, y1, mask=mask_d)
@@ -430,7 +437,7 @@ def _bwd_kernel(
         s0 = c * CHUNK
         n_in = tl.minimum(L - s0, CHUNK)
         # (1) recompute: scratch[j] = state before step s0 + j
-        h = tl.load(ck_p + (c - 1) * N, mask=mask_dn & (c > 0), other=0.0)
+        h = tl.load(ck_p + (c - 1) * N, mask=_and(mask_dn, c > 0), other=0.0)
         for j in range(n_in):
             tl.store(sc_p + j * BLOCK_D * NP, h)
             t = s0 + j + rev * (L - 1 - 2 * (s0 + j))
@@ -449,7 +456,7 @@ def _bwd_kernel(
             if HAS_Z:  # dz = dout * y * silu'(z), y = both directions' sum, saved by the forward
                 zt = tl.load(z_p + t * sz_t, mask=mask_d, other=0.0).to(tl.float32)
                 sig = tl.sigmoid(zt)
-                first = mask_d & (k == 0)  # one direction writes dz
+                first = _and(mask_d, k == 0)  # one direction writes dz
                 yt = tl.load(y_p + t * sy_t, mask=first, other=0.0)
                 dz = dy * yt * sig * (1.0 + zt * (1.0 - sig))
                 tl.store(dz_p + t * sdz_t, dz.to(dz_ptr.dtype.element_ty), mask=first)
@@ -477,6 +484,11 @@ def _bwd_kernel(
 
 # ----------------------------------------------------------------------------------------------
 # autograd wrapper around the kernels
+
+def _launch(kernel, grid, *args, **constexprs):
+    """kernel[grid](*args, **constexprs): the one place the kernels start (the compile-budget test records here)"""
+    kernel[grid](*args, **constexprs)
+
 
 def _blocks(dim, N):
     """(BLOCK_D, NP): a ~1K-element fp32 state tile per program (8 registers/thread at 4 warps)."""
@@ -511,7 +523,7 @@ class _ScanFn(torch.autograd.Function):
         ck = torch.empty(ND, batch, dim, n_chunks, N, dtype=torch.float32, device=u.device)
         zs = z.stride() if z is not None else (0, 0, 0)
         opt = lambda x: u if x is None else x  # noqa: E731  (absent inputs: any pointer, never read)
-        _fwd_kernel[(batch, triton.cdiv(dim, BLOCK_D))](
+        _launch(_fwd_kernel, (batch, triton.cdiv(dim, BLOCK_D)),
             u, delta, A, B, C, opt(D), opt(delta_bias), opt(z), out, opt(y), opt(p), ck,
             batch, dim, L, N, n_chunks, int(reverse),
             *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *zs, *out.stride(),
@@ -541,7 +553,7 @@ class _ScanFn(torch.autograd.Function):
         dlast = dlast.float().contiguous() if dlast is not None else None
         zs, ys, dzs = [x.stride() if x is not None else (0, 0, 0) for x in (z, y, dz)]
         opt = lambda x: u if x is None else x  # noqa: E731  (absent inputs: any pointer, never read)
-        _bwd_kernel[grid](
+        _launch(_bwd_kernel, grid,
             u, delta, A, B, C, opt(D), opt(delta_bias), opt(z), opt(y), dout, ck, opt(dlast),
             du, ddelta, opt(dz), dBp, dCp, dAp, dDp, dbp, scratch,
             batch, dim, L, N, n_chunks, int(reverse),

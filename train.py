@@ -12,7 +12,7 @@ never a label: the demo's pool of fresh images, or --distill-data / DIR/train), 
 scratch = the labels-only baseline), all (the demo's story: every stage in turn, linear probes, then a table).
 Each stage writes OUT/NAME/{last.pt, log.jsonl}; re-running the same command resumes from last.pt.
 """
-import argparse, ast, contextlib, dataclasses, functools, json, math, os, random, resource, sys, time
+import argparse, ast, contextlib, dataclasses, errno, functools, glob, json, math, os, random, resource, socket, sys, time
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F, torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
@@ -21,9 +21,15 @@ from tqdm import tqdm
 
 import vitlinearizer as vl
 
+try:
+    import fcntl                                                            # run-folder locks (Linux, macOS)
+except ImportError:                                                         # Windows: no lock
+    fcntl = None
+
 
 class UserError(Exception):
     """Bad input or a run that cannot go on: printed as one line, checkpoints left as they are."""
+    shared = False                                                          # raised by every rank at once (stop_together)
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -32,18 +38,21 @@ class UserError(Exception):
 # labelled set (standing in for its large pre-training corpus), the student is distilled on a large pool of unlabelled
 # images (the generator is unlimited), then both students get the same small labelled set: the distilled one is
 # fine-tuned briefly at a lower lr, the labels-only one is trained until its held-out accuracy is flat (README
-# "Results": longer schedules do not do better). One thread: reproducible figures, and fast on a busy laptop. Sizes are
-# chosen to finish in under 10 minutes on a 2-core CPU.
+# "Results": longer schedules do not do better). Sizes are chosen to finish in under 10 minutes on a 2-core CPU.
+# Threads: the demo's models are tiny, so a second thread gains little on a quiet CPU and costs a lot on a busy one
+# (tiny ops spread over busy cores wait for each other: README, "The built-in demo"); and the figures it prints depend
+# on the thread count (float sums in another order), so it is fixed. --data runs default to the cores they may use.
+DEMO_THREADS = 1
 DEMO = dict(img_size=32, teacher_preset="demo", student="demo", teacher_opts="", student_opts="dim=64,depth=4,d_state=8",
             batch_size=32, lr=4e-3, teacher_lr=1.5e-3, finetune_lr=1e-3, warmup_frac=0.05, teacher_epochs=5,
             distill_epochs=1, finetune_epochs=11, supervised_epochs=80, workers=0, log_every=20, ckpt_every=200,
             eval_every=0, demo_task="pairs", demo_train=300, demo_teacher_train=4000, demo_val=2000, demo_pool=32000,
-            demo_probe=2000, threads=1)
+            demo_probe=2000, threads=DEMO_THREADS)
 DATA = dict(img_size=224, teacher_preset="vit_b16", student="small", teacher_opts="", student_opts="", batch_size=128,
             lr=None, teacher_lr=None, warmup_epochs=5.0, teacher_epochs=300, distill_epochs=300, finetune_epochs=300,
-            supervised_epochs=300, finetune_lr=None,
-            workers=8, log_every=50, ckpt_every=1000, eval_every=1, demo_train=0, demo_teacher_train=0, demo_val=0,
-            demo_task="pairs", demo_pool=0, demo_probe=0, threads=0)
+            supervised_epochs=300, finetune_lr=None, workers=8, log_every=50, ckpt_every=1000, eval_every=1,
+            demo_train=0, demo_teacher_train=0, demo_val=0, demo_task="pairs", demo_pool=0, demo_probe=0,
+            threads=None)                                                   # None: the cores this process may use
 
 
 def get_parser():
@@ -60,11 +69,11 @@ def get_parser():
                    help="checkpoint to resume from; 'auto' = OUT/NAME/last.pt when it exists")
     g.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
     g.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many steps; re-run to continue")
+    g.add_argument("--threads", type=int, help=f"torch CPU threads per process (default: {DEMO_THREADS} for the demo, "
+                   "the CPU cores this process may use for --data; overrides OMP_NUM_THREADS)")
     g.add_argument("--no-baseline", action="store_true", help="stage all: skip the labels-only student")
     g.add_argument("--distill-data", help="--data runs: folder of images (any depth, labelled or not) that distillation "
                    "reads, without labels; default DIR/train")
-    g.add_argument("--threads", type=int, help="torch CPU threads (demo default 1: reproducible figures, and fast on "
-                   "a busy laptop; 0 = torch's default)")
     g.add_argument("--save-steps", help="also write OUT/NAME/step<N>.pt (model only) at these steps, e.g. 0,250,1000 "
                    "(0 = the initialisation; for eval.py --probe curves)")
     g = p.add_argument_group("models")
@@ -108,7 +117,8 @@ def get_parser():
     g.add_argument("--compile", action="store_true", help="torch.compile the trained model")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("io")
-    g.add_argument("--workers", type=int, help="DataLoader worker processes per process")
+    g.add_argument("--workers", type=int, help="DataLoader worker processes per process (default: 0 for the demo, "
+                   "min(8, CPU cores per process) for --data)")
     g.add_argument("--log-every", type=int, help="steps between JSON log lines")
     g.add_argument("--ckpt-every", type=int, help="steps between checkpoints (also at every epoch end)")
     g.add_argument("--eval-every", type=int, help="epochs between validations (0: only after the last epoch)")
@@ -128,16 +138,117 @@ def get_parser():
 
 def parse_args(argv=None):
     args = get_parser().parse_args(argv)
-    lr_given = args.lr is not None
+    lr_given, workers_given = args.lr is not None, args.workers is not None
     warmup_given = any(getattr(args, k) is not None for k in ("warmup_steps", "warmup_epochs", "warmup_frac"))
     for k, v in (DEMO if args.data is None else DATA).items():
         if getattr(args, k, None) is None and not (warmup_given and k.startswith("warmup_")):
             setattr(args, k, v)
+    if args.threads is None:
+        args.threads = cores_per_process()
+    if not workers_given:
+        args.workers = min(args.workers, cores_per_process())              # e.g. 2 workers, not 8, on a 2-core box
     if args.stage == "teacher" and not lr_given and args.teacher_lr is not None:
         args.lr = args.teacher_lr                                           # the teacher's own lr, as in stage all
     if args.out is None:
         args.out = os.path.join("runs", "demo" if args.data is None else os.path.basename(os.path.normpath(args.data)))
     return args
+
+
+def cores_per_process():
+    """CPU cores this process may use: its affinity mask (taskset, cgroup cpusets), shared by torchrun's local ranks"""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, n // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def check_args(args):
+    """Every numeric flag and file argument, checked before anything runs or is written: a UserError that says what is
+    allowed. A new flag's check goes here."""
+    def need(ok, flag, allowed):
+        if not ok:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: {allowed}")
+    for k, v in vars(args).items():
+        if isinstance(v, float):
+            need(math.isfinite(v), k, "must be a finite number")
+    demo = ("demo_train", "demo_val", "demo_probe") if args.data is None else ()
+    for k in ("img_size", "batch_size", "epochs", "teacher_epochs", "distill_epochs", "finetune_epochs",
+              "supervised_epochs", "stages", "max_steps", "threads", "log_every", "ckpt_every", *demo):
+        need(getattr(args, k) is None or getattr(args, k) >= 1, k, "must be a whole number >= 1")
+    for k in ("workers", "eval_every", "eval_every_steps", "seed", "demo_seed", "demo_teacher_train", "demo_pool",
+              "warmup_steps"):
+        need(getattr(args, k) is None or getattr(args, k) >= 0, k, "must be a whole number >= 0")
+    for k in ("lr", "teacher_lr", "finetune_lr", "blr", "kd_temp"):
+        need(getattr(args, k) is None or getattr(args, k) > 0, k, "must be > 0")
+    for k in ("min_lr", "warmup_epochs", "weight_decay", "clip_grad", "lam", "am_weight"):
+        need(getattr(args, k) is None or getattr(args, k) >= 0, k, "must be >= 0")
+    for k in ("mask_ratio", "kd_weight", "max_bad_frac"):
+        need(0 <= getattr(args, k) <= 1, k, "must be between 0 and 1")
+    need(args.warmup_frac is None or 0 <= args.warmup_frac <= 1, "warmup_frac", "must be between 0 and 1")
+    steps = (args.save_steps or "").split(",")
+    need(all(v.strip().isdigit() for v in steps) or not args.save_steps, "save_steps",
+         "must be whole numbers >= 0 separated by commas, e.g. 0,250,1000")
+    for k in ("drop_path", "label_smoothing"):
+        need(getattr(args, k) is None or 0 <= getattr(args, k) < 1, k, "must be >= 0 and < 1")
+    if args.lam == 0 and args.am_weight == 0:
+        raise UserError("--lam 0 and --am-weight 0 leave no distillation loss: give one of them a weight > 0")
+    if args.lr is not None and args.min_lr > args.lr:
+        raise UserError(f"--min-lr {args.min_lr} is above --lr {args.lr}: the schedule decays from --lr to --min-lr")
+    single = {"epochs": "--epochs (stage all: --teacher-epochs, --distill-epochs, --finetune-epochs)", "name": "--name"}
+    for k, flag in single.items():
+        if args.stage == "all" and getattr(args, k) is not None:
+            raise UserError(f"{flag} applies to a single --stage; --stage all names and sizes its stages itself")
+    if args.init is not None and args.stage != "finetune":
+        raise UserError(f"--init is read by --stage finetune only (--stage {args.stage} would ignore it)")
+    if args.teacher is not None and args.stage == "teacher":
+        raise UserError("--stage teacher trains a teacher from scratch: it would ignore --teacher")
+    if args.kd_weight > 0 and args.stage == "finetune" and not args.teacher:
+        raise UserError("--kd-weight needs --teacher (the model whose logits the student learns from)")
+    if args.fresh and args.resume not in ("auto", None):
+        raise UserError(f"--fresh starts over and --resume {args.resume} continues: give one of them")
+    if args.data is not None:
+        check_folder(args.data, "--data", " (expected DIR/train/<class>/* and DIR/val/<class>/*)")
+    if args.distill_data is not None:
+        if args.data is None:
+            raise UserError("--distill-data is for --data runs (the demo distils on its own pool: --demo-pool)")
+        check_folder(args.distill_data, "--distill-data")
+    for flag in ("teacher", "init", "resume"):
+        path = getattr(args, flag)
+        if path not in (None, "auto") and not path.startswith("timm:"):
+            check_file(path, f"--{flag}", folder_ok=flag == "teacher")      # a teacher may be a Hub folder
+    check_out_dir(args.out, "--out")
+
+
+def check_folder(path, flag, hint=""):
+    if not os.path.isdir(path):
+        raise UserError(f"{flag} {path}: {'not a folder' if os.path.exists(path) else 'no such folder'}{hint}")
+
+
+def check_file(path, flag, folder_ok=False):
+    """a file that exists, is not a folder (unless folder_ok: its reader checks what is in it), is not empty and can
+    be read"""
+    if not os.path.exists(path):
+        raise UserError(f"{flag} {path}: no such file")
+    if os.path.isdir(path):
+        if folder_ok:
+            return
+        raise UserError(f"{flag} {path} is a folder: give a checkpoint file")
+    try:
+        open(path, "rb").close()
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot read it ({e.strerror})") from None
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{flag} {path} is empty (0 bytes): an interrupted copy or download?")
+
+
+def check_out_dir(path, flag):
+    """an output folder that exists or can be created"""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file: give a folder")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(os.path.abspath(parent))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        why = "not writable" if os.path.isdir(parent) else "a file"
+        raise UserError(f"{flag} {path}: cannot write there ({parent} is {why})")
 
 
 # ----------------------------------------------------------------------------------------------- demo data
@@ -455,10 +566,11 @@ def make_loader(ds, args, ctx, train):
 
 class BadImages:
     """Counts the unreadable images a rank skipped, warns once per epoch, and stops when more than max_frac of them
-    are bad (checked from 1000 images on, and at the end of every epoch: at least 3 bad ones)."""
+    are bad (checked from 1000 images on, and at the end of every epoch: at least 3 bad ones). A training batch with
+    no readable image is skipped by every rank (empty_batches)."""
 
     def __init__(self, max_frac):
-        self.max_frac, self.seen, self.bad, self.first = max_frac, 0, 0, None
+        self.max_frac, self.seen, self.bad, self.first, self.empty_batches = max_frac, 0, 0, None, 0
 
     def add(self, n_good, errors):
         self.seen += n_good + len(errors)
@@ -474,10 +586,11 @@ class BadImages:
 
     def report(self, what):
         self.check()
-        if self.bad:
-            tqdm.write(f"warning: skipped {self.bad} unreadable image(s) of {self.seen} in {what} (first: {self.first})",
+        if self.bad or self.empty_batches:
+            empty = f"; {self.empty_batches} batch(es) with no readable image skipped" if self.empty_batches else ""
+            tqdm.write(f"warning: skipped {self.bad} unreadable image(s) of {self.seen} in {what} (first: {self.first}){empty}",
                        file=sys.stderr)
-        self.seen = self.bad = 0
+        self.seen = self.bad = self.empty_batches = 0
         self.first = None
 
 
@@ -508,10 +621,6 @@ def setup_dist():
     return Ctx(int(os.environ.get("RANK", 0)), world, device)
 
 
-def is_main():
-    return int(os.environ.get("RANK", 0)) == 0
-
-
 def all_sum(t, ctx):
     if ctx.world > 1:
         dist.all_reduce(t)
@@ -521,6 +630,36 @@ def all_sum(t, ctx):
 def barrier(ctx):
     if ctx.world > 1:
         dist.barrier()
+
+
+def stop_together(err, ctx, skip=False):
+    """Collective (every rank calls it at the same point): when any rank has a UserError, every rank raises the same
+    one, so no rank is left waiting in a collective for a rank that stopped. -> whether any rank asked to skip."""
+    if ctx.world == 1:
+        if err is not None:
+            raise err
+        return skip
+    flags = torch.tensor([err is not None, skip], dtype=torch.float32, device=ctx.device)
+    dist.all_reduce(flags)
+    if flags[0] > 0:
+        msgs = [None] * ctx.world
+        dist.all_gather_object(msgs, None if err is None else str(err))
+        rank = next(r for r, m in enumerate(msgs) if m is not None)
+        shared = UserError(msgs[rank] if msgs.count(msgs[rank]) == ctx.world else f"{msgs[rank]} (rank {rank})")
+        shared.shared = True
+        raise shared from err
+    return bool(flags[1] > 0)
+
+
+@contextlib.contextmanager
+def together(ctx):
+    """A block that every rank runs (holding no collective): a UserError in it on any rank stops every rank."""
+    err = None
+    try:
+        yield
+    except UserError as e:
+        err = e
+    stop_together(err, ctx)
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -546,7 +685,26 @@ def make_config(presets, name, opts, what, **fields):
     bad = sorted(set(over) - valid)
     if bad:
         raise UserError(f"{what} config has no field(s) {bad}; fields: {sorted(valid)}")
-    return dataclasses.replace(cfg, **over)
+    for k, v in parse_opts(opts).items():                                   # the values, against the preset's
+        default, choices = getattr(cfg, k), OPT_CHOICES.get(k)
+        if choices:
+            ok, want = v in choices, f"one of {', '.join(choices)}"
+        elif type(default) in (int, float):
+            zero_ok = k in ("num_classes", "dt_rank", "drop_path")           # 0 = no head / automatic / off
+            ok = type(v) in (int, float) and (type(default) is float or type(v) is int) and (v > 0 or zero_ok and v == 0)
+            want = f"a {'whole ' if type(default) is int else ''}number {'>= 0' if zero_ok else '> 0'}"
+        else:
+            ok, want = type(v) is type(default), type(default).__name__
+        if not ok:
+            raise UserError(f"--{what}-opts {k}={v!r}: must be {want}")
+    cfg = dataclasses.replace(cfg, **over)
+    if hasattr(cfg, "heads") and cfg.dim % cfg.heads:
+        raise UserError(f"--{what}-opts: dim {cfg.dim} is not a multiple of heads {cfg.heads}")
+    return cfg
+
+
+OPT_CHOICES = dict(act=("gelu", "quick_gelu"), bidirectional=("fused", "alternate"),
+                   scan_backend=("auto", "triton", "chunked", "reference"))
 
 
 def check_resolution(img_size, patch, what):
@@ -593,16 +751,20 @@ def no_decay_params(model):
     return decay, no_decay
 
 
-def warmup_steps(args, steps_per_epoch, total):
-    """--warmup-steps, else --warmup-epochs, else --warmup-frac of the run; a note when it is most of the run"""
+def warmup_steps(args, steps_per_epoch, total, ctx):
+    """--warmup-steps, else --warmup-epochs, else --warmup-frac of the run; a warning when it is not shorter than the
+    run, a note when it is more than half of it"""
     if args.warmup_steps is not None:
-        warmup = args.warmup_steps
+        warmup, given = args.warmup_steps, f"--warmup-steps {args.warmup_steps}"
     elif args.warmup_epochs is not None:
-        warmup = round(args.warmup_epochs * steps_per_epoch)
+        warmup, given = round(args.warmup_epochs * steps_per_epoch), f"--warmup-epochs {args.warmup_epochs:g}"
     else:
-        warmup = round((args.warmup_frac or 0.0) * total)
-    if warmup > total // 2 and is_main():
-        print(f"note: the warm-up ({warmup} steps) is more than half of the run ({total} steps); "
+        warmup, given = round((args.warmup_frac or 0.0) * total), f"--warmup-frac {args.warmup_frac:g}"
+    if warmup >= total and ctx.main:
+        print(f"warning: the warm-up ({warmup} steps, {given}) is not shorter than the run ({total} steps): the lr never "
+              "reaches its peak; lower it, or set it with --warmup-steps / --warmup-frac", file=sys.stderr)
+    elif warmup > total // 2 and ctx.main:
+        print(f"note: the warm-up ({warmup} steps, {given}) is more than half of the run ({total} steps); "
               "--warmup-steps or --warmup-frac set it independently of the epoch length", file=sys.stderr)
     return warmup
 
@@ -618,11 +780,97 @@ def lr_at(step, total, warmup, peak, floor):
 # ----------------------------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path, obj):
-    """atomic: write a temporary file next to it, then rename over the old one"""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    """atomic and durable: write a temporary file next to it, fsync it, rename it over the old one, fsync the folder.
+    Whatever stops the write (a full disk, Ctrl-C) removes the temporary file and leaves the old checkpoint."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise write_error(e, path) from None
+        raise
+    fsync_dir(folder)
+
+
+def write_error(e, path):
+    """a UserError for an OSError while writing PATH: 'disk full' when it is"""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"disk full while writing {path}: the last complete checkpoint is kept, no partial file is left; "
+                         "free space, then run the same command again to continue")
+    return UserError(f"cannot write {path}: {e.strerror or e}; the last complete checkpoint is kept")
+
+
+def fsync_dir(folder):
+    """make a rename in FOLDER durable (POSIX; a no-op where folders cannot be opened)"""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_log(path, text, mode):
+    """mode "a": append a line (a failed write is cut off again); "w": replace the whole log atomically"""
+    target = path if mode == "a" else f"{path}.tmp{os.getpid()}"
+    size = os.path.getsize(path) if mode == "a" and os.path.exists(path) else 0
+    try:
+        with open(target, mode) as f:
+            f.write(text)
+            f.flush()
+            if mode == "w":
+                os.fsync(f.fileno())
+        if mode == "w":
+            os.replace(target, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.truncate(target, size) if mode == "a" else os.remove(target)
+        raise write_error(e, path) from None
+
+
+_held_locks = {}                                                            # run folder -> open lock file
+
+
+def lock_run_dir(run_dir):
+    """An exclusive lock on RUN_DIR until release_locks() (flock: the kernel drops it when the process dies, kill -9
+    included): a second run that would write the same folder stops with one line. Then removes the temporary files
+    that a killed write left behind (none can be in use: the lock is ours)."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        f = open(os.path.join(run_dir, ".lock"), "a+")
+    except OSError as e:
+        raise UserError(f"cannot create the run folder {run_dir}: {e.strerror}") from None
+    if fcntl is not None:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise UserError(f"{run_dir} is in use by another run ({holder}): wait for it to end or stop it, "
+                            "or give another --out / --name") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _held_locks[run_dir] = f
+    for stale in glob.glob(os.path.join(glob.escape(run_dir), "*.tmp[0-9]*")):
+        os.remove(stale)
+        print(f"note: removed {stale}, a partial file left by an interrupted write", file=sys.stderr)
+
+
+def release_locks():
+    for f in _held_locks.values():
+        f.close()
+    _held_locks.clear()
 
 
 def save_json(path, obj):
@@ -674,19 +922,22 @@ FIXED_ARGS = ("stage", "teacher", "init", "teacher_preset", "teacher_opts", "stu
               "demo_task", "demo_pool", "distill_data")
 
 
-def check_resume(ck, args, cfg, ctx):
-    old = ck.get("args", {})
+def check_resume(ck, path, args, cfg, ctx):
+    if not {"config", "optimizer", "step", "args"} <= set(ck):
+        raise UserError(f"{path} is not a training checkpoint of train.py (no optimizer state or step): "
+                        "--resume takes an OUT/NAME/last.pt")
+    old = ck["args"]
     diff = [f"{k}: {old.get(k)!r} -> {getattr(args, k)!r}" for k in FIXED_ARGS if k in old and old[k] != getattr(args, k)]
     diff += [f"config.{k}: {v!r} -> {dataclasses.asdict(cfg).get(k)!r}" for k, v in ck["config"].items()
              if dataclasses.asdict(cfg).get(k) != v]
     if diff:
-        raise UserError(f"cannot resume {args.run_dir}/last.pt with different model arguments ({'; '.join(diff)}); "
+        raise UserError(f"cannot resume {path} with different model arguments ({'; '.join(diff)}); "
                         "use the original arguments, another --out/--name, or --fresh")
     old_gb, gb = old.get("batch_size", 0) * ck.get("world", 1), args.batch_size * ctx.world
     if old_gb != gb:
         raise UserError(f"cannot resume with another global batch ({old_gb} -> {gb}): keep --batch-size x processes")
     soft = [k for k in ("data", "epochs", "lr", "blr", "weight_decay", "warmup_epochs", "warmup_steps", "warmup_frac", "lam",
-                        "am_weight", "mask_ratio", "mask_kind")
+                        "am_weight", "mask_ratio", "mask_kind", "threads")
             if k in old and old[k] != getattr(args, k)]
     if soft and ctx.main:
         print(f"note: resuming with changed {soft}; the run no longer follows the original trajectory", file=sys.stderr)
@@ -716,17 +967,18 @@ def evaluate(model, loader, args, ctx, desc="eval"):
     model.eval()
     bad = BadImages(args.max_bad_frac)
     c = torch.zeros(3, dtype=torch.float64, device=ctx.device)             # correct@1, correct@5, count
-    for images, labels, errors in tqdm(loader, desc=desc, leave=False, disable=not ctx.main):
-        bad.add(len(labels), errors)
-        if not len(labels):
-            continue
-        with autocast(args, ctx.device):
-            logits = model(normalize(images, ctx.device)).logits
-        labels = labels.to(ctx.device)
-        top = logits.float().topk(min(5, logits.shape[-1]), -1).indices
-        hit = top == labels[:, None]
-        c += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(labels), device=ctx.device)]).double()
-    bad.report(desc) if ctx.main else bad.check()
+    with together(ctx):                                                     # too many bad images on a rank: all stop
+        for images, labels, errors in tqdm(loader, desc=desc, leave=False, disable=not ctx.main):
+            bad.add(len(labels), errors)
+            if not len(labels):
+                continue
+            with autocast(args, ctx.device):
+                logits = model(normalize(images, ctx.device)).logits
+            labels = labels.to(ctx.device)
+            top = logits.float().topk(min(5, logits.shape[-1]), -1).indices
+            hit = top == labels[:, None]
+            c += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(labels), device=ctx.device)]).double()
+        bad.report(desc) if ctx.main else bad.check()
     model.train(was)
     all_sum(c, ctx)
     return dict(top1=100 * c[0].item() / max(c[2].item(), 1), top5=100 * c[1].item() / max(c[2].item(), 1))
@@ -826,8 +1078,12 @@ def build(args, stage, n_classes, ctx):
     teacher = load_teacher(args.teacher, args.img_size)
     cfg = student_config(args, n_classes)
     if cfg.patch_size != teacher.cfg.patch_size:
-        raise UserError(f"student patch size {cfg.patch_size} != teacher patch size {teacher.cfg.patch_size}: "
-                        "the losses compare tokens position by position")
+        p = teacher.cfg.patch_size
+        presets = sorted(k for k, v in vl.STUDENT_PRESETS.items() if v.patch_size == p)
+        raise UserError(f"student patch size {cfg.patch_size} != teacher patch size {p}: the losses compare tokens "
+                        f"position by position; add patch_size={p} to --student-opts"
+                        + (f" or use --student {' / '.join(presets)}" if presets else ""))
+    check_stages(args, cfg, teacher.cfg.depth)
     torch.manual_seed(args.seed)                                            # (loading the teacher drew numbers)
     student = vl.VisionMamba(cfg)
     if args.pos_init == "sincos":
@@ -848,6 +1104,14 @@ def build(args, stage, n_classes, ctx):
         mask = vl.sample_mask(len(x), grid, args.mask_ratio, args.mask_kind, generator=g, device=x.device)
         return module(x, mask)                                              # dict(loss, am, mp)
     return student, distiller, loss, teacher
+
+
+def check_stages(args, student_cfg, teacher_depth):
+    """--stages K splits both models' blocks into K stages: at most the depth of the shallower one"""
+    depth = min(student_cfg.depth, teacher_depth)
+    if args.stages > depth:
+        raise UserError(f"--stages {args.stages}: the student has {student_cfg.depth} blocks and the teacher "
+                        f"{teacher_depth}; use 1 <= --stages <= {depth}")
 
 
 def student_config(args, n_classes):
@@ -900,19 +1164,19 @@ def run_stage(args, stage, data, ctx):
     args.run_dir = os.path.join(args.out, label)
     ckpt_path = os.path.join(args.run_dir, "last.pt")
     log_path = os.path.join(args.run_dir, "log.jsonl")
-    saved, trained, loss_fn, teacher = build(args, stage, len(classes), ctx)
+    with together(ctx):                                                     # a UserError on any rank stops every rank
+        if ctx.main:
+            lock_run_dir(args.run_dir)                                      # one run per folder
+        saved, trained, loss_fn, teacher = build(args, stage, len(classes), ctx)
+        resume = None if args.fresh else (ckpt_path if args.resume == "auto" else args.resume)
+        ck = load_checkpoint(resume) if resume and os.path.exists(resume) else None
+        if ck is not None:
+            check_resume(ck, resume, args, saved.cfg, ctx)
     cfg = saved.cfg
-
-    resume = None if args.fresh else (ckpt_path if args.resume == "auto" else args.resume)
-    ck = load_checkpoint(resume) if resume and os.path.exists(resume) else None
-    if args.resume not in ("auto", None) and ck is None and not args.fresh:
-        raise UserError(f"--resume {args.resume}: no such file")
-    if ck is not None:
-        check_resume(ck, args, cfg, ctx)
-        if ck.get("finished"):
-            if ctx.main:
-                print(f"{label}: {ckpt_path} is finished (step {ck['step']}); --fresh to train again")
-            return resume
+    if ck is not None and ck.get("finished"):
+        if ctx.main:
+            print(f"{label}: {ckpt_path} is finished (step {ck['step']}); --fresh to train again")
+        return resume
     saved.to(ctx.device)
     trained.to(ctx.device)
     if ck is not None:
@@ -933,23 +1197,34 @@ def run_stage(args, stage, data, ctx):
     if steps_per_epoch == 0:
         raise UserError(f"{len(train_ds)} training images are fewer than one global batch ({world_batch})")
     total = args.epochs * steps_per_epoch
-    warmup = warmup_steps(args, steps_per_epoch, total)
+    warmup = warmup_steps(args, steps_per_epoch, total, ctx)
     step, epoch, start_batch = 0, 0, 0
+    sums = torch.zeros(8, dtype=torch.float64, device=ctx.device)          # logging sums since the last log line
+    keys, history = None, []                                                # loss names; this run's log lines
     if ck is not None:
         opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"]) if ck.get("scaler") else None
         step, epoch, start_batch = ck["step"], ck["epoch"], ck["batch_in_epoch"]
         set_rng_state(ck["rng"], ctx)
-        if ctx.main:                                                        # drop log lines of lost work
-            keep = [l for l in open(log_path)] if os.path.exists(log_path) else []
-            keep = [l for l in keep if json.loads(l).get("step", 0) <= step]
-            with open(log_path, "w") as f:
-                f.writelines(keep)
+        if "log" in ck:                                                     # the log and its partial sums as of step
+            history, keys = list(ck["log"]), ck["log_keys"]
+            if ctx.main:
+                sums += torch.tensor(ck["log_sums"], dtype=torch.float64, device=ctx.device)
+        elif ctx.main and os.path.exists(log_path):                         # a checkpoint of an older train.py
+            history = [l for l in open(log_path) if json.loads(l).get("step", 0) <= step]
+        if ctx.main:
             print(f"{label}: resuming from {resume} at step {step} (epoch {epoch}, batch {start_batch})")
     else:
         torch.manual_seed(args.seed + 1000 * ctx.rank + 1)                  # per-rank dropout / drop-path streams
-        if ctx.main and os.path.exists(log_path):
-            os.remove(log_path)
+    live_log, saved_step = log_path, ck["step"] if ck is not None else None
+    if ctx.main:
+        if ck is None and (os.path.exists(ckpt_path) or os.path.exists(log_path)):
+            live_log = log_path + ".new"                                    # the old record stays until our 1st checkpoint
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(log_path + ".new")
+    with together(ctx):
+        if ctx.main:
+            write_log(live_log, "".join(history), "w")
 
     model = trained
     if args.compile:
@@ -958,27 +1233,42 @@ def run_stage(args, stage, data, ctx):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     params = [p for p in trained.parameters() if p.requires_grad]
 
-    def checkpoint(finished=False, metrics=None):
-        if not all(torch.isfinite(p).all() for p in params):
-            raise NonFinite(f"{label}: parameters became non-finite at step {step}; kept the last good checkpoint {ckpt_path}")
-        rng = rng_state(ctx)                                                # collective: every rank
-        if not ctx.main:
-            return
-        extra = {}
-        if stage == "distill":
-            extra = {k: v for k, v in trained.state_dict().items()
-                     if not k.startswith(tuple(f"{n}." for n, m in trained.named_children() if m is saved or m is teacher))}
-        save_checkpoint(ckpt_path, dict(
-            kind=kind_of(saved), config=dataclasses.asdict(cfg), model=saved.state_dict(), extra=extra,
-            classes=list(classes), stage=stage, optimizer=opt.state_dict(), scaler=scaler.state_dict() if use_fp16 else {},
-            schedule=dict(total_steps=total, warmup_steps=warmup, peak_lr=lr, min_lr=args.min_lr),
-            step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, world=ctx.world, rng=rng,
-            args={k: v for k, v in vars(args).items()}, finished=finished, metrics=metrics or {}))
+    def kept():
+        return f"kept the last good checkpoint {ckpt_path} (step {saved_step})" if saved_step is not None else \
+            "no checkpoint of this run was written yet"
 
-    def log(rec):
-        if ctx.main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+    def checkpoint(finished=False, metrics=None):
+        nonlocal live_log, saved_step
+        if not all(torch.isfinite(p).all() for p in params):
+            raise NonFinite(f"{label}: parameters became non-finite at step {step}; {kept()}")
+        rng = rng_state(ctx)                                                # collective: every rank
+        log_sums = all_sum(sums.clone(), ctx).tolist()                      # collective: a resume logs the same lines
+        with together(ctx):                                                 # e.g. a full disk on rank 0 stops every rank
+            if ctx.main:
+                extra = {}
+                if stage == "distill":
+                    extra = {k: v for k, v in trained.state_dict().items() if not k.startswith(
+                        tuple(f"{n}." for n, m in trained.named_children() if m is saved or m is teacher))}
+                save_checkpoint(ckpt_path, dict(
+                    kind=kind_of(saved), config=dataclasses.asdict(cfg), model=saved.state_dict(), extra=extra,
+                    classes=list(classes), stage=stage, optimizer=opt.state_dict(),
+                    scaler=scaler.state_dict() if use_fp16 else {},
+                    schedule=dict(total_steps=total, warmup_steps=warmup, peak_lr=lr, min_lr=args.min_lr),
+                    step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, world=ctx.world, rng=rng,
+                    args={k: v for k, v in vars(args).items()}, finished=finished, metrics=metrics or {},
+                    log=history, log_sums=log_sums, log_keys=keys))
+                if live_log != log_path:                                    # this run's record replaces the old one
+                    write_log(log_path, "".join(history), "w")
+                    os.remove(live_log)
+                    live_log = log_path
+        saved_step = step
+
+    def log(rec):                                                           # every rank, at the same steps
+        line = json.dumps(rec) + "\n"
+        history.append(line)
+        with together(ctx):
+            if ctx.main:
+                write_log(live_log, line, "a")
 
     save_steps = {int(v) for v in (args.save_steps or "").split(",") if v.strip()}
 
@@ -996,16 +1286,15 @@ def run_stage(args, stage, data, ctx):
         return res
 
     if ctx.main:
-        os.makedirs(args.run_dir, exist_ok=True)
         n_params = sum(p.numel() for p in params)
         print(f"{label}: {kind_of(saved)} {n_params / 1e6:.2f}M trainable params, {len(train_ds)} "
               f"{'unlabelled ' if stage == 'distill' else ''}images, {steps_per_epoch} steps/epoch x {args.epochs} epochs, "
-              f"global batch {world_batch}, lr {lr:.2e}, warm-up {warmup} of {total} steps -> {args.run_dir}")
+              f"global batch {world_batch}, lr {lr:.2e}, warm-up {warmup} of {total} steps, "
+              f"{torch.get_num_threads()} thread(s) -> {args.run_dir}")
     if ck is None and 0 in save_steps:
         snapshot()
     bad = BadImages(args.max_bad_frac)
-    sums = torch.zeros(8, dtype=torch.float64, device=ctx.device)
-    keys, t0, n_img, metrics = None, time.time(), 0, {}
+    t0, n_img, metrics = time.time(), 0, {}
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model.train()
@@ -1018,9 +1307,15 @@ def run_stage(args, stage, data, ctx):
         bar = tqdm(loader, total=steps_per_epoch, initial=batch_in_epoch, desc=f"{label} epoch {epoch + 1}/{args.epochs}",
                    leave=False, disable=not ctx.main)
         for images, *labels, errors in bar:                                 # distill: (images, errors), no labels
-            bad.add(len(images), errors)
-            if not len(images):
-                raise UserError(f"every image of a batch was unreadable (first: {bad.first})")
+            err = None
+            try:
+                bad.add(len(images), errors)
+            except UserError as e:
+                err = e
+            if stop_together(err, ctx, skip=not len(images)):                # no readable image (on some rank): skip
+                bad.empty_batches += 1
+                batch_in_epoch += 1
+                continue
             x = normalize(images, ctx.device)
             y = labels[0].to(ctx.device, non_blocking=True) if labels else None
             cur_lr = lr_at(step, total, warmup, lr, args.min_lr)
@@ -1034,8 +1329,7 @@ def run_stage(args, stage, data, ctx):
             gnorm = nn.utils.clip_grad_norm_(params, args.clip_grad if args.clip_grad > 0 else float("inf"))
             if not torch.isfinite(torch.stack([out["loss"].detach().float(), gnorm.float()])).all():
                 raise NonFinite(f"{label}: non-finite loss/gradient at step {step} (loss {out['loss'].item():.4g}, "
-                                f"grad norm {gnorm.item():.4g}); stopped, kept the last good checkpoint {ckpt_path} "
-                                "(try a lower --lr or --amp none)")
+                                f"grad norm {gnorm.item():.4g}); stopped, {kept()} (try a lower --lr or --amp none)")
             scaler.step(opt)
             scaler.update()
             step += 1
@@ -1066,7 +1360,8 @@ def run_stage(args, stage, data, ctx):
         bar.close()
         if stopped and batch_in_epoch < steps_per_epoch:
             break
-        bad.report(f"{label} epoch {epoch + 1}") if ctx.main else bad.check()
+        with together(ctx):
+            bad.report(f"{label} epoch {epoch + 1}") if ctx.main else bad.check()
         epoch, batch_in_epoch = epoch + 1, 0
         if val_loader is not None and (epoch == args.epochs or args.eval_every and epoch % args.eval_every == 0):
             metrics = validate(epoch)
@@ -1128,7 +1423,7 @@ def run_all(args, data, ctx):
             return None                                                     # e.g. a CLIP teacher: no class head
         return evaluate(model.to(ctx.device), val, args, ctx, desc="eval")
 
-    t, probe_set, probes = time.time(), data.probe(), {}
+    t, probe_set, probes = time.time(), data.probe(), dict.fromkeys(("teacher", "distilled", "random"))
     if ctx.main:                                                            # one process, every image: no sharding
         for name, path in (("teacher", teacher), ("distilled", distilled),
                            ("random", os.path.join(os.path.dirname(distilled), "step0.pt"))):
@@ -1161,13 +1456,20 @@ def run_all(args, data, ctx):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     ctx = setup_dist()
     try:
-        data = get_data(args)
-        if args.stage != "teacher":                                         # fail fast, before any stage trains
-            student_config(args, len(data.classes))
+        with together(ctx):                                                 # fail fast, before any stage trains
+            check_args(args)
+            torch.set_num_threads(args.threads)
+            if args.workers > cores_per_process() and ctx.main:
+                print(f"warning: --workers {args.workers} on {cores_per_process()} CPU core(s) per process: the workers "
+                      "compete with training for the cores", file=sys.stderr)
+            data = get_data(args)
+            if args.stage != "teacher":
+                student = student_config(args, len(data.classes))
+                if args.stage == "all" and not args.teacher:                # the teacher it will train
+                    check_stages(args, student, make_config(vl.TEACHER_PRESETS, args.teacher_preset, args.teacher_opts,
+                                                            "teacher").depth)
         if args.stage == "all":
             run_all(args, data, ctx)
         else:
@@ -1177,9 +1479,14 @@ def main(argv=None):
                 print("note: finetune without --init trains the student from scratch (the labels-only baseline)")
             run_stage(args, args.stage, data, ctx)
     except UserError as e:
-        print(f"error{f' (rank {ctx.rank})' if ctx.world > 1 else ''}: {e}", file=sys.stderr)
+        if not e.shared or int(os.environ.get("LOCAL_RANK", 0)) == 0:     # a shared error: once per node
+            print(f"error{f' (rank {ctx.rank})' if ctx.world > 1 and not e.shared else ''}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to continue from the last checkpoint", file=sys.stderr)
+        return 130
     finally:
+        release_locks()
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0

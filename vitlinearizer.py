@@ -6,7 +6,8 @@ ViT-Linearizer in one file: distil a frozen ViT teacher into a linear-time bidir
 
 The file reads like the paper, top to bottom:
 
-1. Teacher   `ViT`, `load_teacher`      a plain pre-norm ViT, loadable from timm / DeiT / OpenAI-CLIP / own files.
+1. Teacher   `ViT`, `load_teacher`      a pre-norm ViT; 1b loads timm, OpenAI / open_clip CLIP, Hugging Face,
+                                        DINOv2 torch-hub and own checkpoints (CLIP, DeiT-III, DINOv2, SigLIP, ...).
 2. Student   `VisionMamba`             a Vim-style bidirectional Mamba (selective scan in scan_kernel.py).
 3. Masks     `sample_mask`             which patch tokens the student does not see (ratio a = 0.75).
 4. Losses    `activation_matching_loss`, `masked_prediction_loss`, `Distiller`   L = L_act + lambda * L_mask.
@@ -19,7 +20,7 @@ Symbols of the paper / PAPER.md and where they live:
     Abar^k       A^k with every row L2-normalised                        `similarity_rows`
     L_act        1/(K L) sum_k sum_i (1 - <Abar_tea^k(i,:), Abar_stu^k(i,:)>)   `activation_matching_loss`
     a            mask ratio: exactly round(a N) of the N patches are masked   `sample_mask`
-    Y_tea, Y_stu teacher final token features, student predictions (`Distiller.head`)
+    Y_tea, Y_stu teacher final token features, student predictions (`Distiller.mp_proj` of its final tokens)
     L_mask       1/(a L) sum_{i masked} SmoothL1(Y_tea(i,:), Y_stu(i,:))      `masked_prediction_loss`
     lambda       weight of L_mask (default 1)                            `Distiller(lam=...)`
 
@@ -31,8 +32,11 @@ The student's selective scan (Mamba-1, S6), per channel d and state n, with toke
 
 Token order: every model returns its tokens as [class, patch_0 .. patch_{N-1}] (row-major patch grid), the teacher's
 order, so the losses compare position by position. The student keeps its class token in the middle of the sequence
-(Vim) internally and reorders on the way out.
+(Vim) internally and reorders on the way out. A teacher with register tokens (DINOv2 reg4) keeps them in its forward
+and leaves them out of its outputs; a teacher without a class token (SigLIP) puts the mean of its patch tokens in the
+class slot, in every returned layer.
 """
+import json
 import math
 import os
 import zipfile
@@ -60,14 +64,15 @@ def check_resolution(images, patch_size):
     return H // patch_size, W // patch_size
 
 
-def resize_pos_embed(pos_embed, grid_hw):
-    """Bicubic resampling of a (1, gh*gw, D) patch-grid position embedding to grid_hw (class position kept aside)."""
+def resize_pos_embed(pos_embed, grid_hw, antialias=False):
+    """Bicubic resampling of a (1, gh*gw, D) patch-grid position embedding to grid_hw (class position kept aside).
+    antialias=True is timm's and open_clip's resampling, False Hugging Face's (and ours)."""
     n = pos_embed.shape[1]
     side = math.isqrt(n)
     if (side, side) == tuple(grid_hw):
         return pos_embed
     grid = pos_embed.reshape(1, side, side, -1).permute(0, 3, 1, 2)                   # (1, D, side, side)
-    grid = F.interpolate(grid.float(), size=tuple(grid_hw), mode="bicubic", align_corners=False)
+    grid = F.interpolate(grid.float(), size=tuple(grid_hw), mode="bicubic", align_corners=False, antialias=antialias)
     return grid.to(pos_embed.dtype).flatten(2).transpose(1, 2)                        # (1, gh*gw, D)
 
 
@@ -80,7 +85,7 @@ def drop_path(x, p, training):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 1. Teacher: a plain ViT
+# 1. Teacher: a pre-norm ViT, in the variants of the families people distil from (section 1b loads them)
 
 @dataclass
 class ViTConfig:
@@ -89,11 +94,20 @@ class ViTConfig:
     dim: int = 768
     depth: int = 12
     heads: int = 12
-    mlp_ratio: float = 4.0
+    mlp_ratio: float = 4.0     # MLP hidden width / dim (SwiGLU: the width of each of fc1's two halves)
     num_classes: int = 1000    # 0: no classifier head (e.g. a CLIP image tower)
-    act: str = "gelu"          # "quick_gelu" for OpenAI CLIP weights
+    act: str = "gelu"          # MLP: "gelu" | "gelu_tanh" (SigLIP) | "quick_gelu" (OpenAI CLIP) | "swiglu" (DINOv2-g)
     norm_pre: bool = False     # CLIP's ln_pre before the blocks
-    eps: float = 1e-6          # LayerNorm eps: 1e-6 timm/DeiT, 1e-5 CLIP
+    eps: float = 1e-6          # LayerNorm eps: 1e-6 timm/DeiT/DINOv2/SigLIP, 1e-5 CLIP, 1e-12 Hugging Face ViT
+    class_token: bool = True   # False (SigLIP): no class token; the output's class slot is the mean patch token
+    registers: int = 0         # extra learned tokens after the class token (DINOv2 reg4); not in the output
+    patch_bias: bool = True    # False: CLIP's patch embedding has no bias
+    qkv_bias: bool = True
+    layer_scale: float = 0.0   # > 0: per-channel scales of both residual branches, starting at this (DeiT-III, DINOv2)
+    final_norm: str = "tokens"   # "tokens": LayerNorm on every output token; "pooled": none on the tokens, fc_norm
+                                 # on their mean patch token before the head (MAE fine-tuned); "none"
+    pos_antialias: bool = False  # resample position embeddings with antialias (timm, open_clip) or without (HF, ours)
+    drop_path: float = 0.0     # stochastic depth, rising linearly to this rate in the last block
 
 
 TEACHER_PRESETS = {
@@ -109,11 +123,23 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+class SwiGLU(nn.Module):
+    """The gated MLP activation of DINOv2 giant: fc1 computes both halves, silu(first) * second."""
+
+    def forward(self, x):                                                              # (..., 2 * hidden)
+        a, b = x.chunk(2, dim=-1)
+        return F.silu(a) * b
+
+
+ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "quick_gelu": QuickGELU,
+               "swiglu": SwiGLU}
+
+
 class Attention(nn.Module):
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, qkv_bias=True):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):                                                              # (B, L, D)
@@ -126,83 +152,153 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, dim, hidden, act):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = QuickGELU() if act == "quick_gelu" else nn.GELU()
+        self.fc1 = nn.Linear(dim, 2 * hidden if act == "swiglu" else hidden)
+        self.act = ACTIVATIONS[act]()
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class ViTBlock(nn.Module):
-    def __init__(self, cfg):
+class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch (DeiT-III, DINOv2)."""
+
+    def __init__(self, dim, init):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.eps)
-        self.attn = Attention(cfg.dim, cfg.heads)
-        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.eps)
-        self.mlp = MLP(cfg.dim, int(cfg.dim * cfg.mlp_ratio), cfg.act)
+        self.gamma = nn.Parameter(torch.full((dim,), init))
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        return x * self.gamma
+
+
+class ViTBlock(nn.Module):
+    def __init__(self, cfg, drop_path):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.eps)
+        self.attn = Attention(cfg.dim, cfg.heads, cfg.qkv_bias)
+        self.ls1 = LayerScale(cfg.dim, cfg.layer_scale) if cfg.layer_scale else nn.Identity()
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.eps)
+        self.mlp = MLP(cfg.dim, round(cfg.dim * cfg.mlp_ratio), cfg.act)
+        self.ls2 = LayerScale(cfg.dim, cfg.layer_scale) if cfg.layer_scale else nn.Identity()
+        self.drop_path = drop_path
+
+    def forward(self, x):
+        x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_path, self.training)
+        return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training)
 
 
 class ViT(nn.Module):
-    """The teacher: patch embedding, class token, learned position embedding, pre-norm blocks, final norm."""
+    """The teacher: patch embedding, class token (+ registers), learned position embedding, pre-norm blocks, final
+    norm. The sequence is [class, registers, patches]; the output drops the registers, so every teacher returns
+    [class, patches] like the student (a model without a class token puts its mean patch token in the class slot)."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         if cfg.dim % cfg.heads or cfg.img_size % cfg.patch_size:
             raise ValueError(f"ViTConfig: dim {cfg.dim} must divide by heads {cfg.heads} and img_size "
                              f"{cfg.img_size} by patch_size {cfg.patch_size}")
+        if cfg.act not in ACTIVATIONS or cfg.final_norm not in ("tokens", "pooled", "none"):
+            raise ValueError(f"ViTConfig: act must be one of {sorted(ACTIVATIONS)} and final_norm tokens / pooled / "
+                             f"none, got {cfg.act!r}, {cfg.final_norm!r}")
         self.cfg = cfg
         grid = cfg.img_size // cfg.patch_size
-        self.patch_embed = nn.Conv2d(3, cfg.dim, cfg.patch_size, cfg.patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, cfg.dim))     # class position first (timm)
+        self.patch_embed = nn.Conv2d(3, cfg.dim, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, cfg.registers, cfg.dim)) if cfg.registers else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.class_token + grid * grid, cfg.dim))  # class position first
         self.norm_pre = nn.LayerNorm(cfg.dim, eps=cfg.eps) if cfg.norm_pre else nn.Identity()
-        self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.eps)
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(ViTBlock(cfg, r) for r in rates)
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.eps) if cfg.final_norm == "tokens" else nn.Identity()
+        self.fc_norm = nn.LayerNorm(cfg.dim, eps=cfg.eps) if cfg.final_norm == "pooled" else nn.Identity()
         self.head = nn.Linear(cfg.dim, cfg.num_classes) if cfg.num_classes else None
-        for t in (self.cls_token, self.pos_embed):
-            nn.init.trunc_normal_(t, std=0.02)
+        for t in (self.cls_token, self.reg_token, self.pos_embed):
+            if t is not None:
+                nn.init.trunc_normal_(t, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, images):                                                         # (B, 3, H, W)
         grid_hw = check_resolution(images, self.cfg.patch_size)
         x = self.patch_embed(images).flatten(2).transpose(1, 2)                         # (B, N, D)
-        pos_cls, pos_grid = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        x = x + resize_pos_embed(pos_grid, grid_hw)
-        x = torch.cat([(self.cls_token + pos_cls).expand(len(x), -1, -1), x], dim=1)   # (B, 1+N, D)
+        n_cls = int(self.cfg.class_token)
+        x = x + resize_pos_embed(self.pos_embed[:, n_cls:], grid_hw, self.cfg.pos_antialias)
+        prefix = [self.cls_token + self.pos_embed[:, :1]] if n_cls else []             # registers get no position
+        prefix += [self.reg_token] if self.reg_token is not None else []
+        x = torch.cat([p.expand(len(x), -1, -1) for p in prefix] + [x], dim=1)        # (B, T+N, D), T = class + regs
         x = self.norm_pre(x)
         hidden = []
         for block in self.blocks:
             x = block(x)
-            hidden.append(x)
-        tokens = self.norm(x)
-        logits = self.head(tokens[:, 0]) if self.head is not None else None
-        return Output(logits, tokens, hidden)
+            hidden.append(self.class_and_patches(x))
+        tokens = self.class_and_patches(self.norm(x))                                  # (B, 1+N, D)
+        if self.head is None:
+            return Output(None, tokens, hidden)
+        pooled = self.fc_norm(tokens[:, 1:].mean(1)) if self.cfg.final_norm == "pooled" else tokens[:, 0]
+        return Output(self.head(pooled), tokens, hidden)
+
+    def class_and_patches(self, x):                                                    # (B, T+N, D) -> (B, 1+N, D)
+        T = int(self.cfg.class_token) + self.cfg.registers
+        if T == 1 and self.cfg.class_token:
+            return x
+        patches = x[:, T:]
+        first = x[:, :1] if self.cfg.class_token else patches.mean(1, keepdim=True)
+        return torch.cat([first, patches], dim=1)
 
     def no_weight_decay(self):
-        return {n for n, p in self.named_parameters() if p.ndim < 2 or n in ("cls_token", "pos_embed")}
+        return {n for n, p in self.named_parameters() if p.ndim < 2 or n in ("cls_token", "reg_token", "pos_embed")}
 
 
-# Loading teachers. Every format is first converted to this file's key names, then loaded exactly (no key may be
-# missing, unexpected or mis-shaped). Checkpoints are untrusted: tensors only (weights_only=True), never pickles.
+# ----------------------------------------------------------------------------------------------------------------
+# 1b. Teacher checkpoints. One converter per family renames its keys to this file's ViT; infer_vit_config reads the
+# architecture from the converted weights (plus what the family or the checkpoint's config file says: heads, act,
+# eps); load_exact then requires every key to fit. Checkpoints are untrusted: tensors only, never arbitrary pickles.
+
+# The weights of a Hub folder (transformers, timm, open_clip), in the order they are looked for; *.index.json: shards
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """A .safetensors file as a dict of tensors, without the safetensors package. The format: an 8-byte little-endian
+    header length n, n bytes of JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}} (+ "__metadata__"),
+    then the tensors' little-endian bytes, offsets counted from the end of the header."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        try:
+            if not 0 < n <= size - 8:
+                raise ValueError(f"header length {n} for a {size}-byte file")
+            header = json.loads(f.read(n))
+            data = bytearray(size - 8 - n)
+            f.readinto(data)
+            out = {}
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                dtype, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
+                count = math.prod(info["shape"])
+                if not 0 <= begin <= end <= len(data) or end - begin != count * dtype.itemsize:
+                    raise ValueError(f"{name}: bytes {begin}..{end} do not hold {info['shape']} {info['dtype']}")
+                t = torch.frombuffer(data, dtype=dtype, count=count, offset=begin) if count else torch.empty(0)
+                out[name] = t.to(dtype).reshape(info["shape"]).clone()                 # own, aligned memory
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read {path!r} as safetensors: {type(e).__name__} {e}") from None
+    return out
+
 
 def read_state_dict(path):
     """A checkpoint file as a dict of tensors / plain values; TorchScript archives (OpenAI CLIP) keep their state dict."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist: give a file path or timm:<model-name>")
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist: give a file, a Hub folder or timm:<model-name>")
     if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ImportError(f"{path} is a .safetensors file: pip install safetensors to read it") from None
-        return load_file(path)
+        return read_safetensors(path)
     if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
         return torch.jit.load(path, map_location="cpu").state_dict()
     try:
@@ -212,44 +308,187 @@ def read_state_dict(path):
             from None
 
 
-def convert_clip(sd):
-    """OpenAI CLIP / open_clip image tower (visual.*) -> this file's ViT keys. visual.proj (the image-text
-    projection of the class token) is not part of the token features and is dropped."""
-    rename = [("conv1.", "patch_embed."), ("transformer.resblocks.", "blocks."), ("ln_1.", "norm1."),
-              ("ln_2.", "norm2."), ("attn.in_proj_", "attn.qkv."), ("attn.out_proj.", "attn.proj."),
-              ("mlp.c_fc.", "mlp.fc1."), ("mlp.c_proj.", "mlp.fc2."), ("ln_pre.", "norm_pre."), ("ln_post.", "norm.")]
+def read_checkpoint(spec):
+    """-> (state dict, {name: JSON config beside the weights}). spec: a weights file, or a folder as the Hugging Face
+    Hub holds models (config.json + model.safetensors / pytorch_model.bin, sharded or not; open_clip's files)."""
+    path = spec
+    if os.path.isdir(spec):
+        found = [n for n in WEIGHT_FILES if os.path.isfile(os.path.join(spec, n))]
+        if not found:
+            raise FileNotFoundError(f"folder {spec!r} holds none of {', '.join(WEIGHT_FILES)}")
+        path = os.path.join(spec, found[0])
+    folder = os.path.dirname(path)
+    configs = {}
+    for name in ("config.json", "open_clip_config.json"):
+        if os.path.isfile(os.path.join(folder, name)):
+            try:
+                with open(os.path.join(folder, name)) as f:
+                    configs[name] = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"{os.path.join(folder, name)} is not valid JSON: {e}") from None
+    if path.endswith(".index.json"):                                                   # sharded: index -> shard files
+        with open(path) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        sd = {}
+        for shard in shards:
+            sd.update(read_state_dict(os.path.join(folder, shard)))
+        return sd, configs
+    return read_state_dict(path), configs
+
+
+def rename(sd, pairs):
+    """Apply (old, new) substring replacements, in order, to every key."""
     out = {}
     for k, v in sd.items():
-        if not k.startswith("visual.") or k == "visual.proj":
-            continue                                                                   # text tower, projection
-        k = k[len("visual."):]
-        for a, b in rename:
+        for a, b in pairs:
             k = k.replace(a, b)
         out[k] = v
-    out["cls_token"] = out.pop("class_embedding").reshape(1, 1, -1)
-    out["pos_embed"] = out.pop("positional_embedding").unsqueeze(0)
-    weight = out["patch_embed.weight"]
-    out.setdefault("patch_embed.bias", weight.new_zeros(weight.shape[0]))          # CLIP's conv1 has no bias
     return out
 
 
-def convert_timm(sd):
-    """timm / DeiT ViT keys -> this file's (the same names, patch_embed.proj -> patch_embed)."""
-    return {k.replace("patch_embed.proj.", "patch_embed."): v for k, v in sd.items()}
+def align_positions(sd):
+    """pos_embed in this ViT's layout: a class position iff there is a class token, then the patch grid. Sources without
+    a class position (DeiT-III, timm's DINOv2 with registers) get a zero one (the same sum); positions given to
+    register tokens are added into the tokens themselves (a register never moves, so the sum is the same)."""
+    pos, n_cls = sd["pos_embed"], int("cls_token" in sd)
+    T = n_cls + (sd["reg_token"].shape[1] if "reg_token" in sd else 0)
+    L = pos.shape[1]
+    n_prefix = next((p for p in (T, n_cls, 0) if L > p and math.isqrt(L - p) ** 2 == L - p), None)   # square grid
+    if n_prefix is None:
+        raise ValueError(f"pos_embed {tuple(pos.shape)} is not a square patch grid after {T} or fewer prefix tokens")
+    if n_prefix > n_cls:
+        sd["reg_token"] = sd["reg_token"] + pos[:, n_cls:n_prefix]
+    class_pos = [pos[:, :1] if n_prefix else torch.zeros_like(pos[:, :1])] if n_cls else []
+    sd["pos_embed"] = torch.cat(class_pos + [pos[:, n_prefix:]], dim=1)
+    return sd
 
 
-def infer_vit_config(sd, **overrides):
-    """Architecture from the weights; heads by the 64-dims-per-head convention unless given."""
-    dim = sd["cls_token"].shape[-1]
-    n_patches = sd["pos_embed"].shape[1] - 1
-    grid, patch = math.isqrt(n_patches), sd["patch_embed.weight"].shape[-1]
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    clip = "norm_pre.weight" in sd
-    cfg = ViTConfig(img_size=grid * patch, patch_size=patch, dim=dim, depth=depth, heads=max(1, dim // 64),
-                    mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim,
+def convert_timm(sd, config=None):
+    """timm ViTs (plain / AugReg / DeiT, DeiT-III, CLIP, DINOv2 with or without registers, SigLIP, MAE) and the DINOv2
+    torch-hub layout -> this file's ViT. SigLIP's attention-pool head (attn_pool.*, and the classifier on it) is not
+    part of the token features and is dropped. config: timm's config.json beside the weights (a Hub download).
+    -> (state dict, hints): eps 1e-5 for CLIP towers (norm_pre, no patch bias), else 1e-6; act GELU (what timm runs
+    by default) unless the config says otherwise: QuickGELU for *quickgelu* names and for weights timm notes as
+    natively QuickGELU (OpenAI's); heads from the config's model_args where present."""
+    drop = ("mask_token",) + (("attn_pool.", "head.") if "attn_pool.latent" in sd else ())
+    sd = rename({k: v for k, v in sd.items() if not k.startswith(drop)},
+                [("patch_embed.proj.", "patch_embed."), ("register_tokens", "reg_token"),   # torch-hub DINOv2 names
+                 (".mlp.w12.", ".mlp.fc1."), (".mlp.w3.", ".mlp.fc2.")])                   # its SwiGLU MLP
+    clip = "norm_pre.weight" in sd and "patch_embed.bias" not in sd
+    hints = dict(eps=1e-5 if clip else 1e-6, act="gelu", pos_antialias=True)
+    config = config or {}
+    args, pretrained = config.get("model_args", {}), config.get("pretrained_cfg", {})
+    if ("quickgelu" in config.get("architecture", "") or pretrained.get("tag") == "openai"
+            or any("QuickGELU" in note for note in pretrained.get("notes", ()))):
+        hints["act"] = "quick_gelu"
+    hints["act"] = {"quick_gelu": "quick_gelu", "gelu_tanh": "gelu_tanh"}.get(args.get("act_layer"), hints["act"])
+    hints["heads"] = args.get("num_heads")
+    return align_positions(sd), hints
+
+
+def convert_clip(sd, config=None):
+    """OpenAI CLIP / open_clip checkpoints (visual.* keys) -> this file's ViT. visual.proj (the image-text projection
+    of the class token) is not part of the token features and is dropped. config: open_clip_config.json beside the
+    weights gives heads (width / head_width) and act (its quick_gelu flag); without one, OpenAI's QuickGELU."""
+    sd = rename({k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.") and k != "visual.proj"},
+                [("conv1.", "patch_embed."), ("transformer.resblocks.", "blocks."), ("ln_1.", "norm1."),
+                 ("ln_2.", "norm2."), ("attn.in_proj_", "attn.qkv."), ("attn.out_proj.", "attn.proj."),
+                 ("mlp.c_fc.", "mlp.fc1."), ("mlp.c_proj.", "mlp.fc2."), ("ls_1.", "ls1."), ("ls_2.", "ls2."),
+                 ("ln_pre.", "norm_pre."), ("ln_post.", "norm.")])
+    sd["cls_token"] = sd.pop("class_embedding").reshape(1, 1, -1)
+    sd["pos_embed"] = sd.pop("positional_embedding").unsqueeze(0)
+    hints = dict(eps=1e-5, act="quick_gelu", pos_antialias=True)
+    if config:
+        model_cfg = config.get("model_cfg", {})
+        vision = model_cfg.get("vision_cfg", {})
+        hints["act"] = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
+        hints["heads"] = sd["cls_token"].shape[-1] // vision.get("head_width", 64)
+    return sd, hints
+
+
+HF_ACTS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+
+
+def convert_hf(sd, config=None):
+    """Hugging Face transformers (4.x names, as on the Hub) ViTModel / ViTForImageClassification, Dinov2Model (+ with
+    registers), CLIPVisionModel / CLIPModel, SiglipVisionModel / SiglipModel -> this file's ViT: separate q/k/v
+    projections are stacked into qkv. Dropped: text towers and projections, ViT's pooler, SigLIP's attention-pool
+    head, DINOv2's mask token. config: config.json beside the weights (heads, act, eps); without one, the family's
+    defaults. HF resamples position embeddings without antialias (DINOv2 with registers with)."""
+    vision = {}
+    for k, v in sd.items():
+        for prefix in ("vision_model.", "vit.", "dinov2."):
+            k = k.removeprefix(prefix)
+        if not k.startswith(("text_model.", "visual_projection", "text_projection", "logit_", "pooler.", "head.",
+                             "embeddings.mask_token", "embeddings.position_ids")):
+            vision[k] = v
+    sd = rename(vision, [
+        ("embeddings.patch_embeddings.projection.", "patch_embed."), ("embeddings.patch_embedding.", "patch_embed."),
+        ("embeddings.cls_token", "cls_token"), ("embeddings.class_embedding", "cls_token"),
+        ("embeddings.position_embeddings", "pos_embed"), ("embeddings.position_embedding.weight", "pos_embed"),
+        ("embeddings.register_tokens", "reg_token"), ("encoder.layer.", "blocks."), ("encoder.layers.", "blocks."),
+        ("layernorm_before.", "norm1."), ("layernorm_after.", "norm2."), ("layer_norm1.", "norm1."),
+        ("layer_norm2.", "norm2."), ("attention.attention.query.", "attn.q."), ("attention.attention.key.", "attn.k."),
+        ("attention.attention.value.", "attn.v."), ("attention.output.dense.", "attn.proj."),
+        ("self_attn.q_proj.", "attn.q."), ("self_attn.k_proj.", "attn.k."), ("self_attn.v_proj.", "attn.v."),
+        ("self_attn.out_proj.", "attn.proj."), ("intermediate.dense.", "mlp.fc1."), ("output.dense.", "mlp.fc2."),
+        ("mlp.weights_in.", "mlp.fc1."), ("mlp.weights_out.", "mlp.fc2."), ("layer_scale1.lambda1", "ls1.gamma"),
+        ("layer_scale2.lambda1", "ls2.gamma"), ("pre_layrnorm.", "norm_pre."), ("post_layernorm.", "norm."),
+        ("classifier.", "head.")])
+    sd = {("norm." + k[len("layernorm."):] if k.startswith("layernorm.") else k): v for k, v in sd.items()}
+    for k in [k for k in sd if ".attn.q." in k]:                                       # q, k, v -> qkv
+        sd[k.replace(".attn.q.", ".attn.qkv.")] = torch.cat([sd.pop(k.replace(".attn.q.", f".attn.{p}."))
+                                                              for p in "qkv"])
+    if "cls_token" in sd:
+        sd["cls_token"] = sd["cls_token"].reshape(1, 1, -1)                            # CLIP's class_embedding (D,)
+    sd["pos_embed"] = sd["pos_embed"].reshape(1, -1, sd["pos_embed"].shape[-1])         # CLIP / SigLIP: (L, D)
+    if config and "model_type" in config:
+        config = config.get("vision_config", config)
+        kind = config.get("model_type", "")
+    else:                                                                              # no config.json: by the keys
+        config = {}
+        kind = ("clip" if "norm_pre.weight" in sd else "siglip" if "cls_token" not in sd
+                else "dinov2" if "blocks.0.ls1.gamma" in sd else "vit")
+    defaults = next(v for k, v in (("clip", ("quick_gelu", 1e-5)), ("siglip", ("gelu_pytorch_tanh", 1e-6)),
+                                   ("dinov2", ("gelu", 1e-6)), ("", ("gelu", 1e-12))) if k in kind)
+    act = config.get("hidden_act", defaults[0])
+    if act not in HF_ACTS:
+        raise ValueError(f"config.json: hidden_act {act!r} is not one of {sorted(HF_ACTS)}")
+    heads = config.get("num_attention_heads", 12) if config else None                 # 12: the HF configs' default
+    hints = dict(act=HF_ACTS[act], eps=config.get("layer_norm_eps", defaults[1]), heads=heads,
+                 pos_antialias="reg_token" in sd)
+    return align_positions(sd), hints
+
+
+def default_heads(dim):
+    """The usual head count for a width: 64 dims per head, except the widths whose standard models use 16 heads
+    (SigLIP so400m 1152, ViT-H 1280, ViT-g 1408, ViT-bigG 1664)."""
+    return {1152: 16, 1280: 16, 1408: 16, 1664: 16}.get(dim, max(1, dim // 64))
+
+
+def infer_vit_config(sd, hints=None, **overrides):
+    """Architecture from a state dict in this file's names: widths, depth, patch, native grid, classes, class token,
+    registers, biases, LayerScale, norms, SwiGLU. hints (a converter's: the family's defaults or its config file) and
+    then overrides (the caller's) set the rest: heads (else default_heads), act, eps, pos_antialias."""
+    need = ["patch_embed.weight", "pos_embed", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight",
+            "blocks.0.mlp.fc2.weight"]
+    if any(k not in sd for k in need):
+        raise ValueError(f"not a ViT this loader knows: missing {', '.join(k for k in need if k not in sd)}")
+    dim, patch = sd["patch_embed.weight"].shape[0], sd["patch_embed.weight"].shape[-1]
+    n_patches = sd["pos_embed"].shape[1] - ("cls_token" in sd)
+    fc1, fc2 = sd["blocks.0.mlp.fc1.weight"].shape[0], sd["blocks.0.mlp.fc2.weight"].shape[1]
+    cfg = ViTConfig(img_size=math.isqrt(n_patches) * patch, patch_size=patch, dim=dim,
+                    depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")),
+                    heads=default_heads(dim), mlp_ratio=fc2 / dim,
                     num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
-                    act="quick_gelu" if clip else "gelu", norm_pre=clip, eps=1e-5 if clip else 1e-6)
-    for k, v in overrides.items():
+                    class_token="cls_token" in sd, registers=sd["reg_token"].shape[1] if "reg_token" in sd else 0,
+                    patch_bias="patch_embed.bias" in sd, qkv_bias="blocks.0.attn.qkv.bias" in sd,
+                    norm_pre="norm_pre.weight" in sd, layer_scale=1e-5 if "blocks.0.ls1.gamma" in sd else 0.0,
+                    final_norm="tokens" if "norm.weight" in sd else "pooled" if "fc_norm.weight" in sd else "none")
+    hints = dict(hints or {})
+    if fc1 == 2 * fc2:                                   # fc1 holds both halves: SwiGLU, whatever the family's act
+        hints["act"] = "swiglu"
+    for k, v in [*hints.items(), *overrides.items()]:
         if v is not None:
             setattr(cfg, k, v)
     return cfg
@@ -284,26 +523,39 @@ def model_from_checkpoint(ckpt, source="checkpoint"):
     return load_exact(model_cls(cfg_cls(**ckpt["config"])), ckpt["model"], source)
 
 
+def timm_checkpoint(name):
+    """timm:NAME -> (state dict, a config like timm's config.json) from timm's own model (pretrained weights)."""
+    try:
+        import timm
+    except ImportError:
+        raise ImportError(f"timm:{name}: pip install timm to load timm models by name") from None
+    model = timm.create_model(name, pretrained=True)
+    act = model.blocks[0].mlp.act
+    kind = type(act).__name__.lower()
+    act = ("quick_gelu" if "quick" in kind else
+           "gelu_tanh" if "tanh" in kind or getattr(act, "approximate", "none") == "tanh" else "gelu")
+    config = dict(architecture=name.split(".")[0], pretrained_cfg=dict(getattr(model, "pretrained_cfg", {}) or {}),
+                  model_args=dict(num_heads=model.blocks[0].attn.num_heads, act_layer=act))
+    return model.state_dict(), {"config.json": config}
+
+
 def load_teacher(spec, img_size=None, num_classes=None, heads=None, act=None):
     """A frozen ViT teacher (eval mode, no grad) from one of:
-    - a timm / DeiT ViT checkpoint (.pth / .bin / .safetensors; DeiT files wrap it in "model"), incl. timm's CLIP ViTs;
+    - a timm checkpoint (.pth / .bin / .safetensors; DeiT files wrap it in "model"): plain / AugReg / DeiT / MAE ViTs,
+      CLIP ViTs, DeiT-III, DINOv2 (registers, SwiGLU), SigLIP; also DINOv2's torch-hub files;
     - an OpenAI CLIP / open_clip checkpoint (visual.* keys), also a TorchScript archive as OpenAI ships them;
+    - a Hugging Face transformers ViT, CLIP, DINOv2 or SigLIP checkpoint (Hub key names);
+    - a folder as the Hugging Face Hub holds a model (config.json + weights, for transformers, timm or open_clip);
     - this project's own checkpoint (written by train.py);
     - "timm:<model-name>" when timm is installed (downloads pretrained weights through timm).
     img_size: the resolution you will run at (checked against the patch size; any multiple works).
     num_classes: a new, randomly initialised head when it differs from the checkpoint's (0 removes the head).
-    heads / act ("gelu" | "quick_gelu"): override what is inferred (64 dims per head; QuickGELU for CLIP weights)."""
+    heads / act ("gelu" | "gelu_tanh" | "quick_gelu"): override what the checkpoint's config file or its family's
+    convention says (see convert_timm / convert_clip / convert_hf and default_heads)."""
     if spec.startswith("timm:"):
-        try:
-            import timm
-        except ImportError:
-            raise ImportError(f"{spec}: pip install timm to load timm models by name") from None
-        source = timm.create_model(spec[len("timm:"):], pretrained=True)
-        act = act or ("quick_gelu" if "QuickGELU" in type(source.blocks[0].mlp.act).__name__ else "gelu")
-        heads = heads or source.blocks[0].attn.num_heads
-        sd = source.state_dict()
+        sd, configs = timm_checkpoint(spec[len("timm:"):])
     else:
-        sd = read_state_dict(spec)
+        sd, configs = read_checkpoint(spec)
     if isinstance(sd, dict) and "kind" in sd and "config" in sd:
         model = model_from_checkpoint(sd, spec)
         if not isinstance(model, ViT):
@@ -314,13 +566,20 @@ def load_teacher(spec, img_size=None, num_classes=None, heads=None, act=None):
                 sd = sd[wrapper]
         sd = {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
         if any(k.startswith("visual.") for k in sd):
-            sd = convert_clip(sd)
+            family, convert, config = "an OpenAI CLIP / open_clip", convert_clip, configs.get("open_clip_config.json")
+        elif any(".attention.attention.query." in k or ".self_attn.q_proj." in k for k in sd):
+            family, convert, config = "a Hugging Face", convert_hf, configs.get("config.json")
         elif "blocks.0.attn.qkv.weight" in sd:
-            sd = convert_timm(sd)
+            family, convert, config = "a timm", convert_timm, configs.get("config.json")
         else:
-            raise ValueError(f"{spec}: neither a timm/DeiT ViT (blocks.0.attn.qkv.weight) nor a CLIP image tower "
-                             f"(visual.*); first keys: {', '.join(list(sd)[:5])}")
-        model = load_exact(ViT(infer_vit_config(sd, heads=heads, act=act)), sd, spec)
+            raise ValueError(f"{spec}: not a ViT layout this loader knows (timm / DeiT / DINOv2: "
+                             f"blocks.0.attn.qkv.weight; OpenAI CLIP / open_clip: visual.*; Hugging Face: "
+                             f"encoder.layer(s).0 q/k/v); first keys: {', '.join(list(sd)[:5])}")
+        try:
+            sd, hints = convert(sd, config)
+        except KeyError as e:
+            raise ValueError(f"{spec} looks like {family} checkpoint but has no {e}") from None
+        model = load_exact(ViT(infer_vit_config(sd, hints, heads=heads, act=act)), sd, spec)
     if img_size is not None:
         check_resolution(torch.empty(1, 3, img_size, img_size, device="meta"), model.cfg.patch_size)
     if num_classes is not None and num_classes != model.cfg.num_classes:
@@ -401,14 +660,14 @@ class BiMamba(nn.Module):
 
     def forward(self, hidden):                                                         # (B, L, D)
         R, N = self.dt_proj.shape[-1], self.cfg.d_state
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)                                   # (B, L, E) each
-        u = self.conv(x.transpose(1, 2))                                               # (ndir, B, E, L)
-        x_dbl = u.transpose(-1, -2) @ self.x_proj.transpose(-1, -2).unsqueeze(1)      # (ndir, B, L, R+2N)
-        dt_low, B, C = x_dbl.split([R, N, N], dim=-1)
-        delta = (dt_low @ self.dt_proj.transpose(-1, -2).unsqueeze(1)).transpose(-1, -2)   # (ndir, B, E, L)
-        B, C = B.transpose(-1, -2), C.transpose(-1, -2)                                # (ndir, B, N, L)
+        # every (., L) tensor below is made contiguous along L (weights on the left of the matmuls), the layout the
+        # scan kernel reads fastest; only the output goes back to (B, L, .)
+        x, z = (self.in_proj.weight @ hidden.transpose(1, 2)).chunk(2, dim=1)           # (B, E, L) each
+        u = self.conv(x)                                                               # (ndir, B, E, L)
+        x_dbl = self.x_proj.unsqueeze(1) @ u                                           # (ndir, B, R+2N, L)
+        dt_low, B, C = x_dbl.split([R, N, N], dim=2)
+        delta = self.dt_proj.unsqueeze(1) @ dt_low                                     # (ndir, B, E, L)
         A = -torch.exp(self.A_log.float())                                             # (ndir, E, N)
-        z = z.transpose(1, 2)                                                          # (B, E, L)
         if self.directions == "both":
             y = bidirectional_selective_scan(u, delta, A, B, C, self.D.float(), z, self.dt_bias.float(),
                                              delta_softplus=True, backend=self.cfg.scan_backend) / 2
@@ -583,9 +842,9 @@ def masked_prediction_loss(pred, target, mask):
 
 class Distiller(nn.Module):
     """The distillation objective L = am_weight * L_act + lam * L_mask, no labels. One student forward on the masked
-    image feeds both losses; the frozen teacher sees the full image. Holds the trainable MP head (student width ->
-    teacher width; identity when they match). target: the teacher's final features after ("post_norm") or before
-    ("pre_norm") its final norm — the paper does not say which."""
+    image feeds both losses; the frozen teacher sees the full image. Holds the trainable masked-prediction projection
+    `mp_proj` (student width -> teacher width; identity when they match). target: the teacher's final features after
+    ("post_norm") or before ("pre_norm") its final norm — the paper does not say which."""
 
     def __init__(self, teacher, student, stages=4, am_scope="visible", lam=1.0, am_weight=1.0, target="post_norm"):
         super().__init__()
@@ -594,10 +853,15 @@ class Distiller(nn.Module):
         self.teacher = teacher.eval().requires_grad_(False)
         self.student = student
         t_dim, s_dim = teacher.cfg.dim, student.cfg.dim
-        self.head = nn.Linear(s_dim, t_dim) if s_dim != t_dim else nn.Identity()
+        self.mp_proj = nn.Linear(s_dim, t_dim) if s_dim != t_dim else nn.Identity()
         self.teacher_stages = stage_indices(teacher.cfg.depth, stages)
         self.student_stages = stage_indices(student.cfg.depth, stages)
         self.am_scope, self.lam, self.am_weight, self.target = am_scope, lam, am_weight, target
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):                        # checkpoints written before
+        for k in [k for k in state_dict if k.startswith(prefix + "head.")]:            # mp_proj was named "head"
+            state_dict[prefix + "mp_proj." + k[len(prefix + "head."):]] = state_dict.pop(k)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def train(self, mode=True):                                                        # the teacher stays in eval
         super().train(mode)
@@ -611,5 +875,5 @@ class Distiller(nn.Module):
         am = activation_matching_loss([tea.hidden[i] for i in self.teacher_stages],
                                       [stu.hidden[i] for i in self.student_stages], mask, self.am_scope)
         target = tea.tokens if self.target == "post_norm" else tea.hidden[-1]
-        mp = masked_prediction_loss(self.head(stu.tokens[:, 1:]), target[:, 1:], mask)
+        mp = masked_prediction_loss(self.mp_proj(stu.tokens[:, 1:]), target[:, 1:], mask)
         return dict(loss=self.am_weight * am + self.lam * mp, am=am, mp=mp)
