@@ -5,7 +5,8 @@ Evaluate a checkpoint, or benchmark the teacher against the student.
     python eval.py --ckpt runs/in1k/finetune/last.pt --data DIR  # ... on DIR/val/<class>/*
     python eval.py --bench                                        # teacher vs student: img/s, latency, memory
     python eval.py --bench-scan                                   # selective scan: per-step baseline vs ours
-    python eval.py --runs runs/ablation                           # table of seeds x configurations (README "Results")
+    python eval.py --probe runs/demo/distill/last.pt              # linear probe of a frozen model (--random-init too)
+    python eval.py --runs runs/results/pairs                      # tables over seeds (README "Results", results.sh)
 """
 import argparse, csv, json, os, sys, time
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -17,9 +18,9 @@ import scan_kernel
 
 # ----------------------------------------------------------------------------------------------- accuracy
 
-def load_model(path, ema=False):
+def load_model(path, ema=False, for_accuracy=True):
     """our checkpoint (any kind; ema: its EMA weights), else whatever load_teacher takes (a teacher file of any format
-    it reads, a Hub folder, timm:NAME)"""
+    it reads, a Hub folder, timm:NAME). for_accuracy: warn that a distillation checkpoint's class head is untrained."""
     if path.startswith("timm:") and not ema:
         return train.load_teacher(path, None), {}
     try:
@@ -33,7 +34,7 @@ def load_model(path, ema=False):
             model = vl.model_from_checkpoint({**ck, "model": ck["ema"]} if ema else ck, path)
         except Exception as e:
             raise train.UserError(f"{path}: {e}") from e
-        if ck.get("stage") == "distill":
+        if ck.get("stage") == "distill" and for_accuracy:
             print(f"warning: {path} is a distillation checkpoint: its class head was never trained (distillation uses "
                   "no labels), so its accuracy is near chance; fine-tune it first (train.py --stage finetune --init "
                   f"{path})", file=sys.stderr)
@@ -47,7 +48,7 @@ def accuracy(args):
     args.img_size = args.img_size or run.get("img_size") or model.cfg.img_size
     train.check_resolution(args.img_size, model.cfg.patch_size, "model")
     if args.data is None and run and run.get("data") is None:                            # the demo's held-out set
-        ds = train.RelationsDemo(run["demo_val"], args.img_size, seed=run["demo_seed"] + 1)
+        ds = train.demo_set(demo_args(run, args.img_size), "val")
         classes = ds.classes
     elif args.data is not None:
         classes, samples = train.list_split(args.data, "val")
@@ -64,6 +65,60 @@ def accuracy(args):
     print(f"{args.ckpt}{' (EMA weights)' if args.ema else ''}: top-1 {res['top1']:.2f}  top-5 {res['top5']:.2f}  "
           f"({len(ds)} images, {len(classes)} classes, {args.img_size} px)")
     return res
+
+
+def demo_args(run, img_size):
+    """the demo arguments of a run (checkpoints from before --demo-task used the relations task)"""
+    return argparse.Namespace(**{"demo_task": "relations", "demo_probe": train.DEMO["demo_probe"], **run, "img_size": img_size})
+
+
+# ----------------------------------------------------------------------------------------------- linear probe
+
+def random_init(ck, seed):
+    """the checkpoint's architecture as training initialises it from scratch (seed, then the run's position init):
+    what a distillation run starts from"""
+    cls, ccls = (vl.ViT, vl.ViTConfig) if ck["kind"] == "vit" else (vl.VisionMamba, vl.MambaConfig)
+    torch.manual_seed(seed)
+    model = cls(ccls(**ck["config"]))
+    if ck.get("args", {}).get("pos_init", "sincos") == "sincos":
+        train.sincos_pos_init_(model)
+    return model
+
+
+def probe_ckpts(args):
+    """eval.py --probe: linear probe of each frozen checkpoint; results also merged into <its folder>/probe.json"""
+    ctx = train.Ctx(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    args.seed, args.max_bad_frac = 0, 0.01
+    results = {}
+    for path in args.probe:
+        model, ck = load_model(path, for_accuracy=False)
+        run = ck.get("args", {})
+        img_size = args.img_size or run.get("img_size") or model.cfg.img_size
+        if args.data is None and run.get("data") is None and run:
+            a = demo_args(run, img_size)
+            a.demo_probe = args.probe_train or a.demo_probe
+            probe_set, val = train.demo_set(a, "probe"), train.demo_set(a, "val")
+        elif args.data is not None:
+            d = train.Data(argparse.Namespace(data=args.data, img_size=img_size, distill_data=None))
+            probe_set, val = d.probe(args.probe_train), d.val
+        else:
+            raise train.UserError(f"{path} was not trained on the demo: give --data DIR (DIR/{{train,val}}/<class>/*)")
+        if args.random_init:
+            if "kind" not in ck:
+                raise train.UserError(f"--random-init needs one of our checkpoints (its architecture), not {path}")
+            model, name = random_init(ck, args.random_init_seed), f"random-init-s{args.random_init_seed}"
+        else:
+            name = os.path.basename(path)
+        args.img_size, args.batch_size = img_size, max(args.batch_size, 256)
+        res = train.probe(model, probe_set, val, args, ctx)
+        print(f"{path}{' (random init)' if args.random_init else ''}: linear probe top-1 {res['top1']:.2f}  "
+              f"(train {res['train_top1']:.2f}; {len(probe_set)} probe images, {len(val)} held out)")
+        out = os.path.join(os.path.dirname(path) or ".", "probe.json")
+        if not path.startswith("timm:"):
+            old = json.load(open(out)) if os.path.exists(out) else {}
+            train.save_json(out, {**old, name: res})
+        results[path] = res
+    return results
 
 
 # ----------------------------------------------------------------------------------------------- model benchmark
@@ -668,38 +723,88 @@ def gpu_report(args):
 
 # ----------------------------------------------------------------------------------------------- ablation table
 
-def final_top1(run_dir):
-    """top-1 of the last validation in RUN_DIR/log.jsonl, None while the run has none"""
+def val_curve(run_dir):
+    """[(step, top-1)] of the validations in RUN_DIR/log.jsonl (the last one is the run's result)"""
     path = os.path.join(run_dir, "log.jsonl")
     if not os.path.exists(path):
-        return None
+        return []
     with open(path) as f:
-        vals = [rec["val_top1"] for rec in map(json.loads, f) if "val_top1" in rec]
-    return vals[-1] if vals else None
+        return [(rec["step"], rec["val_top1"]) for rec in map(json.loads, f) if "val_top1" in rec]
+
+
+def final_top1(run_dir):
+    """top-1 of the last validation in RUN_DIR/log.jsonl, None while the run has none"""
+    curve = val_curve(run_dir)
+    return curve[-1][1] if curve else None
+
+
+def seed_stats(res):
+    """[(seed, value)] -> '| seeds | mean | std | min - max | per seed |' cells"""
+    v = torch.tensor([t for _, t in res], dtype=torch.float64)
+    std = f"{v.std().item():.1f}" if len(res) > 1 else ""
+    return (f"{len(res)} | {v.mean().item():.1f} | {std} | {v.min().item():.1f} - {v.max().item():.1f} | "
+            + ", ".join(f"s{s}: {t:.1f}" for s, t in sorted(res)))
+
+
+def paired_gap(res, base):
+    """mean (sample std) over the seeds both have of res - base, e.g. '+29.1 (2.3), 5 seeds'"""
+    base = dict(base)
+    d = torch.tensor([t - base[s] for s, t in res if s in base], dtype=torch.float64)
+    if not len(d):
+        return ""
+    return f"{d.mean().item():+.1f}" + (f" ({d.std().item():.1f})" if len(d) > 1 else "") + f", {len(d)} seeds"
 
 
 def summarize_runs(root):
-    """Markdown table of ROOT/<config>-s<seed>/finetune runs: top-1 mean and spread over seeds (+ ROOT/teacher)."""
+    """Markdown tables of ROOT/<config>-s<seed>/<run> folders, over seeds (mean, sample std, range, every seed):
+    one table per run name (final top-1 of its log.jsonl), learning curves of runs validated more than once, and the
+    linear probes in their probe.json files (eval.py --probe). ROOT/teacher (a single run) is listed too."""
     if not os.path.isdir(root):
         raise train.UserError(f"--runs {root}: no such folder")
-    runs = {}
+    top1, curves, probes = {}, {}, {}
     for name in sorted(os.listdir(root)):
         config, _, seed = name.rpartition("-s")
-        top1 = final_top1(os.path.join(root, name, "finetune"))
-        if config and seed.isdigit() and top1 is not None:
-            runs.setdefault(config, []).append((int(seed), top1))
+        if not (config and seed.isdigit() and os.path.isdir(os.path.join(root, name))):
+            continue
+        for run in sorted(os.listdir(os.path.join(root, name))):
+            run_dir = os.path.join(root, name, run)
+            curve = val_curve(run_dir)
+            if curve:
+                top1.setdefault(run, {}).setdefault(config, []).append((int(seed), curve[-1][1]))
+                curves.setdefault((config, run), []).append(dict(curve))
+            probe_file = os.path.join(run_dir, "probe.json")
+            if os.path.exists(probe_file):
+                for ckpt, res in json.load(open(probe_file)).items():
+                    probes.setdefault((config, run, ckpt), []).append((int(seed), res["top1"]))
     teacher = final_top1(os.path.join(root, "teacher"))
-    if not runs and teacher is None:
-        raise train.UserError(f"--runs {root}: no finished <config>-s<seed>/finetune or teacher run in it")
-    print("| configuration | seeds | top-1 mean | std | min - max | per seed |\n|---|---|---|---|---|---|")
-    if teacher is not None:
-        print(f"| teacher (ViT) | 1 | {teacher:.1f} | | | |")
-    for config, res in runs.items():
-        top1 = torch.tensor([t for _, t in res], dtype=torch.float64)
-        std = f"{top1.std().item():.1f}" if len(res) > 1 else ""
-        print(f"| {config} | {len(res)} | {top1.mean().item():.1f} | {std} | {top1.min().item():.1f} - {top1.max().item():.1f} | "
-              + ", ".join(f"s{s}: {t:.1f}" for s, t in res) + " |")
-    return runs
+    if not top1 and not probes and teacher is None:
+        raise train.UserError(f"--runs {root}: no finished <config>-s<seed>/<run> or teacher run in it")
+    head = "| seeds | top-1 mean | std | min - max | per seed |\n|---|---|---|---|---|---|"
+    for i, run in enumerate(sorted(top1, key=lambda r: (r != "finetune", r))):
+        group = top1[run]
+        labels = [c for c in group if c.startswith("labels")]                # labels-only baselines of this group
+        best = max(labels, key=lambda c: sum(t for _, t in group[c]) / len(group[c])) if labels else None
+        cols = "| seeds | top-1 mean | std | min - max | per seed |" + (f" minus {best}, paired by seed |" if best else "")
+        print(("\n" if i else "") + f"| {run}: configuration {cols}\n|" + "---|" * (7 if best else 6))
+        if teacher is not None and i == 0:
+            print(f"| teacher (ViT) | 1 | {teacher:.1f} | | | |")
+        for config, res in group.items():
+            print(f"| {config} | {seed_stats(res)} |" + (f" {paired_gap(res, group[best])} |" if best else ""))
+    if teacher is not None and not top1:
+        print(f"| configuration {head}\n| teacher (ViT) | 1 | {teacher:.1f} | | | |")
+    long = {k: v for k, v in curves.items() if max(map(len, v)) > 1}
+    if long:
+        print("\n| learning curve: configuration / run | seeds | top-1 at step (mean over seeds) |\n|---|---|---|")
+        for (config, run), runs in long.items():
+            steps = sorted(set.intersection(*(set(c) for c in runs)))
+            print(f"| {config} / {run} | {len(runs)} | "
+                  + ", ".join(f"{s}: {sum(c[s] for c in runs) / len(runs):.1f}" for s in steps) + " |")
+    if probes:
+        print(f"\n| linear probe: configuration / checkpoint {head}")
+        step = lambda k: int(k[2][4:-3]) if k[2].startswith("step") and k[2][4:-3].isdigit() else 1 << 60  # noqa: E731
+        for key in sorted(probes, key=lambda k: (k[0], k[1], step(k), k[2])):
+            print(f"| {key[0]} / {key[1]}/{key[2]} | {seed_stats(probes[key])} |")
+    return top1
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -720,7 +825,8 @@ def check_args(args):
     A new flag's check goes here."""
     for flag, value, least in (("--img-size", args.img_size, 1), ("--batch-size", args.batch_size, 1),
                                ("--workers", args.workers, 0), ("--warmup", args.warmup, 0),
-                               ("--repeats", args.repeats, 1), ("--threads", args.threads, 1)):
+                               ("--repeats", args.repeats, 1), ("--threads", args.threads, 1),
+                               ("--probe-train", args.probe_train, 0), ("--random-init-seed", args.random_init_seed, 0)):
         if value is not None and value < least:
             raise train.UserError(f"{flag} {value}: must be a whole number >= {least}")
     if not 0 < args.max_seconds < float("inf"):
@@ -735,6 +841,9 @@ def check_args(args):
                                   "shapes separated by ';'")
     if args.ckpt and not args.ckpt.startswith("timm:"):
         train.check_file(args.ckpt, "--ckpt", folder_ok=True)
+    for path in args.probe or ():
+        if not path.startswith("timm:"):
+            train.check_file(path, "--probe", folder_ok=True)
     for flag, path in (("--data", args.data), ("--runs", args.runs)):
         if path is not None:
             train.check_folder(path, flag)
@@ -772,13 +881,23 @@ def main(argv=None):
     p.add_argument("--max-seconds", type=float, default=30.0, help="bench: skip larger inputs once one call takes longer")
     p.add_argument("--out", default=".", help="folder for bench.csv / bench.png / bench_scan.csv")
     p.add_argument("--runs", help="folder of <config>-s<seed> runs: print their top-1 over seeds")
+    p.add_argument("--probe", nargs="+", metavar="CKPT", help="linear probe of frozen checkpoints: multinomial logistic "
+                   "regression on [class token, mean patch token] of the final tokens; features standardised; weights "
+                   f"from zero; full-batch L-BFGS, fp64, L2 {train.PROBE_L2:g}, at most {train.PROBE_ITERS} iterations; "
+                   "trained on the demo's probe set (or DIR/train with --data), measured on the held-out set (DIR/val); "
+                   "results also go to <ckpt folder>/probe.json")
+    p.add_argument("--probe-train", type=int, default=0, help="probe: training images (demo: default the run's "
+                   "--demo-probe; --data: 0 = the whole train split)")
+    p.add_argument("--random-init", action="store_true", help="probe: the checkpoint's architecture at its training "
+                   "initialisation instead of its weights")
+    p.add_argument("--random-init-seed", type=int, default=0)
     p.add_argument("--threads", type=int, help=f"torch CPU threads (default: {train.DEMO_THREADS} for --ckpt on the "
                    "demo's held-out set, else the CPU cores this process may use; overrides OMP_NUM_THREADS)")
     args = p.parse_args(argv)
     try:
         check_args(args)
-        demo_set = args.ckpt and not (args.data or args.bench or args.bench_scan or args.runs or args.gpu_report
-                                   or args.kernel_budget)
+        demo_set = (args.ckpt or args.probe) and not (args.data or args.bench or args.bench_scan or args.runs
+                                                      or args.gpu_report or args.kernel_budget)
         torch.set_num_threads(args.threads or (train.DEMO_THREADS if demo_set else train.cores_per_process()))
         if args.kernel_budget:
             rows = kernel_budget()
@@ -794,10 +913,12 @@ def main(argv=None):
                 bench_scan(args, os.path.join(args.out, "bench_scan.csv"))
         elif args.runs:
             summarize_runs(args.runs)
+        elif args.probe:
+            probe_ckpts(args)
         elif args.ckpt:
             accuracy(args)
         else:
-            p.error("give --ckpt PATH, --runs DIR, --bench or --bench-scan")
+            p.error("give --ckpt PATH, --probe CKPT, --runs DIR, --bench or --bench-scan")
     except train.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

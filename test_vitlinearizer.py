@@ -956,6 +956,7 @@ def cpu_dispatch(monkeypatch):
 
 
 TINY = ["--img-size", "16", "--batch-size", "16", "--demo-train", "64", "--demo-teacher-train", "64", "--demo-val", "32",
+        "--demo-pool", "64", "--demo-probe", "32",
         "--stages", "2",
         "--teacher-opts", "dim=32,depth=2,heads=2", "--student-opts", "dim=32,depth=2,d_state=4,scan_backend=chunked",
         "--log-every", "1", "--lr", "2e-3", "--warmup-epochs", "0.5"]
@@ -996,12 +997,13 @@ def one_error_line(err):
 @pytest.mark.usefixtures("cpu_dispatch")
 def test_pipeline_in_miniature(tmp_path, capsys):
     out_dir = tmp_path / "run"
-    rc, out, err = run_train(capsys, "--out", out_dir, *TINY, "--teacher-epochs", 2, "--distill-epochs", 4, "--finetune-epochs", 1)
+    stages = ["--teacher-epochs", 2, "--distill-epochs", 4, "--finetune-epochs", 1, "--supervised-epochs", 5]
+    rc, out, err = run_train(capsys, "--out", out_dir, *TINY, *stages)
     assert rc == 0, err
-    for row in ("| teacher (ViT) |", "| student: distilled 4 ep + fine-tuned 1 ep (20 steps)",
-                "| student: labels only 5 ep (20 steps)"):
+    for row in ("| teacher: ViT, labels | 64 | 8 |", "| student: distilled (16 steps on 64 unlabelled images) + fine-tuned | 64 | 4 |",
+                "| student: labels only, to convergence | 64 | 20 |", "| student: random initialisation | 0 | 0 | - | - |"):
         assert row in out
-    assert len(json.load(open(out_dir / "results.json"))) == 3
+    assert len(json.load(open(out_dir / "results.json"))) == 4
     d = losses(out_dir / "distill" / "log.jsonl")                                      # 16 steps of AM + MP
     first, last = np.mean([d[s] for s in (1, 2, 3)]), np.mean([d[s] for s in (14, 15, 16)])
     assert last < 0.9 * first, d
@@ -1017,7 +1019,7 @@ def test_pipeline_in_miniature(tmp_path, capsys):
     assert evaluate_cli.main(["--ckpt", str(out_dir / "finetune" / "last.pt")]) == 0
     assert f"top-1 {ck['metrics']['top1']:.2f}" in capsys.readouterr().out
     # re-running the finished command trains nothing
-    rc, out, _ = run_train(capsys, "--out", out_dir, *TINY, "--teacher-epochs", 2, "--distill-epochs", 4, "--finetune-epochs", 1)
+    rc, out, _ = run_train(capsys, "--out", out_dir, *TINY, *stages)
     assert rc == 0 and "is finished" in out
 
 
@@ -2132,3 +2134,197 @@ def test_a_warm_up_longer_than_the_run_is_reported(tmp_path, capsys):
                            "--teacher-preset", "demo", "--teacher-opts", "dim=32,depth=2,heads=2", "--img-size", 16,
                            "--batch-size", 4, "--workers", 0)                      # --data: 5 warm-up epochs by default
     assert rc == 0 and "warning: the warm-up (15 steps, --warmup-epochs 5) is not shorter than the run (6 steps)" in err
+
+
+# ---------------------------------------------------------------- issue 10: results (unlabelled distillation, probe, protocol)
+
+def test_linear_probe_separable_features_and_shuffled_labels():
+    """Linearly separable by construction -> ~100 %; the same features with shuffled labels -> chance on held-out data."""
+    g = torch.Generator().manual_seed(0)
+    n, d, classes = 1200, 64, 8
+    w = torch.randn(d, classes, generator=g, dtype=torch.float64)                   # labels = argmax of a linear map,
+    x, xv = (torch.randn(4 * n, d, generator=g, dtype=torch.float64) for _ in range(2))  # kept where it has a margin
+    x, xv = (v[(v @ w).topk(2).values.diff().abs().squeeze(1) > 2][:n] for v in (x, xv))
+    y, yv = (x @ w).argmax(1), (xv @ w).argmax(1)
+    res = train.linear_probe(100 * x + 3, y, 100 * xv + 3, yv, classes)                # scale / shift: standardised
+    assert res["top1"] >= 95 and res["train_top1"] == 100
+    shuffled = y[torch.randperm(n, generator=g)]
+    res = train.linear_probe(x, shuffled, xv, yv, classes)
+    assert res["top1"] < 100 / classes + 5, res                                        # chance: 12.5 %
+    again = train.linear_probe(x, shuffled, xv, yv, classes)
+    assert again == res                                                                 # one fixed, deterministic recipe
+
+
+@pytest.mark.usefixtures("cpu_dispatch")
+def test_distillation_reads_images_only(tmp_path):
+    """The distill stage's loader yields (images, errors) only: demo pool, the demo's labelled images with labels
+    dropped, and any folder of images (no class folders) with --distill-data."""
+    args = train.parse_args([*TINY])
+    data = train.get_data(args)
+    ctx = train.Ctx()
+    for pool in (64, 0):
+        args.demo_pool = pool
+        ds = train.Data(args).distill
+        assert isinstance(ds, train.UnlabelledImages) and not hasattr(ds, "labels") and len(ds) == 64
+        for batch in train.make_loader(ds, args, ctx, train=True):
+            assert len(batch) == 2 and batch[0].shape == (16, 3, 16, 16) and batch[0].dtype == torch.uint8
+    assert torch.equal(train.Data(args).distill.images, data.train.images)            # pool 0: the students' images
+    args.demo_pool = 64
+    pool = train.Data(args).distill.images
+    assert not any(torch.equal(pool[i], data.train.images[j]) for i in range(8) for j in range(64))  # fresh images
+    assert torch.equal(pool, train.demo_images(64, 16, args.demo_seed + 3, args.demo_task))  # deterministic
+    chunked = train.demo_images(64, 16, 3, "pairs", chunk=24)                         # made 24 at a time
+    assert len(chunked) == 64 and torch.equal(chunked[24:48], train.RelationsDemo(24, 16, seed=[3, 24], pairs=2,
+                                                                                 distractors=0).images)
+    flat = tmp_path / "unlabelled" / "deep"
+    flat.mkdir(parents=True)
+    for i in range(5):
+        Image.fromarray(np.full((20, 24, 3), 40 * i, np.uint8)).save(flat / f"{i}.png")
+    root = write_tree(tmp_path / "d", corrupt=0)
+    args = train.parse_args(["--data", root, "--img-size", "16", "--batch-size", "2", "--workers", "0",
+                             "--distill-data", str(tmp_path / "unlabelled")])
+    ds = train.get_data(args).distill
+    assert isinstance(ds, train.UnlabelledFolder) and len(ds) == 5
+    batches = list(train.make_loader(ds, train.for_stage(args, "distill"), ctx, train=True))  # recipe values
+    assert len(batches) == 2 and all(len(b) == 2 and b[0].shape == (2, 3, 16, 16) for b in batches)
+    args.distill_data = None                                                           # default: DIR/train, unlabelled
+    assert len(train.get_data(args).distill) == 12
+    args.distill_data = str(tmp_path / "nope")
+    with pytest.raises(train.UserError, match="no such folder"):
+        train.get_data(args)
+
+
+def test_warmup_in_steps_epochs_or_fraction():
+    def warmup(*argv, steps_per_epoch=1000, epochs=1):
+        return train.warmup_steps(train.parse_args(list(argv)), steps_per_epoch, epochs * steps_per_epoch, train.Ctx())
+    assert warmup() == round(train.DEMO["warmup_frac"] * 1000) < 500                 # demo: a fraction of the run
+    assert warmup("--warmup-frac", "0.1", epochs=3) == 300
+    assert warmup("--warmup-steps", "7") == 7
+    assert warmup("--warmup-epochs", "0.5") == 500                                     # explicit: no mode default
+    assert warmup("--warmup-steps", "7", "--warmup-epochs", "0.5") == 7
+    root = "/nonexistent"                                                              # --data defaults: 5 epochs
+    assert warmup("--data", root, steps_per_epoch=10, epochs=100) == 50
+    assert warmup("--data", root, "--warmup-frac", "0.2", steps_per_epoch=10, epochs=100) == 200
+    lrs = [train.lr_at(s, 100, 10, 1.0, 0.0) for s in range(100)]
+    assert lrs[0] == 0.1 and lrs[9] == 1.0 and lrs[10] == 1.0 and lrs[99] < 0.01 and lrs == sorted(lrs[:10]) + lrs[10:]
+
+
+def sector_of(vec):
+    """direction class (8 sectors, y grows down) of image-plane vectors"""
+    return np.round(np.degrees(np.arctan2(-vec[..., 1], vec[..., 0])) / 45).astype(int) % 8
+
+
+def test_demo_tasks_deterministic_and_every_pair_points_the_labels_way():
+    for task, kw in train.DEMO_TASKS.items():
+        a, b = train.RelationsDemo(300, 32, seed=5, **kw), train.RelationsDemo(300, 32, seed=5, **kw)
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+        assert not torch.equal(a.images, train.RelationsDemo(300, 32, seed=6, **kw).images)
+        for p in range(kw["pairs"]):                                                   # independent of the sampler
+            assert (sector_of(a.centers[:, 2 * p + 1] - a.centers[:, 2 * p]) == a.labels.numpy()).all()
+        red = (a.images[:, 0] > 170) & (a.images[:, 1] < 90) & (a.images[:, 2] < 90)   # the red square is painted there
+        i = np.arange(300)
+        assert red[i, (a.centers[:, 0, 1] * 32).astype(int), (a.centers[:, 0, 0] * 32).astype(int)].all()
+    pairs = train.RelationsDemo(200, 32, seed=0, **train.DEMO_TASKS["pairs"])
+    yellow = pairs.centers[:, 2]
+    assert ((pairs.images[np.arange(200), :, (yellow[:, 1] * 32).astype(int), (yellow[:, 0] * 32).astype(int)].float()
+             - torch.tensor([.95, .85, .1]) * 255).abs() < 40).all()
+
+
+def test_pairs_task_keeps_a_whole_pair_visible_under_heavy_masking():
+    """The claim the README makes for the demo task: with 75 % of the patches masked, at least one pair keeps a visible
+    patch on both its squares in most images (pairs), far more often than the one-pair relations task."""
+    rel = train.RelationsDemo(1000, 32, seed=0, **train.DEMO_TASKS["relations"])
+    pairs = train.RelationsDemo(1000, 32, seed=0, **train.DEMO_TASKS["pairs"])
+    assert rel.visible_pair_fraction(4, 0.0) == pairs.visible_pair_fraction(4, 0.0) == 1.0
+    assert pairs.visible_pair_fraction(4, 1.0) == 0.0
+    f_rel, f_pairs = rel.visible_pair_fraction(4, 0.75), pairs.visible_pair_fraction(4, 0.75)
+    assert f_pairs > 0.8 and f_rel < 0.7, (f_rel, f_pairs)
+    # independent count for one image and one mask: patches under each square, by brute force over pixels
+    mask = vl.sample_mask(1, (8, 8), 0.75, generator=torch.Generator().manual_seed(0))[0].view(8, 8).numpy()
+    c, h = pairs.centers[0], pairs.half[0]
+    seen = []
+    for j in range(4):
+        pix = [(y, x) for y in range(32) for x in range(32)
+               if abs((x + 0.5) / 32 - c[j, 0]) < h and abs((y + 0.5) / 32 - c[j, 1]) < h]
+        seen.append(any(not mask[y // 4, x // 4] for y, x in pix))
+    one = train.RelationsDemo(1, 32, seed=0)                                            # the method on that same mask
+    one.centers, one.half, one.pairs, one.labels = pairs.centers[:1], pairs.half[:1], 2, pairs.labels[:1]
+    assert one.visible_pair_fraction(4, 0.75, repeats=1) == float((seen[0] and seen[1]) or (seen[2] and seen[3]))
+
+
+@pytest.mark.usefixtures("cpu_dispatch")
+def test_save_steps_probe_cli_and_random_init(tmp_path, capsys):
+    teacher = tiny_teacher(tmp_path / "t.pt")
+    args = ["--stage", "distill", "--teacher", teacher, *TINY, "--epochs", 2, "--save-steps", "0,3"]
+    rc, out, err = run_train(capsys, "--out", tmp_path / "r", *args)
+    assert rc == 0, err
+    run = tmp_path / "r" / "distill"
+    assert {"step0.pt", "step3.pt", "last.pt"} <= {p.name for p in run.iterdir()}
+    ck0, ck3 = (torch.load(run / f, weights_only=True) for f in ("step0.pt", "step3.pt"))
+    assert ck0["step"] == 0 and ck3["step"] == 3
+    # --random-init rebuilds exactly the distillation's starting point (seed, sin-cos positions)
+    rand = evaluate_cli.random_init(ck3, seed=0).state_dict()
+    assert all(torch.equal(rand[k], v) for k, v in ck0["model"].items())
+    assert not all(torch.equal(ck3["model"][k], v) for k, v in ck0["model"].items())
+    capsys.readouterr()
+    assert evaluate_cli.main(["--probe", str(run / "step0.pt"), str(run / "last.pt")]) == 0
+    assert evaluate_cli.main(["--probe", str(run / "last.pt"), "--random-init"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("linear probe top-1") == 3 and "; 32 probe images, 32 held out)" in out
+    res = json.load(open(run / "probe.json"))
+    assert set(res) == {"step0.pt", "last.pt", "random-init-s0"} and res["step0.pt"] == res["random-init-s0"]
+    assert all(0 <= r["top1"] <= 100 for r in res.values())
+    assert evaluate_cli.main(["--probe", str(tmp_path / "nope.pt")]) == 2
+
+
+@pytest.mark.usefixtures("cpu_dispatch")
+def test_learning_curve_every_n_steps(tmp_path, capsys):
+    rc, _, err = run_train(capsys, "--stage", "finetune", "--out", tmp_path / "r", *TINY, "--epochs", 3,
+                           "--eval-every-steps", 5)
+    assert rc == 0, err
+    curve = [(r["step"], r["val_top1"]) for r in log(tmp_path / "r" / "finetune" / "log.jsonl") if "val_top1" in r]
+    assert [s for s, _ in curve] == [5, 10, 12]                                        # 4 steps/epoch x 3, then the end
+    assert evaluate_cli.val_curve(tmp_path / "r" / "finetune") == curve
+
+
+def test_runs_tables_curves_and_probes_on_hand_made_logs(tmp_path, capsys):
+    import statistics
+
+    def write(run_dir, vals, probe=None):
+        run_dir.mkdir(parents=True)
+        (run_dir / "log.jsonl").write_text("".join(json.dumps(dict(step=s, val_top1=v)) + "\n" for s, v in vals))
+        if probe:
+            (run_dir / "probe.json").write_text(json.dumps({k: dict(top1=v, train_top1=99) for k, v in probe.items()}))
+    for s, (ft, lab, p0, p9) in enumerate([(80.0, 60.0, 20.0, 70.0), (84.0, 62.0, 22.0, 74.0), (83.0, 55.0, 21.0, 72.5)]):
+        write(tmp_path / f"am+mp-s{s}" / "n300", [(100, ft)])
+        write(tmp_path / f"labels-s{s}" / "n300", [(100, lab - 10), (200, lab)])
+        (tmp_path / f"am+mp-s{s}" / "distill").mkdir()
+        (tmp_path / f"am+mp-s{s}" / "distill" / "probe.json").write_text(json.dumps(
+            {"step9.pt": dict(top1=p9), "step0.pt": dict(top1=p0)}))
+    assert evaluate_cli.main(["--runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]] for l in out.splitlines() if l.startswith("| ")}
+    assert rows["am+mp"][:3] == ["3", f"{statistics.mean([80, 84, 83]):.1f}", f"{statistics.stdev([80, 84, 83]):.1f}"]
+    assert rows["am+mp"][4] == "s0: 80.0, s1: 84.0, s2: 83.0"
+    gaps = [80 - 60, 84 - 62, 83 - 55]                                                 # paired with the labels-only run
+    assert rows["am+mp"][5] == f"+{statistics.mean(gaps):.1f} ({statistics.stdev(gaps):.1f}), 3 seeds"
+    assert rows["labels"][:2] == ["3", f"{statistics.mean([60, 62, 55]):.1f}"]           # the last validation counts
+    assert rows["labels / n300"] == ["3", f"100: {statistics.mean([50, 52, 45]):.1f}, 200: {statistics.mean([60, 62, 55]):.1f}"]
+    assert rows["am+mp / distill/step0.pt"][:2] == ["3", "21.0"] and rows["am+mp / distill/step9.pt"][1] == "72.2"
+    assert out.index("distill/step0.pt") < out.index("distill/step9.pt")               # probe rows in step order
+
+
+@pytest.mark.parametrize("L", [1, sk.CPU_CHUNK + 5])
+def test_chunked_bidirectional_matches_reference(L):
+    """The chunked path runs both directions in one time-major scan (the reverse one flipped): outputs and every
+    gradient equal two reference scans (reverse=False / True), fp64."""
+    x = leaves({k: torch.stack([v, v.flip(-1) * 0.7]) if v.ndim == 3 else torch.stack([v, v * 1.3])
+                for k, v in make_inputs(2, 5, 3, L, seed=L).items() if k != "z"}, torch.float64)
+    x["z"] = make_inputs(2, 5, 3, L, seed=L + 1)["z"].double().requires_grad_()
+    w = torch.randn(2, 5, L, dtype=torch.float64)
+    res = []
+    for backend in ("chunked", "reference"):
+        out = bidirectional_selective_scan(**x, delta_softplus=True, backend=backend)
+        res.append((out, *torch.autograd.grad((out * w).sum(), [x[k] for k in NAMES])))
+    for name, got, want in zip(["out"] + NAMES, *res):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)

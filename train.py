@@ -7,11 +7,12 @@ ViT-Linearizer training: distil a frozen ViT teacher into a bidirectional Mamba 
     python train.py --data DIR --stage finetune --init runs/in1k/distill/last.pt --out runs/in1k
     torchrun --nproc_per_node=8 train.py --data DIR ...            # DistributedDataParallel, one process per GPU
 
-Stages (--stage): teacher (a ViT from scratch, labels), distill (teacher frozen; AM + lambda * MP),
-finetune (labels; from --init, or from scratch = the labels-only baseline), all (every stage in turn, then a table).
+Stages (--stage): teacher (a ViT from scratch, labels), distill (teacher frozen; AM + lambda * MP; reads images only,
+never a label: the demo's pool of fresh images, or --distill-data / DIR/train), finetune (labels; from --init, or from
+scratch = the labels-only baseline), all (the demo's story: every stage in turn, linear probes, then a table).
 Each stage writes OUT/NAME/{last.pt, log.jsonl}; re-running the same command resumes from last.pt.
 """
-import argparse, ast, contextlib, copy, dataclasses, errno, glob, json, math, os, random, re, resource, socket, sys, time
+import argparse, ast, contextlib, copy, dataclasses, errno, functools, glob, json, math, os, random, re, resource, socket, sys, time
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F, torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
@@ -34,19 +35,23 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------------------------- config
 
 # Defaults that depend on the mode. The demo is a miniature of the paper's setting: the teacher learns from a larger
-# labelled set (standing in for its large pre-training corpus), the students get a small one, and both students get the
-# same images, labels and optimizer steps. Sizes are chosen to finish in minutes on 2 CPU cores.
+# labelled set (standing in for its large pre-training corpus), the student is distilled on a large pool of unlabelled
+# images (the generator is unlimited), then both students get the same small labelled set: the distilled one is
+# fine-tuned briefly at a lower lr, the labels-only one is trained until its held-out accuracy is flat (README
+# "Results": longer schedules do not do better). Sizes are chosen to finish in under 10 minutes on a 2-core CPU.
 # Threads: the demo's models are tiny, so a second thread gains little on a quiet CPU and costs a lot on a busy one
 # (tiny ops spread over busy cores wait for each other: README, "The built-in demo"); and the figures it prints depend
 # on the thread count (float sums in another order), so it is fixed. --data runs default to the cores they may use.
 DEMO_THREADS = 1
 DEMO = dict(img_size=32, teacher_preset="demo", student="demo", teacher_opts="", student_opts="dim=64,depth=4,d_state=8",
-            batch_size=32, lr=4e-3, teacher_lr=1e-3, warmup_epochs=1.0, teacher_epochs=6, distill_epochs=16,
-            finetune_epochs=16, workers=0, log_every=20, ckpt_every=200, eval_every=0, demo_train=300,
-            demo_teacher_train=4000, demo_val=2000, threads=DEMO_THREADS)
+            batch_size=32, lr=4e-3, teacher_lr=1.5e-3, finetune_lr=1e-3, warmup_frac=0.05, teacher_epochs=5,
+            distill_epochs=1, finetune_epochs=11, supervised_epochs=80, workers=0, log_every=20, ckpt_every=200,
+            eval_every=0, demo_task="pairs", demo_train=300, demo_teacher_train=4000, demo_val=2000, demo_pool=32000,
+            demo_probe=2000, threads=DEMO_THREADS)
 DATA = dict(img_size=224, teacher_preset="vit_b16", student="small", teacher_opts="", student_opts="", batch_size=128,
             lr=None, teacher_lr=None, warmup_epochs=5.0, teacher_epochs=300, distill_epochs=300, finetune_epochs=300,
-            workers=8, log_every=50, ckpt_every=1000, eval_every=1, demo_train=0, demo_teacher_train=0, demo_val=0,
+            supervised_epochs=300, finetune_lr=None, workers=8, log_every=50, ckpt_every=1000, eval_every=1,
+            demo_train=0, demo_teacher_train=0, demo_val=0, demo_task="pairs", demo_pool=0, demo_probe=0,
             threads=None)                                                   # None: the cores this process may use
 
 
@@ -120,6 +125,10 @@ def get_parser():
                    "win (RECIPES in train.py, README 'Recipes'). Default: deit for --data runs, none for the demo. The "
                    "paper's own training recipe is not public: these are the published recipes of DeiT, Vim, "
                    "Adventurer (its student; progressive resolution 128 -> 224 -> fine-tuning) and MAE fine-tuning")
+    g.add_argument("--distill-data", help="--data runs: folder of images (any depth, labelled or not) that distillation "
+                   "reads, without labels; default DIR/train")
+    g.add_argument("--save-steps", help="also write OUT/NAME/step<N>.pt (model only) at these steps, e.g. 0,250,1000 "
+                   "(0 = the initialisation; for eval.py --probe curves)")
     g = p.add_argument_group("models")
     g.add_argument("--teacher-preset", help=f"ViT trained by --stage teacher: {sorted(vl.TEACHER_PRESETS)}")
     g.add_argument("--teacher-opts", help="override preset fields, e.g. dim=64,depth=4")
@@ -160,12 +169,17 @@ def get_parser():
     g = p.add_argument_group("optimisation (DeiT / Vim recipe)")
     g.add_argument("--epochs", type=int, help="epochs of the stage run (stage all: default of each stage)")
     g.add_argument("--teacher-epochs", type=int); g.add_argument("--distill-epochs", type=int); g.add_argument("--finetune-epochs", type=int)
+    g.add_argument("--supervised-epochs", type=int, help="stage all: epochs of the labels-only student (long enough to converge)")
     g.add_argument("--batch-size", type=int, help="per process; global batch = batch size x processes")
     g.add_argument("--lr", type=float, help="peak lr (default: --blr x global batch / 512)")
     g.add_argument("--teacher-lr", type=float, help="peak lr of the teacher stage (stage all, or stage teacher without --lr; default: --lr)")
+    g.add_argument("--finetune-lr", type=float, help="stage all: peak lr of fine-tuning the distilled student (default: --lr)")
     g.add_argument("--blr", type=float, default=5e-4)
     g.add_argument("--min-lr", type=float, default=1e-6)
-    g.add_argument("--warmup-epochs", type=float)
+    g.add_argument("--warmup-epochs", type=float, help="linear warm-up length in epochs")
+    g.add_argument("--warmup-steps", type=int, help="... in steps (wins over --warmup-epochs / --warmup-frac)")
+    g.add_argument("--warmup-frac", type=float, help="... as a fraction of the stage's steps (used when neither "
+                   "--warmup-steps nor --warmup-epochs is given)")
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--clip-grad", type=float, default=1.0, help="max grad norm (0 = off)")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"], help="autocast; auto = bf16 on CUDA, none on CPU")
@@ -177,10 +191,16 @@ def get_parser():
     g.add_argument("--log-every", type=int, help="steps between JSON log lines")
     g.add_argument("--ckpt-every", type=int, help="steps between checkpoints (also at every epoch end)")
     g.add_argument("--eval-every", type=int, help="epochs between validations (0: only after the last epoch)")
+    g.add_argument("--eval-every-steps", type=int, default=0, help="also validate every N steps (a learning curve in "
+                   "log.jsonl; 0: off)")
     g.add_argument("--max-bad-frac", type=float, default=0.01, help="stop when more images than this fraction are unreadable")
     g.add_argument("--demo-train", type=int, help="demo: training images of the students")
     g.add_argument("--demo-teacher-train", type=int, help="demo: training images of the teacher stage")
     g.add_argument("--demo-val", type=int, help="demo: held-out images")
+    g.add_argument("--demo-task", choices=sorted(DEMO_TASKS), help="demo: which procedural task (RelationsDemo)")
+    g.add_argument("--demo-pool", type=int, help="demo: fresh unlabelled images that distillation reads (0: the "
+                   "students' labelled images, labels dropped)")
+    g.add_argument("--demo-probe", type=int, help="demo: labelled images the linear probe trains on (eval.py --probe)")
     g.add_argument("--demo-seed", type=int, default=0)
     return p
 
@@ -198,12 +218,15 @@ def parse_args(argv=None):
     args.given = sorted(given_flags(argv))
     if args.recipe is None:
         args.recipe = "none" if args.data is None else "deit"
+    warmup_flags = ("warmup_steps", "warmup_epochs", "warmup_frac")        # one given replaces the others' defaults
+    cli_warmup = any(k in args.given for k in warmup_flags)
     for k, v in RECIPES[args.recipe].items():                               # command line > recipe > mode defaults
-        if k not in args.given:
+        if k not in args.given and not (cli_warmup and k in warmup_flags):
             setattr(args, k, v)
     lr_given, workers_given = args.lr is not None, args.workers is not None
+    warmup_given = any(getattr(args, k) is not None for k in warmup_flags)
     for k, v in (DEMO if args.data is None else DATA).items():
-        if getattr(args, k, None) is None:
+        if getattr(args, k, None) is None and not (warmup_given and k.startswith("warmup_")):
             setattr(args, k, v)
     if args.threads is None:
         args.threads = cores_per_process()
@@ -251,18 +274,23 @@ def check_args(args):
     for k, v in vars(args).items():
         if isinstance(v, float):
             need(math.isfinite(v), k, "must be a finite number")
-    demo = ("demo_train", "demo_val") if args.data is None else ()
-    for k in ("img_size", "batch_size", "epochs", "teacher_epochs", "distill_epochs", "finetune_epochs", "stages",
-              "max_steps", "threads", "log_every", "ckpt_every", *demo):
+    demo = ("demo_train", "demo_val", "demo_probe") if args.data is None else ()
+    for k in ("img_size", "batch_size", "epochs", "teacher_epochs", "distill_epochs", "finetune_epochs",
+              "supervised_epochs", "stages", "max_steps", "threads", "log_every", "ckpt_every", *demo):
         need(getattr(args, k) is None or getattr(args, k) >= 1, k, "must be a whole number >= 1")
-    for k in ("workers", "eval_every", "seed", "demo_seed", "demo_teacher_train"):
+    for k in ("workers", "eval_every", "eval_every_steps", "seed", "demo_seed", "demo_teacher_train", "demo_pool",
+              "warmup_steps"):
         need(getattr(args, k) is None or getattr(args, k) >= 0, k, "must be a whole number >= 0")
-    for k in ("lr", "teacher_lr", "blr", "kd_temp"):
+    for k in ("lr", "teacher_lr", "finetune_lr", "blr", "kd_temp"):
         need(getattr(args, k) is None or getattr(args, k) > 0, k, "must be > 0")
     for k in ("min_lr", "warmup_epochs", "weight_decay", "clip_grad", "lam", "am_weight"):
         need(getattr(args, k) is None or getattr(args, k) >= 0, k, "must be >= 0")
     for k in ("mask_ratio", "kd_weight", "max_bad_frac"):
         need(0 <= getattr(args, k) <= 1, k, "must be between 0 and 1")
+    need(args.warmup_frac is None or 0 <= args.warmup_frac <= 1, "warmup_frac", "must be between 0 and 1")
+    steps = (args.save_steps or "").split(",")
+    need(all(v.strip().isdigit() for v in steps) or not args.save_steps, "save_steps",
+         "must be whole numbers >= 0 separated by commas, e.g. 0,250,1000")
     def values(k):                                                          # a recipe may give each stage its own
         v = getattr(args, k)
         return list(v.values()) if isinstance(v, dict) else [v]
@@ -298,6 +326,10 @@ def check_args(args):
         raise UserError(f"--fresh starts over and --resume {args.resume} continues: give one of them")
     if args.data is not None:
         check_folder(args.data, "--data", " (expected DIR/train/<class>/* and DIR/val/<class>/*)")
+    if args.distill_data is not None:
+        if args.data is None:
+            raise UserError("--distill-data is for --data runs (the demo distils on its own pool: --demo-pool)")
+        check_folder(args.distill_data, "--distill-data")
     for flag in ("teacher", "init", "resume"):
         path = getattr(args, flag)
         if path not in (None, "auto") and not path.startswith("timm:"):
@@ -343,31 +375,44 @@ def check_out_dir(path, flag):
 
 class RelationsDemo(Dataset):
     """Procedural images, deterministic from (n, seed), any resolution, no download.
-    A red and a blue square sit far apart among distractor squares on a noisy background; the class is the
-    direction from red to blue in 8 sectors. No single patch decides the label: a relation between two distant
-    parts of the image does, so token-to-token dependencies (what the method transfers) matter."""
+    Coloured squares on a noisy background. The class is the direction (8 sectors) from the first to the second square
+    of a colour pair: red -> blue, and with pairs=2 also yellow -> cyan, which points the same way. No single patch
+    decides the label: a relation between two distant parts of the image does, so token-to-token dependencies (what
+    the method transfers) matter. Tasks (DEMO_TASKS):
+      "relations" (pairs=1, distractors=2): one pair among distractor squares. With 75 % of the patches masked, one or
+        both squares of the pair are often hidden, so the label often does not survive the masking of distillation.
+      "pairs" (pairs=2, distractors=0): two pairs that agree, so the evidence is redundant, as in natural images: with
+        75 % of the patches masked at least one whole pair stays visible in most images (`visible_pair_fraction`).
+    Square centres (n, 2 * pairs + distractors, 2) and half sides (n,) are kept in .centers / .half (image units)."""
     classes = ["E", "NE", "N", "NW", "W", "SW", "S", "SE"]
     COLORS = np.array([[.9, .1, .1], [.1, .2, .95], [.1, .8, .1], [.95, .85, .1], [.9, .2, .9], [.1, .85, .9], [.9, .9, .9]])
+    PAIRS = [(0, 1), (3, 5)]                                                # colour indices: red -> blue, yellow -> cyan
 
-    def __init__(self, n, img_size, seed=0, distractors=2, half_side=(0.09, 0.11), directions=8):
+    def __init__(self, n, img_size, seed=0, distractors=2, half_side=(0.09, 0.11), directions=8, pairs=1):
+        if not 1 <= pairs <= len(self.PAIRS):
+            raise ValueError(f"RelationsDemo: pairs must be 1..{len(self.PAIRS)}, got {pairs}")
         rng = np.random.default_rng(seed)
-        k = 2 + distractors
+        k = 2 * pairs + distractors
         half = rng.uniform(*half_side, size=(n, 1))                         # half side of every square, in image units
         labels = rng.integers(0, directions, size=n)
         lo, hi = half_side[1] + 0.02, 0.98 - half_side[1]                   # square centres stay inside the image
         centers, todo = np.zeros((n, k, 2)), np.arange(n)
         while len(todo):                                                    # rejection sampling, all images at once
-            m = len(todo)
-            ang = np.radians(360 / directions * (labels[todo] + rng.uniform(-1 / 3, 1 / 3, size=m)))
-            a = rng.uniform(lo, hi, size=(m, 2))
-            b = a + rng.uniform(0.35, 0.75, size=(m, 1)) * np.stack([np.cos(ang), -np.sin(ang)], 1)  # y grows down
-            pts = np.concatenate([a[:, None], b[:, None], rng.uniform(lo, hi, size=(m, distractors, 2))], 1)
+            m, pts = len(todo), []
+            for _ in range(pairs):
+                ang = np.radians(360 / directions * (labels[todo] + rng.uniform(-1 / 3, 1 / 3, size=m)))
+                a = rng.uniform(lo, hi, size=(m, 2))
+                b = a + rng.uniform(0.35, 0.75, size=(m, 1)) * np.stack([np.cos(ang), -np.sin(ang)], 1)  # y grows down
+                pts += [a[:, None], b[:, None]]
+            pts = np.concatenate(pts + [rng.uniform(lo, hi, size=(m, distractors, 2))], 1)
             gap = np.abs(pts[:, :, None] - pts[:, None]).max(-1) + 9 * np.eye(k)  # Chebyshev distance between squares
-            ok = ((b > lo) & (b < hi)).all(1) & (gap.min((1, 2)) > 2.5 * half[todo, 0])
+            ok = ((pts > lo) & (pts < hi)).all((1, 2)) & (gap.min((1, 2)) > 2.5 * half[todo, 0])
             centers[todo[ok]] = pts[ok]
             todo = todo[~ok]
-        colors = np.concatenate([np.broadcast_to(self.COLORS[:2], (n, 2, 3)),
-                                 self.COLORS[2 + rng.integers(0, len(self.COLORS) - 2, size=(n, distractors))]], 1)
+        pair_colors = self.COLORS[[c for p in self.PAIRS[:pairs] for c in p]]
+        others = self.COLORS[[c for c in range(len(self.COLORS)) if c not in sum(self.PAIRS[:pairs], ())]]
+        colors = np.concatenate([np.broadcast_to(pair_colors, (n, 2 * pairs, 3)),
+                                 others[rng.integers(0, len(others), size=(n, distractors))]], 1)
         colors = np.clip(colors + rng.normal(0, 0.05, size=colors.shape), 0, 1)
         xs = (np.arange(img_size) + 0.5) / img_size                         # pixel centres (S,)
         img = rng.uniform(0.1, 0.4, size=(n, 1, 1, 3)) + rng.normal(0, 0.06, size=(n, img_size, img_size, 3))
@@ -378,6 +423,7 @@ class RelationsDemo(Dataset):
             img = np.where(inside, colors[:, j, None, None, :], img)
         self.images = torch.from_numpy((np.clip(img, 0, 1) * 255).round().astype(np.uint8)).permute(0, 3, 1, 2).contiguous()
         self.labels = torch.from_numpy(labels)
+        self.centers, self.half, self.pairs, self.img_size = centers, half[:, 0], pairs, img_size
 
     def __len__(self):
         return len(self.labels)
@@ -385,6 +431,40 @@ class RelationsDemo(Dataset):
     def __getitem__(self, key):                                             # key = (index, augmentation seed or None)
         i = key[0]
         return self.images[i], int(self.labels[i]), None                    # no augmentation: a flip changes the class
+
+    def visible_pair_fraction(self, patch_size, ratio, repeats=10, seed=0):
+        """Fraction of (image, random mask) draws in which at least one colour pair keeps a visible patch on each of
+        its two squares when round(ratio * N) of the N patches are masked: how often the label can survive masking."""
+        g, n = self.img_size // patch_size, len(self)
+        xs = (np.arange(self.img_size) + 0.5) / self.img_size
+        cover = []                                                          # (n, g, g) patches each square touches
+        for j in range(2 * self.pairs):
+            inx = (np.abs(xs[None] - self.centers[:, j, 0:1]) < self.half[:, None]).reshape(n, g, patch_size).any(2)
+            iny = (np.abs(xs[None] - self.centers[:, j, 1:2]) < self.half[:, None]).reshape(n, g, patch_size).any(2)
+            cover.append((iny[:, :, None] & inx[:, None, :]).reshape(n, g * g))
+        hits = 0
+        for r in range(repeats):
+            visible = ~vl.sample_mask(n, (g, g), ratio, generator=torch.Generator().manual_seed(seed + r)).numpy()
+            seen = [(c & visible).any(1) for c in cover]
+            hits += np.any([seen[2 * p] & seen[2 * p + 1] for p in range(self.pairs)], 0).sum()
+        return hits / (repeats * n)
+
+
+DEMO_TASKS = {"relations": dict(pairs=1, distractors=2), "pairs": dict(pairs=2, distractors=0)}
+
+
+class UnlabelledImages(Dataset):
+    """Images without labels (a uint8 tensor (n, 3, H, W)): what the distill stage reads on the demo. It has no labels
+    to give: __getitem__ returns (image, error)."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        return self.images[key[0]], None
 
 
 # ----------------------------------------------------------------------------------------------- image folders
@@ -462,13 +542,26 @@ class ImageFolder(Dataset):
         return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1), label, None
 
 
+class UnlabelledFolder(ImageFolder):
+    """Image files without labels (any folder of images): training transform, __getitem__ -> (image, error)."""
+
+    def __init__(self, paths, img_size):
+        super().__init__([(p, None) for p in paths], None, img_size, True)
+
+    def __getitem__(self, key):
+        image, _, error = super().__getitem__(key)
+        return image, error
+
+
 def collate(batch):
-    """-> uint8 images (B,3,H,W), labels (B,), [error strings of the skipped images]"""
+    """-> uint8 images (B,3,H,W), labels (B,), [error strings of the skipped images]; an unlabelled set's items are
+    (image, error) and give (images, errors): no labels exist to pass on"""
     good = [b for b in batch if b[0] is not None]
-    bad = [b[2] for b in batch if b[0] is None]
-    if not good:
-        return torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), bad
-    return torch.stack([b[0] for b in good]), torch.tensor([b[1] for b in good]), bad
+    bad = [b[-1] for b in batch if b[0] is None]
+    images = torch.stack([b[0] for b in good]) if good else torch.zeros(0, dtype=torch.uint8)
+    if len(batch[0]) == 2:
+        return images, bad
+    return images, torch.tensor([b[1] for b in good], dtype=torch.long), bad
 
 
 class BatchSampler:
@@ -509,26 +602,91 @@ class BatchSampler:
                 yield [(i, hash((self.seed, self.epoch, i, c))) for i, c in copies[lo:lo + self.bs]]
 
 
-@dataclasses.dataclass
+def demo_images(n, img_size, seed, task, chunk=4096):
+    """n fresh procedural images of a demo task, without their labels (uint8 (n, 3, H, W)), made chunk by chunk so a
+    large pool never holds more than one chunk's float pixels; deterministic from (n, img_size, seed, task)."""
+    parts = [RelationsDemo(min(chunk, n - lo), img_size, seed=[seed, lo], **DEMO_TASKS[task]).images
+             for lo in range(0, n, chunk)]
+    return torch.cat(parts) if parts else torch.zeros(0, 3, img_size, img_size, dtype=torch.uint8)
+
+
+def demo_set(args, split):
+    """a labelled demo set: train (the students' labelled images), val (held out), teacher (the teacher's), probe (the
+    linear probe's training images). Seeds: demo_seed + 0 / 1 / 2 / 4 (+ 3: the unlabelled distillation pool)."""
+    n, offset = dict(train=(args.demo_train, 0), val=(args.demo_val, 1), teacher=(args.demo_teacher_train, 2),
+                     probe=(args.demo_probe, 4))[split]
+    return RelationsDemo(n, args.img_size, seed=args.demo_seed + offset, **DEMO_TASKS[args.demo_task])
+
+
+def list_images(root):
+    """every image file under root (any depth, sorted), with a one-line error when there is none"""
+    if not os.path.isdir(root):
+        raise UserError(f"--distill-data {root}: no such folder")
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(root, followlinks=True) for f in names
+                   if f.lower().endswith(IMG_EXT))
+    if not files:
+        raise UserError(f"--distill-data {root}: no images in it ({', '.join(IMG_EXT)})")
+    return files
+
+
 class Data:
-    train: Dataset
-    val: Dataset
-    classes: list
-    teacher_train: Dataset = None                                           # demo: the teacher's larger set
+    """The sets of a run, each built on first use (a large distillation pool is only made when a stage reads it).
+    train / val / probe: labelled (image, label, error); distill: unlabelled (image, error), what distillation reads:
+    demo: a pool of --demo-pool fresh images (0: the students' labelled images, labels dropped); --data: every image
+    under --distill-data (default DIR/train, labels unused)."""
+
+    def __init__(self, args):
+        self.args = args
+        if args.data is not None:
+            self.classes, self._train = list_split(args.data, "train")
+            vclasses, self._val = list_split(args.data, "val")
+            if vclasses != self.classes:
+                a, b = sorted(set(self.classes) - set(vclasses)), sorted(set(vclasses) - set(self.classes))
+                raise UserError(f"train and val class folders differ: only in train {a[:5]}{'...' if len(a) > 5 else ''}, "
+                                f"only in val {b[:5]}{'...' if len(b) > 5 else ''}")
+            if args.distill_data is not None:
+                list_images(args.distill_data)                              # fail fast, before any stage trains
+        else:
+            self.classes = RelationsDemo.classes
+
+    @functools.cached_property
+    def train(self):
+        a = self.args
+        return demo_set(a, "train") if a.data is None else ImageFolder(self._train, self.classes, a.img_size, True)
+
+    @functools.cached_property
+    def val(self):
+        a = self.args
+        return demo_set(a, "val") if a.data is None else ImageFolder(self._val, self.classes, a.img_size, False)
+
+    @functools.cached_property
+    def teacher_train(self):                                                # demo: the teacher's larger labelled set
+        return demo_set(self.args, "teacher") if self.args.data is None and self.args.demo_teacher_train else self.train
+
+    @functools.cached_property
+    def distill(self):
+        a = self.args
+        if a.data is not None:
+            return UnlabelledFolder(list_images(a.distill_data or os.path.join(a.data, "train")), a.img_size)
+        if a.demo_pool:
+            return UnlabelledImages(demo_images(a.demo_pool, a.img_size, a.demo_seed + 3, a.demo_task))
+        return UnlabelledImages(self.train.images)
+
+    def probe(self, limit=0):
+        """the linear probe's labelled training images (evaluation transform): demo: --demo-probe fresh images;
+        --data: the train split (the first `limit` of a fixed shuffle when limit > 0)"""
+        a = self.args
+        if a.data is None:
+            return demo_set(a, "probe")
+        samples = self._train
+        if limit and limit < len(samples):
+            keep = sorted(torch.randperm(len(samples), generator=torch.Generator().manual_seed(0))[:limit].tolist())
+            samples = [samples[i] for i in keep]
+        return ImageFolder(samples, self.classes, a.img_size, False)
 
 
 def get_data(args):
-    if args.data is None:
-        s, demo = args.demo_seed, RelationsDemo
-        return Data(demo(args.demo_train, args.img_size, seed=s), demo(args.demo_val, args.img_size, seed=s + 1),
-                    demo.classes, demo(args.demo_teacher_train, args.img_size, seed=s + 2) if args.demo_teacher_train else None)
-    classes, train = list_split(args.data, "train")
-    vclasses, val = list_split(args.data, "val")
-    if vclasses != classes:
-        a, b = sorted(set(classes) - set(vclasses)), sorted(set(vclasses) - set(classes))
-        raise UserError(f"train and val class folders differ: only in train {a[:5]}{'...' if len(a) > 5 else ''}, "
-                        f"only in val {b[:5]}{'...' if len(b) > 5 else ''}")
-    return Data(ImageFolder(train, classes, args.img_size, True), ImageFolder(val, classes, args.img_size, False), classes)
+    return Data(args)
 
 
 def make_loader(ds, args, ctx, train):
@@ -970,6 +1128,24 @@ class EMA:
                 e.copy_(w)
 
 
+def warmup_steps(args, steps_per_epoch, total, ctx):
+    """--warmup-steps, else --warmup-epochs, else --warmup-frac of the run; a warning when it is not shorter than the
+    run, a note when it is more than half of it"""
+    if args.warmup_steps is not None:
+        warmup, given = args.warmup_steps, f"--warmup-steps {args.warmup_steps}"
+    elif args.warmup_epochs is not None:
+        warmup, given = round(args.warmup_epochs * steps_per_epoch), f"--warmup-epochs {args.warmup_epochs:g}"
+    else:
+        warmup, given = round((args.warmup_frac or 0.0) * total), f"--warmup-frac {args.warmup_frac:g}"
+    if warmup >= total and ctx.main:
+        print(f"warning: the warm-up ({warmup} steps, {given}) is not shorter than the run ({total} steps): the lr never "
+              "reaches its peak; lower it, or set it with --warmup-steps / --warmup-frac", file=sys.stderr)
+    elif warmup > total // 2 and ctx.main:
+        print(f"note: the warm-up ({warmup} steps, {given}) is more than half of the run ({total} steps); "
+              "--warmup-steps or --warmup-frac set it independently of the epoch length", file=sys.stderr)
+    return warmup
+
+
 def lr_at(step, total, warmup, peak, floor):
     """linear warm-up then cosine to floor, per step"""
     if step < warmup:
@@ -1074,6 +1250,14 @@ def release_locks():
     _held_locks.clear()
 
 
+def save_json(path, obj):
+    """atomic, like save_checkpoint"""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
 def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -1112,7 +1296,7 @@ def set_rng_state(states, ctx):
 # args whose change makes a checkpoint a different experiment (model and data): resuming with another value is an error
 FIXED_ARGS = ("stage", "teacher", "init", "teacher_preset", "teacher_opts", "student", "student_opts",
               "img_size", "stages", "am_scope", "target", "demo_train", "demo_teacher_train", "demo_seed", "pos_init",
-              "layer_decay")                                                # (the optimizer's parameter groups)
+              "layer_decay", "demo_task", "demo_pool", "distill_data")   # (layer_decay: the optimizer's groups)
 
 
 def check_resume(ck, path, args, cfg, ctx):
@@ -1129,9 +1313,9 @@ def check_resume(ck, path, args, cfg, ctx):
     old_gb, gb = old.get("batch_size", 0) * ck.get("world", 1), args.batch_size * ctx.world
     if old_gb != gb:
         raise UserError(f"cannot resume with another global batch ({old_gb} -> {gb}): keep --batch-size x processes")
-    soft = [k for k in ("data", "epochs", "lr", "blr", "weight_decay", "warmup_epochs", "lam", "am_weight", "mask_ratio", "mask_kind",
-                        "threads", "aa", "hflip", "erase_prob", "mixup", "cutmix", "repeated_aug", "ema_decay",
-                        "label_smoothing")
+    soft = [k for k in ("data", "epochs", "lr", "blr", "weight_decay", "warmup_epochs", "warmup_steps", "warmup_frac",
+                        "lam", "am_weight", "mask_ratio", "mask_kind", "threads", "aa", "hflip", "erase_prob", "mixup",
+                        "cutmix", "repeated_aug", "ema_decay", "label_smoothing")
             if k in old and old[k] != getattr(args, k)]
     if soft and ctx.main:
         print(f"note: resuming with changed {soft}; the run no longer follows the original trajectory", file=sys.stderr)
@@ -1178,6 +1362,60 @@ def evaluate(model, loader, args, ctx, desc="eval"):
     return dict(top1=100 * c[0].item() / max(c[2].item(), 1), top5=100 * c[1].item() / max(c[2].item(), 1))
 
 
+# ----------------------------------------------------------------------------------------------- linear probe
+
+PROBE_L2, PROBE_ITERS = 1e-3, 500
+
+
+@torch.no_grad()
+def probe_features(model, loader, args, ctx):
+    """Frozen features for a linear probe: [class token, mean of the patch tokens] of the model's final (normalised)
+    tokens -> (features (n, 2 dim) float64, labels (n,))."""
+    was = model.training
+    model.eval()
+    feats, labels = [], []
+    for images, y, _ in tqdm(loader, desc="probe features", leave=False, disable=not ctx.main):
+        if len(images):
+            with autocast(args, ctx.device):
+                tokens = model(normalize(images, ctx.device)).tokens.float()
+            feats.append(torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], 1).double().cpu())
+            labels.append(y)
+    model.train(was)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def linear_probe(train_x, train_y, val_x, val_y, n_classes, l2=PROBE_L2, max_iter=PROBE_ITERS):
+    """Multinomial logistic regression on frozen features, one fixed recipe: features standardised with the training
+    set's mean and std; weights and bias start at zero; full-batch L-BFGS (strong Wolfe line search, fp64) on the mean
+    cross-entropy + l2 / 2 * ||W||^2 (bias not penalised), at most max_iter iterations. Deterministic.
+    -> dict(top1 on val, train_top1) in percent."""
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-8)
+    xt, xv = (train_x - mean) / std, (val_x - mean) / std
+    W = torch.zeros(xt.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-10,
+                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(xt @ W + b, train_y) + l2 / 2 * (W * W).sum()
+        loss.backward()
+        return loss
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        acc = lambda x, y: 100 * ((x @ W + b).argmax(1) == y).double().mean().item()  # noqa: E731
+        return dict(top1=acc(xv, val_y), train_top1=acc(xt, train_y))
+
+
+def probe(model, probe_set, val_set, args, ctx):
+    """linear probe of a frozen model: trained on probe_set, measured on val_set (see linear_probe)"""
+    model = model.to(ctx.device)
+    tx, ty = probe_features(model, make_loader(probe_set, args, ctx, train=False), args, ctx)
+    vx, vy = probe_features(model, make_loader(val_set, args, ctx, train=False), args, ctx)
+    return linear_probe(tx, ty, vx, vy, len(val_set.classes) if hasattr(val_set, "classes") else int(ty.max()) + 1)
+
+
 # ----------------------------------------------------------------------------------------------- one stage
 
 class NonFinite(UserError):
@@ -1207,6 +1445,7 @@ def build(args, stage, n_classes, ctx):
         if args.init:
             model = init_from(args.init, args, n_classes, verbose=ctx.main)
         else:
+            torch.manual_seed(args.seed)                                    # the same start as a distilled student
             model = vl.VisionMamba(student_config(args, n_classes))
             if args.pos_init == "sincos":
                 sincos_pos_init_(model)
@@ -1223,6 +1462,7 @@ def build(args, stage, n_classes, ctx):
         cfg = student.cfg
     else:
         cfg = student_config(args, n_classes)
+        torch.manual_seed(args.seed)                                        # (loading the teacher drew numbers)
         student = vl.VisionMamba(cfg)
         if args.pos_init == "sincos":
             sincos_pos_init_(student)
@@ -1321,11 +1561,11 @@ def init_from(path, args, n_classes, kind=None, verbose=False):
 def run_stage(args, stage, data, ctx):
     """Train one stage; -> path of its finished checkpoint. Resumes from OUT/NAME/last.pt."""
     args = for_stage(args, stage)                                           # per-stage recipe values
-    train_ds = data.teacher_train if stage == "teacher" and data.teacher_train is not None else data.train
-    train_ds = with_augmentation(train_ds, args)
+    train_ds = data.teacher_train if stage == "teacher" else data.distill if stage == "distill" else data.train
+    train_ds = with_augmentation(train_ds, args)                            # distill reads images only, no labels
     if ctx.main and not isinstance(train_ds, ImageFolder) and (args.aa not in (None, "", "none")):
         print(f"note: --aa {args.aa} and --hflip act on image folders (--data); the demo's images are used as they are")
-    val_ds, classes = data.val, data.classes
+    classes = data.classes
     label = args.name or stage
     args.run_dir = os.path.join(args.out, label)
     ckpt_path = os.path.join(args.run_dir, "last.pt")
@@ -1361,14 +1601,12 @@ def run_stage(args, stage, data, ctx):
     use_fp16 = args.amp == "fp16" and ctx.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)
     loader = make_loader(train_ds, args, ctx, train=True)
-    val_loader = make_loader(val_ds, args, ctx, train=False) if stage != "distill" else None
+    val_loader = make_loader(data.val, args, ctx, train=False) if stage != "distill" else None
     steps_per_epoch = len(loader.batch_sampler)
     if steps_per_epoch == 0:
         raise UserError(f"{len(train_ds)} training images are fewer than one global batch ({world_batch})")
-    total, warmup = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
-    if warmup >= total and ctx.main:
-        print(f"warning: the warm-up ({warmup} steps, --warmup-epochs {args.warmup_epochs:g}) is not shorter than the run "
-              f"({total} steps): the lr never reaches its peak; lower --warmup-epochs", file=sys.stderr)
+    total = args.epochs * steps_per_epoch
+    warmup = warmup_steps(args, steps_per_epoch, total, ctx)
     step, epoch, start_batch = 0, 0, 0
     sums = torch.zeros(8, dtype=torch.float64, device=ctx.device)          # logging sums since the last log line
     keys, history = None, []                                                # loss names; this run's log lines
@@ -1442,15 +1680,37 @@ def run_stage(args, stage, data, ctx):
             if ctx.main:
                 write_log(live_log, line, "a")
 
+    save_steps = {int(v) for v in (args.save_steps or "").split(",") if v.strip()}
+
+    def snapshot():                                                         # --save-steps: the model alone, for probes
+        if ctx.main:
+            save_checkpoint(os.path.join(args.run_dir, f"step{step}.pt"), dict(
+                kind=kind_of(saved), config=dataclasses.asdict(cfg), model=saved.state_dict(), classes=list(classes),
+                stage=stage, step=step, args={k: v for k, v in vars(args).items()}, finished=False))
+
+    def validate(at_epoch):
+        res = evaluate(trained, val_loader, args, ctx, desc=f"{label} val")
+        if ema is not None:                                                 # the EMA weights, evaluated alongside
+            res.update({f"ema_{k}": v for k, v in evaluate(ema.model, val_loader, args, ctx,
+                                                           desc=f"{label} EMA val").items()})
+        log(dict(step=step, epoch=round(at_epoch, 4), **{f"val_{k}": v for k, v in res.items()}))
+        if ctx.main:
+            tqdm.write(f"{label} step {step}: val top-1 {res['top1']:.2f}  top-5 {res['top5']:.2f}"
+                       + (f"  (EMA: top-1 {res['ema_top1']:.2f}  top-5 {res['ema_top5']:.2f})" if ema else ""))
+        return res
+
     if ctx.main:
         n_params = sum(p.numel() for p in params)
-        print(f"{label}: {kind_of(saved)} {n_params / 1e6:.2f}M trainable params, {len(train_ds)} images, "
-              f"{steps_per_epoch} steps/epoch x {args.epochs} epochs, global batch {world_batch}, lr {lr:.2e}, "
+        print(f"{label}: {kind_of(saved)} {n_params / 1e6:.2f}M trainable params, {len(train_ds)} "
+              f"{'unlabelled ' if stage == 'distill' else ''}images, {steps_per_epoch} steps/epoch x {args.epochs} epochs, "
+              f"global batch {world_batch}, lr {lr:.2e}, warm-up {warmup} of {total} steps, "
               f"{torch.get_num_threads()} thread(s) -> {args.run_dir}")
         print(f"{label}: recipe {args.recipe}: aa {args.aa}, hflip {args.hflip}, erase {args.erase_prob}, "
               + (f"mixup {args.mixup}, cutmix {args.cutmix}, smoothing {args.label_smoothing}, " if stage != "distill" else "")
               + f"repeated aug x{args.repeated_aug}, EMA {args.ema_decay or 'off'}, layer decay {args.layer_decay}, "
               f"drop path {getattr(cfg, 'drop_path', 'n/a')}, wd {args.weight_decay}, amp {args.amp}")
+    if ck is None and 0 in save_steps:
+        snapshot()
     bad = BadImages(args.max_bad_frac, args.repeated_aug)
     t0, n_img, metrics = time.time(), 0, {}
     if ctx.device.type == "cuda":
@@ -1464,17 +1724,18 @@ def run_stage(args, stage, data, ctx):
         loader.batch_sampler.set_epoch(epoch, batch_in_epoch)
         bar = tqdm(loader, total=steps_per_epoch, initial=batch_in_epoch, desc=f"{label} epoch {epoch + 1}/{args.epochs}",
                    leave=False, disable=not ctx.main)
-        for images, labels, errors in bar:
+        for images, *labels, errors in bar:                                 # distill: (images, errors), no labels
             err = None
             try:
-                bad.add(len(labels), errors)
+                bad.add(len(images), errors)
             except UserError as e:
                 err = e
-            if stop_together(err, ctx, skip=not len(labels)):                # no readable image (on some rank): skip
+            if stop_together(err, ctx, skip=not len(images)):                # no readable image (on some rank): skip
                 bad.empty_batches += 1
                 batch_in_epoch += 1
                 continue
-            x, y = normalize(images, ctx.device), labels.to(ctx.device, non_blocking=True)
+            x = normalize(images, ctx.device)
+            y = labels[0].to(ctx.device, non_blocking=True) if labels else None
             x, y = augment(x, y, step)                                      # erasing, mixup / cutmix
             cur_lr = lr_at(step, total, warmup, lr, args.min_lr)
             for grp in opt.param_groups:
@@ -1494,7 +1755,11 @@ def run_stage(args, stage, data, ctx):
                 ema.update(saved)
             step += 1
             batch_in_epoch += 1
-            n_img += len(labels)
+            n_img += len(images)
+            if step in save_steps:
+                snapshot()
+            if val_loader is not None and args.eval_every_steps and step % args.eval_every_steps == 0 and step < total:
+                validate(epoch + batch_in_epoch / steps_per_epoch)
             keys = keys or sorted(out)
             sums[:len(keys) + 1] += torch.stack([out[k].detach().double() for k in keys] + [gnorm.double()])
             sums[7] += 1
@@ -1520,13 +1785,7 @@ def run_stage(args, stage, data, ctx):
             bad.report(f"{label} epoch {epoch + 1}") if ctx.main else bad.check()
         epoch, batch_in_epoch = epoch + 1, 0
         if val_loader is not None and (epoch == args.epochs or args.eval_every and epoch % args.eval_every == 0):
-            metrics = evaluate(trained, val_loader, args, ctx, desc=f"{label} val")
-            if ema is not None:                                             # the EMA weights, evaluated alongside
-                metrics.update({f"ema_{k}": v for k, v in evaluate(ema.model, val_loader, args, ctx, desc=f"{label} EMA val").items()})
-            log(dict(step=step, epoch=epoch, **{f"val_{k}": v for k, v in metrics.items()}))
-            if ctx.main:
-                tqdm.write(f"{label} epoch {epoch}/{args.epochs}: val top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}"
-                           + (f"  (EMA: top-1 {metrics['ema_top1']:.2f}  top-5 {metrics['ema_top5']:.2f})" if ema else ""))
+            metrics = validate(epoch)
         elif ctx.main and keys:
             tqdm.write(f"{label} epoch {epoch}/{args.epochs} done (step {step})")
         checkpoint()
@@ -1550,7 +1809,9 @@ def peak_mem_mb(ctx):
 # ----------------------------------------------------------------------------------------------- stage all
 
 def run_all(args, data, ctx):
-    """teacher (unless --teacher) -> distill -> finetune -> labels-only student on the same budget -> table"""
+    """The demo's story: teacher (unless --teacher) -> distil on unlabelled images -> fine-tune on the labelled images
+    -> the same student with labels only on the same images, trained to convergence -> linear probes of the frozen
+    random-init, distilled and teacher models -> table."""
     t_start, times, base = time.time(), {}, dict(vars(args))
 
     def stage(name, stage_, epochs, **kw):
@@ -1562,38 +1823,56 @@ def run_all(args, data, ctx):
 
     teacher = args.teacher or stage("teacher", "teacher", args.teacher_epochs, teacher=None, init=None,
                                     lr=args.teacher_lr if args.teacher_lr is not None else args.lr)
-    distilled = teacher and stage("distill", "distill", args.distill_epochs, teacher=teacher, init=None)
-    tuned = distilled and stage("finetune", "finetune", args.finetune_epochs, teacher=teacher, init=distilled)
-    budget = args.distill_epochs + args.finetune_epochs
-    scratch = tuned and (args.no_baseline or stage("supervised", "finetune", budget, teacher=teacher, init=None, kd_weight=0.0))
+    distilled = teacher and stage("distill", "distill", args.distill_epochs, teacher=teacher, init=None, save_steps="0")
+    tuned = distilled and stage("finetune", "finetune", args.finetune_epochs, teacher=teacher, init=distilled,
+                                lr=args.finetune_lr if args.finetune_lr is not None else args.lr)
+    scratch = tuned and (args.no_baseline or stage("supervised", "finetune", args.supervised_epochs, teacher=teacher,
+                                                   init=None, kd_weight=0.0))
     if not scratch:
         return                                                              # --max-steps stopped a stage
     val = make_loader(data.val, args, ctx, train=False)
 
-    def accuracy(path):                                                     # measured by the stage after its last epoch
+    def load(path):
         ck = load_checkpoint(path)
+        return ck, (load_teacher(path, args.img_size) if ck.get("kind") is None else vl.model_from_checkpoint(ck))
+
+    def accuracy(path):                                                     # measured by the stage after its last epoch
+        ck, model = load(path)
         if ck.get("metrics"):
             return ck["metrics"]
-        model = load_teacher(path, args.img_size) if ck.get("kind") is None else vl.model_from_checkpoint(ck)
         if model.cfg.num_classes != len(data.classes):
             return None                                                     # e.g. a CLIP teacher: no class head
         return evaluate(model.to(ctx.device), val, args, ctx, desc="eval")
 
-    steps = len(data.train) // (args.batch_size * ctx.world)
-    rows = [("teacher (ViT)", accuracy(teacher)),
-            (f"student: distilled {args.distill_epochs} ep + fine-tuned {args.finetune_epochs} ep ({budget * steps} steps)",
-             accuracy(tuned))]
+    t, probe_set, probes = time.time(), data.probe(), dict.fromkeys(("teacher", "distilled", "random"))
+    if ctx.main:                                                            # one process, every image: no sharding
+        for name, path in (("teacher", teacher), ("distilled", distilled),
+                           ("random", os.path.join(os.path.dirname(distilled), "step0.pt"))):
+            probes[name] = probe(load(path)[1], probe_set, data.val, args, Ctx(device=ctx.device))["top1"]
+    barrier(ctx)
+    times["probes"] = time.time() - t
+    steps = lambda ds, epochs: epochs * (len(ds) // (args.batch_size * ctx.world))  # noqa: E731
+    n, n_t, n_d = len(data.train), len(data.teacher_train), len(data.distill)
+    rows = [("teacher: ViT, labels", f"{n_t:,}", f"{steps(data.teacher_train, args.teacher_epochs):,}", accuracy(teacher),
+             probes["teacher"]),
+            (f"student: distilled ({steps(data.distill, args.distill_epochs):,} steps on {n_d:,} unlabelled images) "
+             "+ fine-tuned", f"{n:,}", f"{steps(data.train, args.finetune_epochs):,}", accuracy(tuned), probes["distilled"])]
     if not args.no_baseline:
-        rows.append((f"student: labels only {budget} ep ({budget * steps} steps)", accuracy(scratch)))
+        rows.append(("student: labels only, to convergence", f"{n:,}", f"{steps(data.train, args.supervised_epochs):,}",
+                     accuracy(scratch), None))
+    rows.append(("student: random initialisation", "0", "0", None, probes["random"]))
     if ctx.main:
-        print(f"\nheld-out set: {len(data.val)} images, {len(data.classes)} classes "
-              f"({'demo' if args.data is None else args.data}); students trained on {len(data.train)} images; "
-              f"total {time.time() - t_start:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in times.items())})\n")
-        print("| model | top-1 | top-5 |\n|---|---|---|")
-        for name, r in rows:
-            print(f"| {name} | " + (f"{r['top1']:.1f} | {r['top5']:.1f} |" if r else "n/a | n/a |"))
+        print(f"\nheld-out set: {len(data.val):,} images, {len(data.classes)} classes "
+              f"({f'demo task {args.demo_task!r}' if args.data is None else args.data}); linear probe: frozen [class, mean patch] "
+              f"tokens, logistic regression trained on {len(probe_set):,} other labelled images; {torch.get_num_threads()} "
+              f"thread(s); total {time.time() - t_start:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in times.items())})\n")
+        print("| model | labelled images | steps with labels | top-1 | top-5 | linear probe top-1 |\n|---|---|---|---|---|---|")
+        for name, n_lab, n_steps, r, p in rows:
+            print(f"| {name} | {n_lab} | {n_steps} | " + (f"{r['top1']:.1f} | {r['top5']:.1f}" if r else "- | -")
+                  + f" | {'-' if p is None else f'{p:.1f}'} |")
         with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(dict(rows), f, indent=1)
+            json.dump({name: dict(labelled_images=n_lab, steps=n_steps, **(r or {}), probe_top1=p)
+                       for name, n_lab, n_steps, r, p in rows}, f, indent=1)
 
 
 def main(argv=None):

@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Re-runs every measurement of README "Results" and prints its tables. Every run is one train.py / eval.py command
+# with one thread; a finished run is skipped and an interrupted one resumes, so the script can be stopped and started
+# again at any point. Runs go to $R (default runs/results); the tables to stdout and $R/<task>/tables.md.
+#
+#   bash results.sh               # everything: ~8 h of CPU time, LANES=2 runs side by side
+#   TASKS=pairs bash results.sh   # one demo task only
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PY:-python}
+R=${R:-runs/results}
+LANES=${LANES:-2}
+TASKS=${TASKS:-"pairs relations"}
+export OMP_NUM_THREADS=1                    # the figures depend on the thread count: one thread per run, always
+COMMON="--threads 1 --batch-size 32 --warmup-frac 0.05"
+
+# The protocol (README "Results", section "Protocol"). Batch 32 everywhere; steps = epochs x floor(n / 32).
+D_FLAGS="--demo-pool 32000 --epochs 1 --lr 4e-3"  # distillation: 1,000 steps, one pass over 32,000 fresh unlabelled images
+SNAPSHOTS="0,125,250,500"                   # + last.pt (step 1,000): the linear-probe curve of the AM + MP runs; step 0 =
+                                            # the random initialisation (= the labels-only student's, same seed)
+FT_LR=1e-3                                  # fine-tuning a distilled student: lower lr, short schedule (~300 steps)
+declare -A FT_EPOCHS=([100]=100 [300]=33 [1200]=8)         # ~300 steps
+# labels only, two schedule lengths (each flat at its end; the longer one is not better: it keeps overfitting the
+# few images), and at n = 300 the equal-updates schedule (1,000 + 300 steps)
+declare -A SHORT_EPOCHS=([100]=233 [300]=78 [1200]=19)      # ~700 steps
+declare -A LONG_EPOCHS=([100]=667 [300]=222 [1200]=54)      # ~2,000 steps
+EQ_EPOCHS_300=144                                           # 1,296 steps
+SEEDS5="0 1 2 3 4"; SEEDS3="0 1 2"
+
+jobs_file=$(mktemp); trap 'rm -f "$jobs_file"' EXIT
+job() { echo "$*" >> "$jobs_file"; }
+run_jobs() {                                # each line is one chain of commands; LANES chains at a time
+  [ -s "$jobs_file" ] || return 0
+  xargs -P "$LANES" -d '\n' -I{} bash -c '{}' < "$jobs_file"
+  : > "$jobs_file"
+}
+teacher() { echo "$PY train.py --stage teacher --demo-task $1 --seed $2 --epochs 5 --lr 1.5e-3 --out $R/$1/teacher-s$2 $COMMON"; }
+probe() {   # probe.json gets one entry per checkpoint; skipped when last.pt is already in it
+  echo "{ grep -qs '\"last.pt\"' $1/probe.json || $PY eval.py --probe ${*:2} $1/last.pt; }"
+}
+distill() { # TASK CONFIG SEED [distillation flags]; snapshots and their probes for the main (am+mp) runs only
+  local dir=$R/$1/$2-s$3 snaps="" save=""
+  if [ "$2" = am+mp ]; then
+    save="--save-steps $SNAPSHOTS"
+    snaps=$(for s in ${SNAPSHOTS//,/ }; do printf '%s ' "$dir/distill/step$s.pt"; done)
+  fi
+  echo "$PY train.py --stage distill --demo-task $1 --seed $3 --teacher $R/$1/teacher-s$3/teacher/last.pt $D_FLAGS" \
+       "$save --out $dir $COMMON ${*:4} && $(probe $dir/distill $snaps)"
+}
+finetune() { # TASK CONFIG SEED N: the distilled student of CONFIG fine-tuned on N labelled images
+  echo "$PY train.py --stage finetune --demo-task $1 --seed $3 --init $R/$1/$2-s$3/distill/last.pt --demo-train $4" \
+       "--epochs ${FT_EPOCHS[$4]} --lr $FT_LR --eval-every-steps 100 --out $R/$1/$2-s$3 --name n$4 $COMMON"
+}
+labels_only() { # TASK NAME SEED N EPOCHS: the same student, labels only, on the same N images
+  echo "$PY train.py --stage finetune --demo-task $1 --seed $3 --demo-train $4 --epochs $5 --lr 4e-3 --eval-every-steps 250" \
+       "--out $R/$1/$2-s$3 --name n$4 $COMMON"
+}
+
+# 1. teachers: one per seed, so the seed spread includes the teacher's
+for task in $TASKS; do
+  if [ "$task" = pairs ]; then seeds=$SEEDS5; else seeds=$SEEDS3; fi
+  for s in $seeds; do job "$(teacher $task $s) && $(probe $R/$task/teacher-s$s/teacher)"; done
+done
+run_jobs
+
+# 2. students. Longest chains first, so the lanes end together.
+for task in $TASKS; do
+  for s in $SEEDS5; do
+    if [ "$task" = pairs ]; then    # 300 labelled images: five seeds (the ablation's rows); 100 and 1,200: three
+      if [ "$s" -lt 3 ]; then ns="100 300 1200"; else ns="300"; fi
+    else                            # the relations task: three seeds
+      if [ "$s" -ge 3 ]; then continue; fi
+      ns="300 1200"
+    fi
+    chain="$(distill $task am+mp $s)"
+    for n in $ns; do chain+=" && $(finetune $task am+mp $s $n)"; done
+    job "$chain"
+    for n in $ns; do
+      job "$(labels_only $task labels_2000 $s $n ${LONG_EPOCHS[$n]})"
+      job "$(labels_only $task labels_700 $s $n ${SHORT_EPOCHS[$n]})"
+    done
+    if [ "$task" = pairs ] && [ "$s" -lt 3 ]; then job "$(labels_only $task labels_1300 $s 300 $EQ_EPOCHS_300)"; fi
+  done
+done
+# the paper's ablation, under the protocol of the label-efficiency gap (300 labelled images), pairs task
+ablation() { # CONFIG SEEDS FLAGS
+  for s in $2; do job "$(distill pairs $1 $s "${@:3}") && $(finetune pairs $1 $s 300)"; done
+}
+if [[ " $TASKS " == *" pairs "* ]]; then
+  ablation mp_only "$SEEDS5" --am-weight 0
+  ablation am_only "$SEEDS5" --lam 0
+  ablation am_cls "$SEEDS3" --am-scope cls
+  ablation am_all "$SEEDS3" --am-scope all
+  ablation mask0.5 "$SEEDS3" --mask-ratio 0.5
+  ablation mask0.9 "$SEEDS3" --mask-ratio 0.9
+  ablation lam0.5 "$SEEDS3" --lam 0.5
+  ablation lam2 "$SEEDS3" --lam 2
+  ablation am_only_nomask "$SEEDS3" --lam 0 --mask-ratio 0
+fi
+if [[ " $TASKS " == *" relations "* ]]; then
+  for s in $SEEDS3; do
+    job "$(distill relations am_only_nomask $s --lam 0 --mask-ratio 0) && $(finetune relations am_only_nomask $s 300)"
+  done
+fi
+run_jobs
+
+# 3. the tables
+for task in $TASKS; do
+  echo; echo "## $task"; $PY eval.py --runs "$R/$task" | tee "$R/$task/tables.md"
+done
