@@ -780,13 +780,13 @@ def vim_flip_mixer(mixer, hidden):
 
 def test_fused_bidirectional_mixer_equals_vims_flip_formulation():
     torch.manual_seed(0)
-    mixer = vl.BiMamba(TINY_STUDENT, "both")
+    mixer = vl.BiMamba(TINY_STUDENT, ("forward", "backward"))
     hidden = torch.randn(2, 9, 16)
     torch.testing.assert_close(mixer(hidden), vim_flip_mixer(mixer, hidden), atol=1e-5, rtol=1e-4)
 
 
 def test_dt_bias_initialised_for_both_directions():
-    mixer = vl.BiMamba(vl.MambaConfig(dim=64), "both")
+    mixer = vl.BiMamba(vl.MambaConfig(dim=64), ("forward", "backward"))
     dt = F.softplus(mixer.dt_bias)                                                     # (2, E)
     assert dt.shape == (2, 128) and dt.min() >= 1e-4 and dt.max() <= 0.1 + 1e-6
     for d in range(2):                                                                 # log-uniform, not at zero init
@@ -816,7 +816,7 @@ def test_student_presets_and_alternating_directions():
     assert [vl.STUDENT_PRESETS[n].dim for n in ("tiny", "small", "base")] == [192, 384, 768]
     assert vl.STUDENT_PRESETS["base_alt"].bidirectional == "alternate"
     student = vl.VisionMamba(replace(TINY_STUDENT, bidirectional="alternate"))
-    assert [b.mixer.directions for b in student.blocks] == ["forward", "backward"] * 2
+    assert [b.mixer.directions for b in student.blocks] == [("forward",), ("backward",)] * 2
     skip = student.no_weight_decay()
     assert {"blocks.0.mixer.A_log", "blocks.0.mixer.D", "blocks.0.mixer.dt_bias", "pos_embed", "cls_token"} <= skip
     assert "blocks.0.mixer.in_proj.weight" not in skip

@@ -6,13 +6,15 @@ ViT-Linearizer in one file: distil a frozen ViT teacher into a linear-time bidir
 
 The file reads like the paper, top to bottom:
 
-1. Teacher   `ViT`, `load_teacher`      a pre-norm ViT; 1b loads timm, OpenAI / open_clip CLIP, Hugging Face,
-                                        DINOv2 torch-hub and own checkpoints (CLIP, DeiT-III, DINOv2, SigLIP, ...).
+1. Teacher   `ViT`                     a pre-norm ViT in the variants of CLIP, DeiT-III, DINOv2, SigLIP, MAE, ...
 2. Student   `VisionMamba`             a Vim-style bidirectional Mamba (selective scan in scan_kernel.py).
 3. Masks     `sample_mask`             which patch tokens the student does not see (ratio a = 0.75).
 4. Losses    `activation_matching_loss`, `masked_prediction_loss`, `Distiller`   L = L_act + lambda * L_mask.
+5. Checkpoints `load_teacher`, `read_checkpoint`, ...   timm, OpenAI / open_clip CLIP, Hugging Face, DINOv2 torch-hub
+                                        files, and this project's own checkpoints.
 
-Symbols of the paper / PAPER.md and where they live:
+The paper's symbols (activation matching and masked prediction, as the paper defines them; README "The method") and
+where they live:
 
     f^k          stage-k token features: `Output.hidden[i]` for i in `stage_indices(depth, K)`
     K            number of stages (default 4): `Distiller(stages=K)`
@@ -85,7 +87,7 @@ def drop_path(x, p, training):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 1. Teacher: a pre-norm ViT, in the variants of the families people distil from (section 1b loads them)
+# 1. Teacher: a pre-norm ViT, in the variants of the families people distil from (section 5 loads them)
 
 @dataclass
 class ViTConfig:
@@ -253,8 +255,292 @@ class ViT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 1b. Teacher checkpoints. One converter per family renames its keys to this file's ViT; infer_vit_config reads the
-# architecture from the converted weights (plus what the family or the checkpoint's config file says: heads, act,
+# 2. Student: a bidirectional Mamba (Vision Mamba, "v2" blocks)
+
+@dataclass
+class MambaConfig:
+    img_size: int = 224
+    patch_size: int = 16
+    dim: int = 384
+    depth: int = 24
+    d_state: int = 16          # N
+    d_conv: int = 4
+    expand: int = 2            # inner width E = expand * dim
+    dt_rank: int = 0           # 0: ceil(dim / 16)
+    num_classes: int = 1000
+    bidirectional: str = "fused"    # "fused": both directions in every block; "alternate": one per block, flipping
+    drop_path: float = 0.0
+    scan_backend: str = "auto"      # "auto" | "triton" | "chunked" | "reference", see scan_kernel.selective_scan
+    eps: float = 1e-5
+
+
+STUDENT_PRESETS = {
+    "demo": MambaConfig(img_size=32, patch_size=4, dim=96, depth=8, num_classes=10),
+    "tiny": MambaConfig(dim=192),
+    "small": MambaConfig(dim=384),
+    "base": MambaConfig(dim=768),
+}
+STUDENT_PRESETS.update({f"{name}_alt": MambaConfig(**{**asdict(cfg), "bidirectional": "alternate"})
+                        for name, cfg in list(STUDENT_PRESETS.items())})
+
+
+class BiMamba(nn.Module):
+    """Vim's bidirectional Mamba mixer. Shared in_proj / out_proj; each scan direction has its own conv1d, x_proj,
+    dt_proj, A_log and D, stacked on a leading axis in the order of `directions`. The backward direction scans the
+    tokens in reverse without flipping any tensor: its conv is anti-causal and the scan runs t = L-1 .. 0, which is
+    exactly Vim's flip -> conv -> scan -> flip.
+    directions: ("forward", "backward") (Vim v2: out = out_proj(silu(z) * (y_fwd + y_bwd) / 2)), or one of them."""
+
+    def __init__(self, cfg: MambaConfig, directions=("forward", "backward")):
+        super().__init__()
+        self.cfg, self.directions = cfg, tuple(directions)
+        E, N, R, K = cfg.expand * cfg.dim, cfg.d_state, cfg.dt_rank or math.ceil(cfg.dim / 16), cfg.d_conv
+        ndir = len(self.directions)
+        self.in_proj = nn.Linear(cfg.dim, 2 * E, bias=False)
+        self.conv_weight = nn.Parameter(torch.empty(ndir, E, K).uniform_(-K ** -0.5, K ** -0.5))   # nn.Conv1d init
+        self.conv_bias = nn.Parameter(torch.empty(ndir, E).uniform_(-K ** -0.5, K ** -0.5))
+        self.x_proj = nn.Parameter(torch.empty(ndir, R + 2 * N, E).uniform_(-E ** -0.5, E ** -0.5))
+        self.dt_proj = nn.Parameter(torch.empty(ndir, E, R).uniform_(-R ** -0.5, R ** -0.5))
+        # dt initialised log-uniform in [1e-3, 0.1] through the inverse softplus, for BOTH directions
+        dt = torch.exp(torch.rand(ndir, E) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(ndir, E, 1))  # S4D-real
+        self.D = nn.Parameter(torch.ones(ndir, E))
+        self.out_proj = nn.Linear(E, cfg.dim, bias=False)
+
+    def conv(self, x):                                                                 # (B, E, L) -> (ndir, B, E, L)
+        K = self.cfg.d_conv
+        outs = []
+        for w, b, d in zip(self.conv_weight, self.conv_bias, self.directions):
+            if d == "forward":                                                         # causal
+                outs.append(F.conv1d(F.pad(x, (K - 1, 0)), w.unsqueeze(1), b, groups=x.shape[1]))
+            else:                                                                      # anti-causal = flip, conv, flip
+                outs.append(F.conv1d(F.pad(x, (0, K - 1)), w.flip(-1).unsqueeze(1), b, groups=x.shape[1]))
+        return F.silu(torch.stack(outs))
+
+    def forward(self, hidden):                                                         # (B, L, D)
+        # the scan's inputs are made contiguous along L (weights on the left of the matmuls), as the Triton kernel
+        # was measured with; only the output goes back to (B, L, D)
+        R, N = self.dt_proj.shape[-1], self.cfg.d_state
+        x, z = (self.in_proj.weight @ hidden.transpose(1, 2)).chunk(2, dim=1)           # (B, E, L) each
+        u = self.conv(x)                                                               # (ndir, B, E, L)
+        dt_low, B, C = (self.x_proj.unsqueeze(1) @ u).split([R, N, N], dim=2)         # (ndir, B, R | N | N, L)
+        delta = self.dt_proj.unsqueeze(1) @ dt_low                                     # (ndir, B, E, L)
+        A = -torch.exp(self.A_log.float())                                             # (ndir, E, N)
+        D, delta_bias, scan = self.D.float(), self.dt_bias.float(), self.cfg.scan_backend
+        if len(self.directions) == 2:                                                  # both, one fused launch
+            y = bidirectional_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True,
+                                             backend=scan) / 2
+        else:
+            y = selective_scan(u[0], delta[0], A[0], B[0], C[0], D[0], z, delta_bias[0], delta_softplus=True,
+                               reverse=self.directions[0] == "backward", backend=scan)
+        return self.out_proj(y.transpose(1, 2))                                        # (B, L, D)
+
+
+class MambaBlock(nn.Module):
+    """Pre-norm residual block; the residual stream stays fp32 (bf16 only inside the mixer under autocast)."""
+
+    def __init__(self, cfg, directions, drop_path):
+        super().__init__()
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.eps)
+        self.mixer = BiMamba(cfg, directions)
+        self.drop_path = drop_path
+
+    def forward(self, x):                                                              # (B, L, D) fp32
+        return x + drop_path(self.mixer(self.norm(x)), self.drop_path, self.training).float()
+
+
+class VisionMamba(nn.Module):
+    """The student: patch embedding, [mask] tokens, class token in the middle of the sequence, Mamba blocks."""
+
+    def __init__(self, cfg: MambaConfig):
+        super().__init__()
+        if cfg.bidirectional not in ("fused", "alternate"):
+            raise ValueError(f"MambaConfig.bidirectional must be 'fused' or 'alternate', got {cfg.bidirectional!r}")
+        if cfg.img_size % cfg.patch_size:
+            raise ValueError(f"MambaConfig: img_size {cfg.img_size} must be a multiple of patch_size {cfg.patch_size}")
+        self.cfg = cfg
+        grid = cfg.img_size // cfg.patch_size
+        self.patch_embed = nn.Conv2d(3, cfg.dim, cfg.patch_size, cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.pos_cls = nn.Parameter(torch.zeros(1, 1, cfg.dim))                         # kept apart from the grid,
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, cfg.dim))            # so resizing cannot mix them up
+        if cfg.bidirectional == "fused":
+            directions = [("forward", "backward")] * cfg.depth
+        else:                                                                          # one direction, alternating
+            directions = [("forward",) if i % 2 == 0 else ("backward",) for i in range(cfg.depth)]
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(MambaBlock(cfg, d, r) for d, r in zip(directions, rates))
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.eps)
+        self.head = nn.Linear(cfg.dim, cfg.num_classes) if cfg.num_classes else None
+        for t in (self.cls_token, self.mask_token, self.pos_cls, self.pos_embed):
+            nn.init.trunc_normal_(t, std=0.02)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if name.endswith("out_proj"):                                          # GPT-2 / Mamba residual scaling
+                    m.weight.data /= math.sqrt(cfg.depth)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, images, mask=None):                                             # (B, 3, H, W), (B, N) bool
+        grid_hw = check_resolution(images, self.cfg.patch_size)
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)                         # (B, N, D)
+        if mask is not None:
+            if mask.shape != x.shape[:2]:
+                raise ValueError(f"mask must be (batch, patches) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+            x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        x = x + resize_pos_embed(self.pos_embed, grid_hw)
+        middle = x.shape[1] // 2                                                       # Vim: class token in the middle
+        cls = (self.cls_token + self.pos_cls).expand(len(x), -1, -1)
+        x = torch.cat([x[:, :middle], cls, x[:, middle:]], dim=1).float()              # (B, 1+N, D)
+        order = torch.cat([torch.tensor([middle]), torch.arange(middle), torch.arange(middle + 1, x.shape[1])])
+        order = order.to(x.device)                                                     # sequence -> class-first order
+        hidden = []
+        for block in self.blocks:
+            x = block(x)
+            hidden.append(x.index_select(1, order))
+        tokens = self.norm(x).index_select(1, order)
+        logits = self.head(tokens[:, 0]) if self.head is not None else None
+        return Output(logits, tokens, hidden)
+
+    def no_weight_decay(self):
+        skip = ("cls_token", "mask_token", "pos_cls", "pos_embed", "A_log", "D", "dt_bias", "conv_bias")
+        return {n for n, p in self.named_parameters() if p.ndim < 2 or n.split(".")[-1] in skip}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Masks: which patches the student does not see
+
+def sample_mask(batch_size, grid_hw, ratio=0.75, kind="random", generator=None, device=None):
+    """(B, N) bool, True = masked, with exactly round(ratio * N) masked patches in every image.
+    kind "random": uniform without replacement. kind "block": BEiT-style rectangles (area >= 16 patches, aspect
+    0.3 .. 3.3) until the count is reached; if the rectangles get stuck the last few patches are drawn at random."""
+    gh, gw = grid_hw
+    n = gh * gw
+    n_mask = round(ratio * n)
+    if not 0 <= ratio <= 1 or kind not in ("random", "block"):
+        raise ValueError(f"sample_mask: ratio must be in [0, 1] and kind 'random' or 'block', got {ratio}, {kind!r}")
+    if kind == "random":
+        order = torch.rand(batch_size, n, generator=generator).argsort(dim=1)
+        return torch.zeros(batch_size, n, dtype=torch.bool).scatter_(1, order[:, :n_mask], True).to(device)
+
+    def uniform(lo, hi):
+        return lo + (hi - lo) * torch.rand((), generator=generator).item()
+
+    masks = torch.zeros(batch_size, gh, gw, dtype=torch.bool)
+    for m in masks:
+        for _ in range(10 * n):                                                        # rectangles, BEiT's recipe
+            left = n_mask - int(m.sum())
+            if left < min(16, n_mask) or left == 0:
+                break
+            area = uniform(min(16, left), left)
+            aspect = math.exp(uniform(math.log(0.3), math.log(1 / 0.3)))
+            h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if not (0 < h < gh and 0 < w < gw):
+                continue
+            top = int(torch.randint(gh - h + 1, (), generator=generator))
+            lft = int(torch.randint(gw - w + 1, (), generator=generator))
+            patch = m[top:top + h, lft:lft + w]
+            if int((~patch).sum()) <= left:                                            # never overshoot the count
+                patch.fill_(True)
+        free = (~m).flatten().nonzero().squeeze(1)                                     # top up to the exact count
+        fill = free[torch.randperm(len(free), generator=generator)[:n_mask - int(m.sum())]]
+        m.view(-1)[fill] = True
+    return masks.flatten(1).to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Losses
+
+def stage_indices(depth, stages):
+    """Block indices (0-based) ending each of K evenly spaced stages: depth 12, K 4 -> [2, 5, 8, 11]."""
+    if not 1 <= stages <= depth:
+        raise ValueError(f"cannot split {depth} blocks into {stages} stages: use 1 <= stages <= depth")
+    return [round((k + 1) * depth / stages) - 1 for k in range(stages)]
+
+
+def similarity_rows(features, keep):
+    """Abar: the cosine-similarity map A(i, j) between kept tokens, each row L2-normalised.
+    features (B, L, C); keep (B, L) bool -> (B, L, L), zero outside kept rows/columns."""
+    f = F.normalize(features.float(), dim=-1)
+    A = f @ f.transpose(1, 2)                                                          # (B, L, L) cosine similarity
+    A = A * (keep.unsqueeze(1) & keep.unsqueeze(2))                                    # only kept token pairs
+    return F.normalize(A, dim=-1)
+
+
+def activation_matching_loss(teacher_feats, student_feats, mask=None, scope="visible"):
+    """L_act = 1/(K L) sum_k sum_i (1 - <Abar_tea^k(i,:), Abar_stu^k(i,:)>), averaged over the batch.
+    teacher_feats / student_feats: K stage outputs (B, 1+N, C_tea) / (B, 1+N, C_stu), class token first; widths
+    may differ (no projection). mask (B, N): True = masked patch. scope: "visible" (class + unmasked patches, the
+    paper's default), "all" (every token, masked ones too), "cls" (only the class token's row, over visible tokens)."""
+    if len(teacher_feats) != len(student_feats) or scope not in ("visible", "all", "cls"):
+        raise ValueError(f"activation_matching_loss: need as many teacher as student stages "
+                         f"({len(teacher_feats)} vs {len(student_feats)}) and scope visible/all/cls, got {scope!r}")
+    B, L = student_feats[0].shape[:2]
+    keep = torch.ones(B, L, dtype=torch.bool, device=student_feats[0].device)
+    if mask is not None and scope != "all":
+        keep[:, 1:] = ~mask
+    rows = keep.clone()
+    if scope == "cls":
+        rows[:, 1:] = False
+    loss = 0.0
+    for f_tea, f_stu in zip(teacher_feats, student_feats):
+        cos = (similarity_rows(f_tea, keep) * similarity_rows(f_stu, keep)).sum(-1)    # (B, L)
+        loss = loss + ((1 - cos) * rows).sum() / rows.sum()
+    return loss / len(teacher_feats)
+
+
+def masked_prediction_loss(pred, target, mask):
+    """L_mask = 1/(a L) sum_{i masked} SmoothL1(Y_tea(i,:), Y_stu(i,:)), SmoothL1 averaged over channels.
+    pred, target (B, N, C) patch tokens only; mask (B, N) True = masked. Visible positions do not count."""
+    per_token = F.smooth_l1_loss(pred.float(), target.float(), reduction="none").mean(-1)   # (B, N)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+class Distiller(nn.Module):
+    """The distillation objective L = am_weight * L_act + lam * L_mask, no labels. One student forward on the masked
+    image feeds both losses; the frozen teacher sees the full image. Holds the trainable masked-prediction projection
+    `mp_proj` (student width -> teacher width; identity when they match). target: the teacher's final features after
+    ("post_norm") or before ("pre_norm") its final norm — the paper does not say which."""
+
+    def __init__(self, teacher, student, stages=4, am_scope="visible", lam=1.0, am_weight=1.0, target="post_norm"):
+        super().__init__()
+        if target not in ("post_norm", "pre_norm"):
+            raise ValueError(f"Distiller: target must be 'post_norm' or 'pre_norm', got {target!r}")
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.student = student
+        t_dim, s_dim = teacher.cfg.dim, student.cfg.dim
+        self.mp_proj = nn.Linear(s_dim, t_dim) if s_dim != t_dim else nn.Identity()
+        self.teacher_stages = stage_indices(teacher.cfg.depth, stages)
+        self.student_stages = stage_indices(student.cfg.depth, stages)
+        self.am_scope, self.lam, self.am_weight, self.target = am_scope, lam, am_weight, target
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):                        # checkpoints written before
+        for k in [k for k in state_dict if k.startswith(prefix + "head.")]:            # mp_proj was named "head"
+            state_dict[prefix + "mp_proj." + k[len(prefix + "head."):]] = state_dict.pop(k)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def train(self, mode=True):                                                        # the teacher stays in eval
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def forward(self, images, mask):                                                   # (B, 3, H, W), (B, N) bool
+        with torch.no_grad():
+            tea = self.teacher(images)
+        stu = self.student(images, mask)
+        am = activation_matching_loss([tea.hidden[i] for i in self.teacher_stages],
+                                      [stu.hidden[i] for i in self.student_stages], mask, self.am_scope)
+        target = tea.tokens if self.target == "post_norm" else tea.hidden[-1]
+        mp = masked_prediction_loss(self.mp_proj(stu.tokens[:, 1:]), target[:, 1:], mask)
+        return dict(loss=self.am_weight * am + self.lam * mp, am=am, mp=mp)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Checkpoints: teachers of every family, and our own models. One converter per family renames its keys to this
+# file's ViT; infer_vit_config reads the architecture from the converted weights (plus what the family or the checkpoint's config file says: heads, act,
 # eps); load_exact then requires every key to fit. Checkpoints are untrusted: tensors only, never arbitrary pickles.
 
 # The weights of a Hub folder (transformers, timm, open_clip), in the order they are looked for; *.index.json: shards
@@ -589,291 +875,3 @@ def load_teacher(spec, img_size=None, num_classes=None, heads=None, act=None):
             nn.init.trunc_normal_(model.head.weight, std=0.02)
             nn.init.zeros_(model.head.bias)
     return model.eval().requires_grad_(False)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 2. Student: a bidirectional Mamba (Vision Mamba, "v2" blocks)
-
-@dataclass
-class MambaConfig:
-    img_size: int = 224
-    patch_size: int = 16
-    dim: int = 384
-    depth: int = 24
-    d_state: int = 16          # N
-    d_conv: int = 4
-    expand: int = 2            # inner width E = expand * dim
-    dt_rank: int = 0           # 0: ceil(dim / 16)
-    num_classes: int = 1000
-    bidirectional: str = "fused"    # "fused": both directions in every block; "alternate": one per block, flipping
-    drop_path: float = 0.0
-    scan_backend: str = "auto"      # "auto" | "triton" | "chunked" | "reference", see scan_kernel.selective_scan
-    eps: float = 1e-5
-
-
-STUDENT_PRESETS = {
-    "demo": MambaConfig(img_size=32, patch_size=4, dim=96, depth=8, num_classes=10),
-    "tiny": MambaConfig(dim=192),
-    "small": MambaConfig(dim=384),
-    "base": MambaConfig(dim=768),
-}
-STUDENT_PRESETS.update({f"{name}_alt": MambaConfig(**{**asdict(cfg), "bidirectional": "alternate"})
-                        for name, cfg in list(STUDENT_PRESETS.items())})
-
-
-class BiMamba(nn.Module):
-    """Vim's bidirectional Mamba mixer. Shared in_proj / out_proj; each direction has its own conv1d, x_proj,
-    dt_proj, A_log and D, stacked on a leading axis (0 = forward, 1 = backward). The backward direction scans the
-    tokens in reverse without flipping any tensor: its conv is anti-causal and the scan runs t = L-1 .. 0, which is
-    exactly Vim's flip -> conv -> scan -> flip.
-    directions = "both" (Vim v2: out = out_proj(silu(z) * (y_fwd + y_bwd) / 2)), "forward" or "backward"."""
-
-    def __init__(self, cfg: MambaConfig, directions="both"):
-        super().__init__()
-        self.cfg, self.directions = cfg, directions
-        E, N, R, K = cfg.expand * cfg.dim, cfg.d_state, cfg.dt_rank or math.ceil(cfg.dim / 16), cfg.d_conv
-        ndir = 2 if directions == "both" else 1
-        self.in_proj = nn.Linear(cfg.dim, 2 * E, bias=False)
-        self.conv_weight = nn.Parameter(torch.empty(ndir, E, K).uniform_(-K ** -0.5, K ** -0.5))   # nn.Conv1d init
-        self.conv_bias = nn.Parameter(torch.empty(ndir, E).uniform_(-K ** -0.5, K ** -0.5))
-        self.x_proj = nn.Parameter(torch.empty(ndir, R + 2 * N, E).uniform_(-E ** -0.5, E ** -0.5))
-        self.dt_proj = nn.Parameter(torch.empty(ndir, E, R).uniform_(-R ** -0.5, R ** -0.5))
-        # dt initialised log-uniform in [1e-3, 0.1] through the inverse softplus, for BOTH directions
-        dt = torch.exp(torch.rand(ndir, E) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(ndir, E, 1))  # S4D-real
-        self.D = nn.Parameter(torch.ones(ndir, E))
-        self.out_proj = nn.Linear(E, cfg.dim, bias=False)
-
-    def conv(self, x):                                                                 # (B, E, L) -> (ndir, B, E, L)
-        K = self.cfg.d_conv
-        outs = []
-        for w, b, d in zip(self.conv_weight, self.conv_bias, self.scan_directions()):
-            if d == "forward":                                                         # causal
-                outs.append(F.conv1d(F.pad(x, (K - 1, 0)), w.unsqueeze(1), b, groups=x.shape[1]))
-            else:                                                                      # anti-causal = flip, conv, flip
-                outs.append(F.conv1d(F.pad(x, (0, K - 1)), w.flip(-1).unsqueeze(1), b, groups=x.shape[1]))
-        return F.silu(torch.stack(outs))
-
-    def scan_directions(self):
-        return ("forward", "backward") if self.directions == "both" else (self.directions,)
-
-    def forward(self, hidden):                                                         # (B, L, D)
-        R, N = self.dt_proj.shape[-1], self.cfg.d_state
-        # every (., L) tensor below is made contiguous along L (weights on the left of the matmuls), the layout the
-        # scan kernel reads fastest; only the output goes back to (B, L, .)
-        x, z = (self.in_proj.weight @ hidden.transpose(1, 2)).chunk(2, dim=1)           # (B, E, L) each
-        u = self.conv(x)                                                               # (ndir, B, E, L)
-        x_dbl = self.x_proj.unsqueeze(1) @ u                                           # (ndir, B, R+2N, L)
-        dt_low, B, C = x_dbl.split([R, N, N], dim=2)
-        delta = self.dt_proj.unsqueeze(1) @ dt_low                                     # (ndir, B, E, L)
-        A = -torch.exp(self.A_log.float())                                             # (ndir, E, N)
-        if self.directions == "both":
-            y = bidirectional_selective_scan(u, delta, A, B, C, self.D.float(), z, self.dt_bias.float(),
-                                             delta_softplus=True, backend=self.cfg.scan_backend) / 2
-        else:
-            y = selective_scan(u[0], delta[0], A[0], B[0], C[0], self.D[0].float(), z, self.dt_bias[0].float(),
-                               delta_softplus=True, reverse=self.directions == "backward",
-                               backend=self.cfg.scan_backend)
-        return self.out_proj(y.transpose(1, 2))                                        # (B, L, D)
-
-
-class MambaBlock(nn.Module):
-    """Pre-norm residual block; the residual stream stays fp32 (bf16 only inside the mixer under autocast)."""
-
-    def __init__(self, cfg, directions, drop_path):
-        super().__init__()
-        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.eps)
-        self.mixer = BiMamba(cfg, directions)
-        self.drop_path = drop_path
-
-    def forward(self, x):                                                              # (B, L, D) fp32
-        return x + drop_path(self.mixer(self.norm(x)), self.drop_path, self.training).float()
-
-
-class VisionMamba(nn.Module):
-    """The student: patch embedding, [mask] tokens, class token in the middle of the sequence, Mamba blocks."""
-
-    def __init__(self, cfg: MambaConfig):
-        super().__init__()
-        if cfg.bidirectional not in ("fused", "alternate"):
-            raise ValueError(f"MambaConfig.bidirectional must be 'fused' or 'alternate', got {cfg.bidirectional!r}")
-        if cfg.img_size % cfg.patch_size:
-            raise ValueError(f"MambaConfig: img_size {cfg.img_size} must be a multiple of patch_size {cfg.patch_size}")
-        self.cfg = cfg
-        grid = cfg.img_size // cfg.patch_size
-        self.patch_embed = nn.Conv2d(3, cfg.dim, cfg.patch_size, cfg.patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
-        self.pos_cls = nn.Parameter(torch.zeros(1, 1, cfg.dim))                         # kept apart from the grid,
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, cfg.dim))            # so resizing cannot mix them up
-        if cfg.bidirectional == "fused":
-            directions = ["both"] * cfg.depth
-        else:
-            directions = ["forward" if i % 2 == 0 else "backward" for i in range(cfg.depth)]
-        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        self.blocks = nn.ModuleList(MambaBlock(cfg, d, r) for d, r in zip(directions, rates))
-        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.eps)
-        self.head = nn.Linear(cfg.dim, cfg.num_classes) if cfg.num_classes else None
-        for t in (self.cls_token, self.mask_token, self.pos_cls, self.pos_embed):
-            nn.init.trunc_normal_(t, std=0.02)
-        for name, m in self.named_modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if name.endswith("out_proj"):                                          # GPT-2 / Mamba residual scaling
-                    m.weight.data /= math.sqrt(cfg.depth)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-    def forward(self, images, mask=None):                                             # (B, 3, H, W), (B, N) bool
-        grid_hw = check_resolution(images, self.cfg.patch_size)
-        x = self.patch_embed(images).flatten(2).transpose(1, 2)                         # (B, N, D)
-        if mask is not None:
-            if mask.shape != x.shape[:2]:
-                raise ValueError(f"mask must be (batch, patches) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
-            x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
-        x = x + resize_pos_embed(self.pos_embed, grid_hw)
-        middle = x.shape[1] // 2                                                       # Vim: class token in the middle
-        cls = (self.cls_token + self.pos_cls).expand(len(x), -1, -1)
-        x = torch.cat([x[:, :middle], cls, x[:, middle:]], dim=1).float()              # (B, 1+N, D)
-        order = torch.cat([torch.tensor([middle]), torch.arange(middle), torch.arange(middle + 1, x.shape[1])])
-        order = order.to(x.device)                                                     # sequence -> class-first order
-        hidden = []
-        for block in self.blocks:
-            x = block(x)
-            hidden.append(x.index_select(1, order))
-        tokens = self.norm(x).index_select(1, order)
-        logits = self.head(tokens[:, 0]) if self.head is not None else None
-        return Output(logits, tokens, hidden)
-
-    def no_weight_decay(self):
-        skip = ("cls_token", "mask_token", "pos_cls", "pos_embed", "A_log", "D", "dt_bias", "conv_bias")
-        return {n for n, p in self.named_parameters() if p.ndim < 2 or n.split(".")[-1] in skip}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 3. Masks: which patches the student does not see
-
-def sample_mask(batch_size, grid_hw, ratio=0.75, kind="random", generator=None, device=None):
-    """(B, N) bool, True = masked, with exactly round(ratio * N) masked patches in every image.
-    kind "random": uniform without replacement. kind "block": BEiT-style rectangles (area >= 16 patches, aspect
-    0.3 .. 3.3) until the count is reached; if the rectangles get stuck the last few patches are drawn at random."""
-    gh, gw = grid_hw
-    n = gh * gw
-    n_mask = round(ratio * n)
-    if not 0 <= ratio <= 1 or kind not in ("random", "block"):
-        raise ValueError(f"sample_mask: ratio must be in [0, 1] and kind 'random' or 'block', got {ratio}, {kind!r}")
-    if kind == "random":
-        order = torch.rand(batch_size, n, generator=generator).argsort(dim=1)
-        return torch.zeros(batch_size, n, dtype=torch.bool).scatter_(1, order[:, :n_mask], True).to(device)
-
-    def uniform(lo, hi):
-        return lo + (hi - lo) * torch.rand((), generator=generator).item()
-
-    masks = torch.zeros(batch_size, gh, gw, dtype=torch.bool)
-    for m in masks:
-        for _ in range(10 * n):                                                        # rectangles, BEiT's recipe
-            left = n_mask - int(m.sum())
-            if left < min(16, n_mask) or left == 0:
-                break
-            area = uniform(min(16, left), left)
-            aspect = math.exp(uniform(math.log(0.3), math.log(1 / 0.3)))
-            h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-            if not (0 < h < gh and 0 < w < gw):
-                continue
-            top = int(torch.randint(gh - h + 1, (), generator=generator))
-            lft = int(torch.randint(gw - w + 1, (), generator=generator))
-            patch = m[top:top + h, lft:lft + w]
-            if int((~patch).sum()) <= left:                                            # never overshoot the count
-                patch.fill_(True)
-        free = (~m).flatten().nonzero().squeeze(1)                                     # top up to the exact count
-        fill = free[torch.randperm(len(free), generator=generator)[:n_mask - int(m.sum())]]
-        m.view(-1)[fill] = True
-    return masks.flatten(1).to(device)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 4. Losses
-
-def stage_indices(depth, stages):
-    """Block indices (0-based) ending each of K evenly spaced stages: depth 12, K 4 -> [2, 5, 8, 11]."""
-    if not 1 <= stages <= depth:
-        raise ValueError(f"cannot split {depth} blocks into {stages} stages: use 1 <= stages <= depth")
-    return [round((k + 1) * depth / stages) - 1 for k in range(stages)]
-
-
-def similarity_rows(features, keep):
-    """Abar: the cosine-similarity map A(i, j) between kept tokens, each row L2-normalised.
-    features (B, L, C); keep (B, L) bool -> (B, L, L), zero outside kept rows/columns."""
-    f = F.normalize(features.float(), dim=-1)
-    A = f @ f.transpose(1, 2)                                                          # (B, L, L) cosine similarity
-    A = A * (keep.unsqueeze(1) & keep.unsqueeze(2))                                    # only kept token pairs
-    return F.normalize(A, dim=-1)
-
-
-def activation_matching_loss(teacher_feats, student_feats, mask=None, scope="visible"):
-    """L_act = 1/(K L) sum_k sum_i (1 - <Abar_tea^k(i,:), Abar_stu^k(i,:)>), averaged over the batch.
-    teacher_feats / student_feats: K stage outputs (B, 1+N, C_tea) / (B, 1+N, C_stu), class token first; widths
-    may differ (no projection). mask (B, N): True = masked patch. scope: "visible" (class + unmasked patches, the
-    paper's default), "all" (every token, masked ones too), "cls" (only the class token's row, over visible tokens)."""
-    if len(teacher_feats) != len(student_feats) or scope not in ("visible", "all", "cls"):
-        raise ValueError(f"activation_matching_loss: need as many teacher as student stages "
-                         f"({len(teacher_feats)} vs {len(student_feats)}) and scope visible/all/cls, got {scope!r}")
-    B, L = student_feats[0].shape[:2]
-    keep = torch.ones(B, L, dtype=torch.bool, device=student_feats[0].device)
-    if mask is not None and scope != "all":
-        keep[:, 1:] = ~mask
-    rows = keep.clone()
-    if scope == "cls":
-        rows[:, 1:] = False
-    loss = 0.0
-    for f_tea, f_stu in zip(teacher_feats, student_feats):
-        cos = (similarity_rows(f_tea, keep) * similarity_rows(f_stu, keep)).sum(-1)    # (B, L)
-        loss = loss + ((1 - cos) * rows).sum() / rows.sum()
-    return loss / len(teacher_feats)
-
-
-def masked_prediction_loss(pred, target, mask):
-    """L_mask = 1/(a L) sum_{i masked} SmoothL1(Y_tea(i,:), Y_stu(i,:)), SmoothL1 averaged over channels.
-    pred, target (B, N, C) patch tokens only; mask (B, N) True = masked. Visible positions do not count."""
-    per_token = F.smooth_l1_loss(pred.float(), target.float(), reduction="none").mean(-1)   # (B, N)
-    return (per_token * mask).sum() / mask.sum().clamp(min=1)
-
-
-class Distiller(nn.Module):
-    """The distillation objective L = am_weight * L_act + lam * L_mask, no labels. One student forward on the masked
-    image feeds both losses; the frozen teacher sees the full image. Holds the trainable masked-prediction projection
-    `mp_proj` (student width -> teacher width; identity when they match). target: the teacher's final features after
-    ("post_norm") or before ("pre_norm") its final norm — the paper does not say which."""
-
-    def __init__(self, teacher, student, stages=4, am_scope="visible", lam=1.0, am_weight=1.0, target="post_norm"):
-        super().__init__()
-        if target not in ("post_norm", "pre_norm"):
-            raise ValueError(f"Distiller: target must be 'post_norm' or 'pre_norm', got {target!r}")
-        self.teacher = teacher.eval().requires_grad_(False)
-        self.student = student
-        t_dim, s_dim = teacher.cfg.dim, student.cfg.dim
-        self.mp_proj = nn.Linear(s_dim, t_dim) if s_dim != t_dim else nn.Identity()
-        self.teacher_stages = stage_indices(teacher.cfg.depth, stages)
-        self.student_stages = stage_indices(student.cfg.depth, stages)
-        self.am_scope, self.lam, self.am_weight, self.target = am_scope, lam, am_weight, target
-
-    def _load_from_state_dict(self, state_dict, prefix, *args):                        # checkpoints written before
-        for k in [k for k in state_dict if k.startswith(prefix + "head.")]:            # mp_proj was named "head"
-            state_dict[prefix + "mp_proj." + k[len(prefix + "head."):]] = state_dict.pop(k)
-        super()._load_from_state_dict(state_dict, prefix, *args)
-
-    def train(self, mode=True):                                                        # the teacher stays in eval
-        super().train(mode)
-        self.teacher.eval()
-        return self
-
-    def forward(self, images, mask):                                                   # (B, 3, H, W), (B, N) bool
-        with torch.no_grad():
-            tea = self.teacher(images)
-        stu = self.student(images, mask)
-        am = activation_matching_loss([tea.hidden[i] for i in self.teacher_stages],
-                                      [stu.hidden[i] for i in self.student_stages], mask, self.am_scope)
-        target = tea.tokens if self.target == "post_norm" else tea.hidden[-1]
-        mp = masked_prediction_loss(self.mp_proj(stu.tokens[:, 1:]), target[:, 1:], mask)
-        return dict(loss=self.am_weight * am + self.lam * mp, am=am, mp=mp)
