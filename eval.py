@@ -23,10 +23,8 @@ def load_model(path, ema=False, for_accuracy=True):
     it reads, a Hub folder, timm:NAME). for_accuracy: warn that a distillation checkpoint's class head is untrained."""
     if path.startswith("timm:") and not ema:
         return train.load_teacher(path, None), {}
-    try:
+    with train.as_user_error(f"could not read {path}"):
         ck, _ = vl.read_checkpoint(path) if not path.startswith("timm:") else ({}, None)   # a file, or a Hub folder
-    except Exception as e:
-        raise train.UserError(f"could not read {path}: {type(e).__name__}: {e}".replace("\n", " ")) from e
     if ema and not (isinstance(ck, dict) and ck.get("ema")):
         raise train.UserError(f"{path} holds no EMA weights (train with --ema-decay)")
     if isinstance(ck, dict) and "kind" in ck:
@@ -46,7 +44,7 @@ def accuracy(args):
     model, ck = load_model(args.ckpt, args.ema)
     run = ck.get("args", {})
     args.img_size = args.img_size or run.get("img_size") or model.cfg.img_size
-    train.check_resolution(args.img_size, model.cfg.patch_size, "model")
+    train.check_img_size(args.img_size, model.cfg.patch_size, "model")
     if args.data is None and run and run.get("data") is None:                            # the demo's held-out set
         ds = train.demo_set(demo_args(run, args.img_size), "val")
         classes = ds.classes
@@ -69,7 +67,8 @@ def accuracy(args):
 
 def demo_args(run, img_size):
     """the demo arguments of a run (checkpoints from before --demo-task used the relations task)"""
-    return argparse.Namespace(**{"demo_task": "relations", "demo_probe": train.DEMO["demo_probe"], **run, "img_size": img_size})
+    before = {"demo_task": "relations", "demo_probe": train.DEFAULTS["demo_probe"].demo}
+    return argparse.Namespace(**{**before, **run, "img_size": img_size})
 
 
 # ----------------------------------------------------------------------------------------------- linear probe
@@ -77,9 +76,9 @@ def demo_args(run, img_size):
 def random_init(ck, seed):
     """the checkpoint's architecture as training initialises it from scratch (seed, then the run's position init):
     what a distillation run starts from"""
-    cls, ccls = (vl.ViT, vl.ViTConfig) if ck["kind"] == "vit" else (vl.VisionMamba, vl.MambaConfig)
+    model_cls, cfg_cls = vl.MODEL_KINDS[ck["kind"]]
     torch.manual_seed(seed)
-    model = cls(ccls(**ck["config"]))
+    model = model_cls(cfg_cls(**ck["config"]))
     if ck.get("args", {}).get("pos_init", "sincos") == "sincos":
         train.sincos_pos_init_(model)
     return model

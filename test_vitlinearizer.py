@@ -1280,9 +1280,9 @@ def test_stage_all_checks_the_student_before_training_the_teacher(tmp_path, caps
 
 
 def test_stage_teacher_uses_the_teacher_lr():
-    assert train.parse_args(["--stage", "teacher"]).lr == train.DEMO["teacher_lr"] != train.DEMO["lr"]
+    assert train.parse_args(["--stage", "teacher"]).lr == train.DEFAULTS["teacher_lr"].demo != train.DEFAULTS["lr"].demo
     assert train.parse_args(["--stage", "teacher", "--lr", "2e-3"]).lr == 2e-3
-    assert train.parse_args(["--stage", "distill"]).lr == train.DEMO["lr"]
+    assert train.parse_args(["--stage", "distill"]).lr == train.DEFAULTS["lr"].demo
 
 
 def test_runs_table_over_seeds(tmp_path, capsys):
@@ -2197,7 +2197,7 @@ def test_distillation_reads_images_only(tmp_path):
 def test_warmup_in_steps_epochs_or_fraction():
     def warmup(*argv, steps_per_epoch=1000, epochs=1):
         return train.warmup_steps(train.parse_args(list(argv)), steps_per_epoch, epochs * steps_per_epoch, train.Ctx())
-    assert warmup() == round(train.DEMO["warmup_frac"] * 1000) < 500                 # demo: a fraction of the run
+    assert warmup() == round(train.DEFAULTS["warmup_frac"].demo * 1000) < 500         # demo: a fraction of the run
     assert warmup("--warmup-frac", "0.1", epochs=3) == 300
     assert warmup("--warmup-steps", "7") == 7
     assert warmup("--warmup-epochs", "0.5") == 500                                     # explicit: no mode default

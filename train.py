@@ -11,8 +11,16 @@ Stages (--stage): teacher (a ViT from scratch, labels), distill (teacher frozen;
 never a label: the demo's pool of fresh images, or --distill-data / DIR/train), finetune (labels; from --init, or from
 scratch = the labels-only baseline), all (the demo's story: every stage in turn, linear probes, then a table).
 Each stage writes OUT/NAME/{last.pt, log.jsonl}; re-running the same command resumes from last.pt.
+
+One training step, from main() down: run_stage -> start_or_resume (models, optimizer, loaders, a checkpoint restored)
+-> train_one_epoch (get the batch, augment, forward, backward, clip, step, log, checkpoint) -> end_epoch (validate).
+Sections: config, data, augmentations, distributed, checkpoints, build (models, losses, optimizer), evaluation,
+training loop, the demo's story (stage all), main.
 """
-import argparse, ast, contextlib, copy, dataclasses, errno, functools, glob, json, math, os, random, re, resource, socket, sys, time
+import argparse, ast, contextlib, copy, dataclasses, errno, functools, glob, json, math, os, random, re, resource
+import socket, sys, time
+from typing import NamedTuple
+
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F, torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
@@ -32,27 +40,64 @@ class UserError(Exception):
     shared = False                                                          # raised by every rank at once (stop_together)
 
 
+@contextlib.contextmanager
+def as_user_error(what):
+    """An exception in the block (a loader's: a file it cannot read, a checkpoint that does not fit) becomes a
+    UserError on one line: 'WHAT: ExceptionType: message'."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{what}: {type(e).__name__}: {e}".replace("\n", " ")) from e
+
+
 # ----------------------------------------------------------------------------------------------- config
 
-# Defaults that depend on the mode. The demo is a miniature of the paper's setting: the teacher learns from a larger
-# labelled set (standing in for its large pre-training corpus), the student is distilled on a large pool of unlabelled
-# images (the generator is unlimited), then both students get the same small labelled set: the distilled one is
-# fine-tuned briefly at a lower lr, the labels-only one is trained until its held-out accuracy is flat (README
-# "Results": longer schedules do not do better). Sizes are chosen to finish in under 10 minutes on a 2-core CPU.
+class Mode(NamedTuple):
+    """a default that depends on the mode: the built-in demo, or an image folder (--data)"""
+    demo: object
+    data: object
+
+
+# Every flag's default, in one table (the groups of --help). Mode(demo, data) where the mode decides; a recipe
+# (--recipe, RECIPES below) replaces some of them; the command line wins over both: command line > recipe > DEFAULTS.
+# None: unset, or computed at the start (parse_args: threads, workers, out; start_or_resume: lr from --blr).
+# The demo is a miniature of the paper's setting: the teacher learns from a larger labelled set (standing in for its
+# large pre-training corpus), the student is distilled on a large pool of unlabelled images (the generator is
+# unlimited), then both students get the same small labelled set: the distilled one is fine-tuned briefly at a lower
+# lr, the labels-only one is trained until its held-out accuracy is flat (README "Results": longer schedules do not do
+# better). Sizes are chosen to finish in under 10 minutes on a 2-core CPU.
 # Threads: the demo's models are tiny, so a second thread gains little on a quiet CPU and costs a lot on a busy one
 # (tiny ops spread over busy cores wait for each other: README, "The built-in demo"); and the figures it prints depend
 # on the thread count (float sums in another order), so it is fixed. --data runs default to the cores they may use.
 DEMO_THREADS = 1
-DEMO = dict(img_size=32, teacher_preset="demo", student="demo", teacher_opts="", student_opts="dim=64,depth=4,d_state=8",
-            batch_size=32, lr=4e-3, teacher_lr=1.5e-3, finetune_lr=1e-3, warmup_frac=0.05, teacher_epochs=5,
-            distill_epochs=1, finetune_epochs=11, supervised_epochs=80, workers=0, log_every=20, ckpt_every=200,
-            eval_every=0, demo_task="pairs", demo_train=300, demo_teacher_train=4000, demo_val=2000, demo_pool=32000,
-            demo_probe=2000, threads=DEMO_THREADS)
-DATA = dict(img_size=224, teacher_preset="vit_b16", student="small", teacher_opts="", student_opts="", batch_size=128,
-            lr=None, teacher_lr=None, warmup_epochs=5.0, teacher_epochs=300, distill_epochs=300, finetune_epochs=300,
-            supervised_epochs=300, finetune_lr=None, workers=8, log_every=50, ckpt_every=1000, eval_every=1,
-            demo_train=0, demo_teacher_train=0, demo_val=0, demo_task="pairs", demo_pool=0, demo_probe=0,
-            threads=None)                                                   # None: the cores this process may use
+DEFAULTS = dict(
+    # run
+    data=None, stage="all", out=None, name=None, teacher=None, init=None, resume="auto", fresh=False, max_steps=None,
+    threads=Mode(DEMO_THREADS, None), no_baseline=False, recipe=Mode("none", "deit"), distill_data=None,
+    save_steps=None,
+    # models
+    teacher_preset=Mode("demo", "vit_b16"), teacher_opts="", student=Mode("demo", "small"),
+    student_opts=Mode("dim=64,depth=4,d_state=8", ""), img_size=Mode(32, 224), drop_path=None, pos_init="sincos",
+    # distillation loss (the paper's defaults)
+    stages=4, am_scope="visible", mask_ratio=0.75, mask_kind="random", lam=1.0, am_weight=1.0, target="post_norm",
+    # fine-tuning loss
+    label_smoothing=0.1, kd_weight=0.0, kd_temp=1.0,
+    # augmentation and regularisation
+    aa="none", hflip=0.5, erase_prob=0.0, mixup=0.0, cutmix=0.0, mixup_switch_prob=0.5, repeated_aug=1, ema_decay=0.0,
+    layer_decay=1.0,
+    # optimisation
+    epochs=None, teacher_epochs=Mode(5, 300), distill_epochs=Mode(1, 300), finetune_epochs=Mode(11, 300),
+    supervised_epochs=Mode(80, 300), batch_size=Mode(32, 128), lr=Mode(4e-3, None), teacher_lr=Mode(1.5e-3, None),
+    finetune_lr=Mode(1e-3, None), blr=5e-4, min_lr=1e-6, warmup_epochs=Mode(None, 5.0), warmup_steps=None,
+    warmup_frac=Mode(0.05, None), weight_decay=0.05, clip_grad=1.0, amp="auto", compile=False, seed=0,
+    # io
+    workers=Mode(0, 8), log_every=Mode(20, 50), ckpt_every=Mode(200, 1000), eval_every=Mode(0, 1), eval_every_steps=0,
+    max_bad_frac=0.01, demo_train=Mode(300, 0), demo_teacher_train=Mode(4000, 0), demo_val=Mode(2000, 0),
+    demo_task="pairs", demo_pool=Mode(32000, 0), demo_probe=Mode(2000, 0), demo_seed=0,
+)
+WARMUP_FLAGS = ("warmup_steps", "warmup_epochs", "warmup_frac")           # one given replaces the others' defaults
 
 
 def labelled(value, distill):
@@ -60,8 +105,9 @@ def labelled(value, distill):
     return dict(teacher=value, distill=distill, finetune=value)
 
 
+
 # Named recipes (--recipe NAME): plain dicts of flag defaults. Flags given on the command line win over the recipe, the
-# recipe over the mode defaults above. A dict value gives each stage its own default. The distillation stage sees
+# recipe over DEFAULTS above. A dict value gives each stage its own default. The distillation stage sees
 # random-resized crops and flips only in every recipe (no labels to mix; as MAE-style masked pre-training does) and its
 # student keeps its preset's drop path: our choice, the paper is silent. The ViT teacher, trained with labels, gets the
 # recipe's drop path as the student does. --data runs default to "deit".
@@ -102,106 +148,164 @@ RECIPE_NOTES = {
 }
 
 
+
+
+def mode_defaults(mode, recipe, given=()):
+    """{flag: default} for a mode ("demo" or "data") under a recipe: the recipe's values, else DEFAULTS'. The warm-up
+    flags go together: one given on the command line (`given`) leaves the others unset, and a recipe that sets one
+    replaces the table's."""
+    defaults = {k: getattr(v, mode) if isinstance(v, Mode) else v for k, v in DEFAULTS.items()} | RECIPES[recipe]
+    if any(k in given for k in WARMUP_FLAGS):
+        defaults |= dict.fromkeys(WARMUP_FLAGS)
+    elif any(k in RECIPES[recipe] for k in WARMUP_FLAGS):
+        defaults |= {k: RECIPES[recipe].get(k) for k in WARMUP_FLAGS}
+    return defaults
+
+
+def help_default(flag, data=None, none="unset"):
+    """' (default: ...)' for --help: what a flag is when it is not given (mode_defaults): one value, or the demo's and
+    that of --data runs (whose default recipe is deit). data: the words for a --data default computed at the start;
+    none: the words for None."""
+    def show(v):
+        if isinstance(v, dict):                                             # a recipe's per-stage value
+            return "/".join(map(show, v.values())) + " (teacher/distill/finetune)"
+        return none if v is None else "empty" if v == "" else f"{v:g}" if isinstance(v, float) else str(v)
+    demo, on_data = (mode_defaults(mode, getattr(DEFAULTS["recipe"], mode))[flag] for mode in ("demo", "data"))
+    demo_text, data_text = show(demo), data or show(on_data)
+    if flag.startswith("demo_"):                                            # the demo's own flags: --data runs ignore them
+        data_text = demo_text
+    if demo_text == data_text:
+        return "" if demo is None or demo is False else f" (default: {demo_text})"
+    recipe = ", recipe deit" if flag in RECIPES["deit"] else ""
+    return f" (default: {demo_text} (demo) / {data_text} (--data{recipe}))"
+
+
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """the command line; every default is None here: parse_args fills in DEFAULTS and the recipe"""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    d = help_default
     g = p.add_argument_group("run")
     g.add_argument("--data", help="ImageNet-layout folder DIR/{train,val}/<class>/*; omit for the built-in demo")
-    g.add_argument("--stage", default="all", choices=["all", "teacher", "distill", "finetune"])
-    g.add_argument("--out", help="output folder (default runs/demo, or runs/<name of --data>)")
+    g.add_argument("--stage", choices=["all", "teacher", "distill", "finetune"], help="which stage to train" + d("stage"))
+    g.add_argument("--out", help="output folder (default: runs/demo, or runs/<name of --data>)")
     g.add_argument("--name", help="this stage's sub-folder of --out (default: the stage)")
     g.add_argument("--teacher", help="teacher for distill (and finetune --kd-weight): what load_teacher takes "
                    "(timm/DeiT or CLIP file, own checkpoint, timm:NAME); stage all trains one if not given")
     g.add_argument("--init", help="start the stage's model from this checkpoint of train.py (finetune: e.g. "
                    "OUT/distill/last.pt; any stage: a run at another --img-size, position embeddings resized); "
                    "none = from scratch")
-    g.add_argument("--resume", nargs="?", const="auto", default="auto",
-                   help="checkpoint to resume from; 'auto' = OUT/NAME/last.pt when it exists")
+    g.add_argument("--resume", nargs="?", const="auto",
+                   help="checkpoint to resume from; 'auto' = OUT/NAME/last.pt when it exists" + d("resume"))
     g.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
     g.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many steps; re-run to continue")
-    g.add_argument("--threads", type=int, help=f"torch CPU threads per process (default: {DEMO_THREADS} for the demo, "
-                   "the CPU cores this process may use for --data; overrides OMP_NUM_THREADS)")
+    g.add_argument("--threads", type=int, help="torch CPU threads per process; overrides OMP_NUM_THREADS"
+                   + d("threads", data="the CPU cores this process may use"))
     g.add_argument("--no-baseline", action="store_true", help="stage all: skip the labels-only student")
     g.add_argument("--recipe", choices=list(RECIPES), help="named flag defaults, printed at start; flags given here "
-                   "win (RECIPES in train.py, README 'Recipes'). Default: deit for --data runs, none for the demo. The "
-                   "paper's own training recipe is not public: these are the published recipes of DeiT, Vim, "
-                   "Adventurer (its student; progressive resolution 128 -> 224 -> fine-tuning) and MAE fine-tuning")
+                   "win (RECIPES in train.py, README 'Recipes'). The paper's own training recipe is not public: these "
+                   "are the published recipes of DeiT, Vim, Adventurer (its student; progressive resolution 128 -> "
+                   "224 -> fine-tuning) and MAE fine-tuning" + d("recipe"))
     g.add_argument("--distill-data", help="--data runs: folder of images (any depth, labelled or not) that distillation "
-                   "reads, without labels; default DIR/train")
+                   "reads, without labels (default: DIR/train)")
     g.add_argument("--save-steps", help="also write OUT/NAME/step<N>.pt (model only) at these steps, e.g. 0,250,1000 "
                    "(0 = the initialisation; for eval.py --probe curves)")
     g = p.add_argument_group("models")
-    g.add_argument("--teacher-preset", help=f"ViT trained by --stage teacher: {sorted(vl.TEACHER_PRESETS)}")
-    g.add_argument("--teacher-opts", help="override preset fields, e.g. dim=64,depth=4")
-    g.add_argument("--student", help=f"student preset: {sorted(vl.STUDENT_PRESETS)}")
-    g.add_argument("--student-opts", help="override preset fields, e.g. dim=64,depth=4,bidirectional=alternate")
-    g.add_argument("--img-size", type=int, help="training resolution (a multiple of the patch size)")
-    g.add_argument("--drop-path", type=float, help="stochastic depth of the model being trained")
-    g.add_argument("--pos-init", default="sincos", choices=["sincos", "model"],
-                   help="position embedding of a model trained from scratch: 2-D sin-cos (MAE) or the model's own init")
+    g.add_argument("--teacher-preset", help=f"ViT trained by --stage teacher: {sorted(vl.TEACHER_PRESETS)}"
+                   + d("teacher_preset"))
+    g.add_argument("--teacher-opts", help="override preset fields, e.g. dim=64,depth=4" + d("teacher_opts"))
+    g.add_argument("--student", help=f"student preset: {sorted(vl.STUDENT_PRESETS)}" + d("student"))
+    g.add_argument("--student-opts", help="override preset fields, e.g. dim=64,depth=4,bidirectional=alternate"
+                   + d("student_opts"))
+    g.add_argument("--img-size", type=int, help="training resolution (a multiple of the patch size)" + d("img_size"))
+    g.add_argument("--drop-path", type=float, help="stochastic depth of the model being trained"
+                   + d("drop_path", none="the preset's"))
+    g.add_argument("--pos-init", choices=["sincos", "model"], help="position embedding of a model trained from "
+                   "scratch: 2-D sin-cos (MAE) or the model's own init" + d("pos_init"))
     g = p.add_argument_group("distillation loss (paper defaults)")
-    g.add_argument("--stages", type=int, default=4, help="K: teacher/student blocks split into K stages for AM")
-    g.add_argument("--am-scope", default="visible", choices=["visible", "all", "cls"], help="tokens AM compares")
-    g.add_argument("--mask-ratio", type=float, default=0.75)
-    g.add_argument("--mask-kind", default="random", choices=["random", "block"])
-    g.add_argument("--lam", type=float, default=1.0, help="MP weight lambda (0 = AM only)")
-    g.add_argument("--am-weight", type=float, default=1.0, help="AM weight (0 = MP only)")
-    g.add_argument("--target", default="post_norm", choices=["post_norm", "pre_norm"], help="MP target: teacher tokens after/before its final norm")
+    g.add_argument("--stages", type=int, help="K: teacher/student blocks split into K stages for AM" + d("stages"))
+    g.add_argument("--am-scope", choices=["visible", "all", "cls"], help="tokens AM compares" + d("am_scope"))
+    g.add_argument("--mask-ratio", type=float, help="fraction of the patches masked" + d("mask_ratio"))
+    g.add_argument("--mask-kind", choices=["random", "block"], help="which patches are masked" + d("mask_kind"))
+    g.add_argument("--lam", type=float, help="MP weight lambda (0 = AM only)" + d("lam"))
+    g.add_argument("--am-weight", type=float, help="AM weight (0 = MP only)" + d("am_weight"))
+    g.add_argument("--target", choices=["post_norm", "pre_norm"],
+                   help="MP target: teacher tokens after/before its final norm" + d("target"))
     g = p.add_argument_group("fine-tuning loss")
-    g.add_argument("--label-smoothing", type=float, default=0.1)
-    g.add_argument("--kd-weight", type=float, default=0.0, help="soft logit distillation from --teacher's head: (1-w) CE + w KL")
-    g.add_argument("--kd-temp", type=float, default=1.0)
+    g.add_argument("--label-smoothing", type=float, help="label smoothing of the cross-entropy" + d("label_smoothing"))
+    g.add_argument("--kd-weight", type=float, help="soft logit distillation from --teacher's head: (1-w) CE + w KL"
+                   + d("kd_weight"))
+    g.add_argument("--kd-temp", type=float, help="temperature of the soft logit distillation" + d("kd_temp"))
     g = p.add_argument_group("augmentation and regularisation (on with DeiT's values for --data runs: --recipe deit)")
-    g.add_argument("--aa", default="none", help="per-image augmentation after crop and flip: timm's RandAugment spec "
-                   "(DeiT: rand-m9-mstd0.5-inc1; sections m, n, p, mstd, inc), 3augment (DeiT III / Adventurer: one of "
-                   "grayscale, solarize, blur, then colour jitter 0.3) or none")
-    g.add_argument("--hflip", type=float, default=0.5, help="probability of a horizontal flip (image folders)")
-    g.add_argument("--erase-prob", type=float, default=0.0, help="random erasing probability (DeiT: 0.25; one box of "
-                   "2-33 %% of the image, per-pixel normal noise on the normalised image)")
-    g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha, labelled stages (DeiT: 0.8; 0 = off)")
-    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha, labelled stages (DeiT: 1.0; 0 = off)")
-    g.add_argument("--mixup-switch-prob", type=float, default=0.5, help="chance of cutmix instead of mixup when both are on")
-    g.add_argument("--repeated-aug", type=int, default=1, help="repeated augmentation: each image this many times per "
-                   "global batch, differently augmented; epochs keep their length (DeiT: 3; 1 = off)")
-    g.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights, evaluated alongside and saved in "
-                   "the checkpoint (DeiT: 0.99996; 0 = off)")
-    g.add_argument("--layer-decay", type=float, default=1.0, help="layer-wise lr decay (MAE / BEiT): block i of depth "
-                   "blocks gets lr x decay^(depth - i), the embeddings decay^(depth + 1), norm and head 1 (1 = off)")
+    g.add_argument("--aa", help="per-image augmentation after crop and flip: timm's RandAugment spec (DeiT: "
+                   "rand-m9-mstd0.5-inc1; sections m, n, p, mstd, inc), 3augment (DeiT III / Adventurer: one of "
+                   "grayscale, solarize, blur, then colour jitter 0.3) or none" + d("aa"))
+    g.add_argument("--hflip", type=float, help="probability of a horizontal flip (image folders)" + d("hflip"))
+    g.add_argument("--erase-prob", type=float, help="random erasing probability (DeiT: 0.25; one box of 2-33 %% of "
+                   "the image, per-pixel normal noise on the normalised image)" + d("erase_prob"))
+    g.add_argument("--mixup", type=float, help="mixup alpha, labelled stages (DeiT: 0.8; 0 = off)" + d("mixup"))
+    g.add_argument("--cutmix", type=float, help="cutmix alpha, labelled stages (DeiT: 1.0; 0 = off)" + d("cutmix"))
+    g.add_argument("--mixup-switch-prob", type=float, help="chance of cutmix instead of mixup when both are on"
+                   + d("mixup_switch_prob"))
+    g.add_argument("--repeated-aug", type=int, help="repeated augmentation: each image this many times per global "
+                   "batch, differently augmented; epochs keep their length (DeiT: 3; 1 = off)" + d("repeated_aug"))
+    g.add_argument("--ema-decay", type=float, help="EMA of the weights, evaluated alongside and saved in the "
+                   "checkpoint (DeiT: 0.99996; 0 = off)" + d("ema_decay"))
+    g.add_argument("--layer-decay", type=float, help="layer-wise lr decay (MAE / BEiT): block i of depth blocks gets "
+                   "lr x decay^(depth - i), the embeddings decay^(depth + 1), norm and head 1 (1 = off)"
+                   + d("layer_decay"))
     g = p.add_argument_group("optimisation (DeiT / Vim recipe)")
-    g.add_argument("--epochs", type=int, help="epochs of the stage run (stage all: default of each stage)")
-    g.add_argument("--teacher-epochs", type=int); g.add_argument("--distill-epochs", type=int); g.add_argument("--finetune-epochs", type=int)
-    g.add_argument("--supervised-epochs", type=int, help="stage all: epochs of the labels-only student (long enough to converge)")
-    g.add_argument("--batch-size", type=int, help="per process; global batch = batch size x processes")
-    g.add_argument("--lr", type=float, help="peak lr (default: --blr x global batch / 512)")
-    g.add_argument("--teacher-lr", type=float, help="peak lr of the teacher stage (stage all, or stage teacher without --lr; default: --lr)")
-    g.add_argument("--finetune-lr", type=float, help="stage all: peak lr of fine-tuning the distilled student (default: --lr)")
-    g.add_argument("--blr", type=float, default=5e-4)
-    g.add_argument("--min-lr", type=float, default=1e-6)
-    g.add_argument("--warmup-epochs", type=float, help="linear warm-up length in epochs")
+    g.add_argument("--epochs", type=int, help="epochs of the stage run (default: --teacher-epochs, --distill-epochs or "
+                   "--finetune-epochs, by --stage; stage all: each stage its own)")
+    g.add_argument("--teacher-epochs", type=int, help="epochs of the teacher stage" + d("teacher_epochs"))
+    g.add_argument("--distill-epochs", type=int, help="epochs of the distill stage" + d("distill_epochs"))
+    g.add_argument("--finetune-epochs", type=int, help="epochs of the finetune stage" + d("finetune_epochs"))
+    g.add_argument("--supervised-epochs", type=int, help="stage all: epochs of the labels-only student (long enough "
+                   "to converge)" + d("supervised_epochs"))
+    g.add_argument("--batch-size", type=int, help="per process; global batch = batch size x processes"
+                   + d("batch_size"))
+    g.add_argument("--lr", type=float, help="peak lr" + d("lr", data="--blr x global batch / 512"))
+    g.add_argument("--teacher-lr", type=float, help="peak lr of the teacher stage (stage all, or stage teacher without "
+                   "--lr)" + d("teacher_lr", data="--lr"))
+    g.add_argument("--finetune-lr", type=float, help="stage all: peak lr of fine-tuning the distilled student"
+                   + d("finetune_lr", data="--lr"))
+    g.add_argument("--blr", type=float, help="base lr, per 512 images of global batch (used when --lr is unset)"
+                   + d("blr"))
+    g.add_argument("--min-lr", type=float, help="the lr the cosine schedule ends at" + d("min_lr"))
+    g.add_argument("--warmup-epochs", type=float, help="linear warm-up length in epochs" + d("warmup_epochs"))
     g.add_argument("--warmup-steps", type=int, help="... in steps (wins over --warmup-epochs / --warmup-frac)")
     g.add_argument("--warmup-frac", type=float, help="... as a fraction of the stage's steps (used when neither "
-                   "--warmup-steps nor --warmup-epochs is given)")
-    g.add_argument("--weight-decay", type=float, default=0.05)
-    g.add_argument("--clip-grad", type=float, default=1.0, help="max grad norm (0 = off)")
-    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"], help="autocast; auto = bf16 on CUDA, none on CPU")
+                   "--warmup-steps nor --warmup-epochs is set; one warm-up flag given unsets the others)"
+                   + d("warmup_frac"))
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay" + d("weight_decay"))
+    g.add_argument("--clip-grad", type=float, help="max grad norm (0 = off)" + d("clip_grad"))
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], help="autocast; auto = bf16 on CUDA, none on CPU"
+                   + d("amp"))
     g.add_argument("--compile", action="store_true", help="torch.compile the trained model")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, help="seed of the initialisation, the data order and the augmentations"
+                   + d("seed"))
     g = p.add_argument_group("io")
-    g.add_argument("--workers", type=int, help="DataLoader worker processes per process (default: 0 for the demo, "
-                   "min(8, CPU cores per process) for --data)")
-    g.add_argument("--log-every", type=int, help="steps between JSON log lines")
-    g.add_argument("--ckpt-every", type=int, help="steps between checkpoints (also at every epoch end)")
-    g.add_argument("--eval-every", type=int, help="epochs between validations (0: only after the last epoch)")
-    g.add_argument("--eval-every-steps", type=int, default=0, help="also validate every N steps (a learning curve in "
-                   "log.jsonl; 0: off)")
-    g.add_argument("--max-bad-frac", type=float, default=0.01, help="stop when more images than this fraction are unreadable")
-    g.add_argument("--demo-train", type=int, help="demo: training images of the students")
-    g.add_argument("--demo-teacher-train", type=int, help="demo: training images of the teacher stage")
-    g.add_argument("--demo-val", type=int, help="demo: held-out images")
-    g.add_argument("--demo-task", choices=sorted(DEMO_TASKS), help="demo: which procedural task (RelationsDemo)")
+    g.add_argument("--workers", type=int, help="DataLoader worker processes per process"
+                   + d("workers", data="min(8, CPU cores per process)"))
+    g.add_argument("--log-every", type=int, help="steps between JSON log lines" + d("log_every"))
+    g.add_argument("--ckpt-every", type=int, help="steps between checkpoints (also at every epoch end)"
+                   + d("ckpt_every"))
+    g.add_argument("--eval-every", type=int, help="epochs between validations (0: only after the last epoch)"
+                   + d("eval_every"))
+    g.add_argument("--eval-every-steps", type=int, help="also validate every N steps (a learning curve in log.jsonl; "
+                   "0: off)" + d("eval_every_steps"))
+    g.add_argument("--max-bad-frac", type=float, help="stop when more images than this fraction are unreadable"
+                   + d("max_bad_frac"))
+    g.add_argument("--demo-train", type=int, help="demo: training images of the students" + d("demo_train"))
+    g.add_argument("--demo-teacher-train", type=int, help="demo: training images of the teacher stage"
+                   + d("demo_teacher_train"))
+    g.add_argument("--demo-val", type=int, help="demo: held-out images" + d("demo_val"))
+    g.add_argument("--demo-task", choices=sorted(DEMO_TASKS), help="demo: which procedural task (RelationsDemo)"
+                   + d("demo_task"))
     g.add_argument("--demo-pool", type=int, help="demo: fresh unlabelled images that distillation reads (0: the "
-                   "students' labelled images, labels dropped)")
-    g.add_argument("--demo-probe", type=int, help="demo: labelled images the linear probe trains on (eval.py --probe)")
-    g.add_argument("--demo-seed", type=int, default=0)
+                   "students' labelled images, labels dropped)" + d("demo_pool"))
+    g.add_argument("--demo-probe", type=int, help="demo: labelled images the linear probe trains on (eval.py --probe)"
+                   + d("demo_probe"))
+    g.add_argument("--demo-seed", type=int, help="demo: seed of the procedural images" + d("demo_seed"))
     return p
 
 
@@ -214,25 +318,20 @@ def given_flags(argv):
 
 
 def parse_args(argv=None):
+    """The command line, then the recipe, then DEFAULTS for the mode (command line > recipe > DEFAULTS); then the
+    defaults computed at the start: threads and workers from the CPU cores, the teacher stage's own lr, --out."""
     args = get_parser().parse_args(argv)
     args.given = sorted(given_flags(argv))
-    if args.recipe is None:
-        args.recipe = "none" if args.data is None else "deit"
-    warmup_flags = ("warmup_steps", "warmup_epochs", "warmup_frac")        # one given replaces the others' defaults
-    cli_warmup = any(k in args.given for k in warmup_flags)
-    for k, v in RECIPES[args.recipe].items():                               # command line > recipe > mode defaults
-        if k not in args.given and not (cli_warmup and k in warmup_flags):
+    mode = "demo" if args.data is None else "data"
+    for k, v in mode_defaults(mode, args.recipe or getattr(DEFAULTS["recipe"], mode), args.given).items():
+        if k not in args.given:
             setattr(args, k, v)
-    lr_given, workers_given = args.lr is not None, args.workers is not None
-    warmup_given = any(getattr(args, k) is not None for k in warmup_flags)
-    for k, v in (DEMO if args.data is None else DATA).items():
-        if getattr(args, k, None) is None and not (warmup_given and k.startswith("warmup_")):
-            setattr(args, k, v)
+    chosen = set(args.given) | set(RECIPES[args.recipe])                  # flags the command line or recipe set
     if args.threads is None:
         args.threads = cores_per_process()
-    if not workers_given:
+    if "workers" not in chosen:
         args.workers = min(args.workers, cores_per_process())              # e.g. 2 workers, not 8, on a 2-core box
-    if args.stage == "teacher" and not lr_given and args.teacher_lr is not None:
+    if args.stage == "teacher" and "lr" not in chosen and args.teacher_lr is not None:
         args.lr = args.teacher_lr                                           # the teacher's own lr, as in stage all
     if args.out is None:
         args.out = os.path.join("runs", "demo" if args.data is None else os.path.basename(os.path.normpath(args.data)))
@@ -371,7 +470,7 @@ def check_out_dir(path, flag):
         raise UserError(f"{flag} {path}: cannot write there ({parent} is {why})")
 
 
-# ----------------------------------------------------------------------------------------------- demo data
+# ----------------------------------------------------------------------------------------------- data: the demo's images
 
 class RelationsDemo(Dataset):
     """Procedural images, deterministic from (n, seed), any resolution, no download.
@@ -467,7 +566,23 @@ class UnlabelledImages(Dataset):
         return self.images[key[0]], None
 
 
-# ----------------------------------------------------------------------------------------------- image folders
+def demo_images(n, img_size, seed, task, chunk=4096):
+    """n fresh procedural images of a demo task, without their labels (uint8 (n, 3, H, W)), made chunk by chunk so a
+    large pool never holds more than one chunk's float pixels; deterministic from (n, img_size, seed, task)."""
+    parts = [RelationsDemo(min(chunk, n - lo), img_size, seed=[seed, lo], **DEMO_TASKS[task]).images
+             for lo in range(0, n, chunk)]
+    return torch.cat(parts) if parts else torch.zeros(0, 3, img_size, img_size, dtype=torch.uint8)
+
+
+def demo_set(args, split):
+    """a labelled demo set: train (the students' labelled images), val (held out), teacher (the teacher's), probe (the
+    linear probe's training images). Seeds: demo_seed + 0 / 1 / 2 / 4 (+ 3: the unlabelled distillation pool)."""
+    n, offset = dict(train=(args.demo_train, 0), val=(args.demo_val, 1), teacher=(args.demo_teacher_train, 2),
+                     probe=(args.demo_probe, 4))[split]
+    return RelationsDemo(n, args.img_size, seed=args.demo_seed + offset, **DEMO_TASKS[args.demo_task])
+
+
+# ----------------------------------------------------------------------------------------------- data: image folders
 
 IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -553,6 +668,21 @@ class UnlabelledFolder(ImageFolder):
         return image, error
 
 
+
+def list_images(root):
+    """every image file under root (any depth, sorted), with a one-line error when there is none"""
+    if not os.path.isdir(root):
+        raise UserError(f"--distill-data {root}: no such folder")
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(root, followlinks=True) for f in names
+                   if f.lower().endswith(IMG_EXT))
+    if not files:
+        raise UserError(f"--distill-data {root}: no images in it ({', '.join(IMG_EXT)})")
+    return files
+
+
+
+# ----------------------------------------------------------------------------------------------- data: sets and loaders
+
 def collate(batch):
     """-> uint8 images (B,3,H,W), labels (B,), [error strings of the skipped images]; an unlabelled set's items are
     (image, error) and give (images, errors): no labels exist to pass on"""
@@ -600,33 +730,6 @@ class BatchSampler:
                 yield [(i, hash((self.seed, self.epoch, i))) for i in perm[lo:lo + self.bs]]
             else:
                 yield [(i, hash((self.seed, self.epoch, i, c))) for i, c in copies[lo:lo + self.bs]]
-
-
-def demo_images(n, img_size, seed, task, chunk=4096):
-    """n fresh procedural images of a demo task, without their labels (uint8 (n, 3, H, W)), made chunk by chunk so a
-    large pool never holds more than one chunk's float pixels; deterministic from (n, img_size, seed, task)."""
-    parts = [RelationsDemo(min(chunk, n - lo), img_size, seed=[seed, lo], **DEMO_TASKS[task]).images
-             for lo in range(0, n, chunk)]
-    return torch.cat(parts) if parts else torch.zeros(0, 3, img_size, img_size, dtype=torch.uint8)
-
-
-def demo_set(args, split):
-    """a labelled demo set: train (the students' labelled images), val (held out), teacher (the teacher's), probe (the
-    linear probe's training images). Seeds: demo_seed + 0 / 1 / 2 / 4 (+ 3: the unlabelled distillation pool)."""
-    n, offset = dict(train=(args.demo_train, 0), val=(args.demo_val, 1), teacher=(args.demo_teacher_train, 2),
-                     probe=(args.demo_probe, 4))[split]
-    return RelationsDemo(n, args.img_size, seed=args.demo_seed + offset, **DEMO_TASKS[args.demo_task])
-
-
-def list_images(root):
-    """every image file under root (any depth, sorted), with a one-line error when there is none"""
-    if not os.path.isdir(root):
-        raise UserError(f"--distill-data {root}: no such folder")
-    files = sorted(os.path.join(d, f) for d, _, names in os.walk(root, followlinks=True) for f in names
-                   if f.lower().endswith(IMG_EXT))
-    if not files:
-        raise UserError(f"--distill-data {root}: no images in it ({', '.join(IMG_EXT)})")
-    return files
 
 
 class Data:
@@ -718,6 +821,26 @@ class BadImages:
         if self.bad > max(2, self.max_frac * self.seen):
             raise UserError(f"{round(self.bad)} of {round(self.seen)} images could not be read (more than --max-bad-frac "
                             f"{self.max_frac}); first: {self.first}")
+
+    def add_batch(self, n_good, errors, ctx):
+        """a training batch (collective: every rank calls it): counted; any rank's UserError stops every rank.
+        -> whether every rank skips the batch (a rank has no readable image in it)"""
+        err = None
+        try:
+            self.add(n_good, errors)
+        except UserError as e:
+            err = e
+        if stop_together(err, ctx, skip=not n_good):
+            self.empty_batches += 1
+            return True
+        return False
+
+    def end_pass(self, what, ctx):
+        """the end of an epoch or of an evaluation: rank 0 reports (and counts afresh), the other ranks check"""
+        if ctx.main:
+            self.report(what)
+        else:
+            self.check()
 
     def report(self, what):
         self.check()
@@ -988,7 +1111,176 @@ def together(ctx):
     stop_together(err, ctx)
 
 
-# ----------------------------------------------------------------------------------------------- models
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, obj):
+    """atomic and durable: write a temporary file next to it, fsync it, rename it over the old one, fsync the folder.
+    Whatever stops the write (a full disk, Ctrl-C) removes the temporary file and leaves the old checkpoint."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise write_error(e, path) from None
+        raise
+    fsync_dir(folder)
+
+
+def write_error(e, path):
+    """a UserError for an OSError while writing PATH: 'disk full' when it is"""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"disk full while writing {path}: the last complete checkpoint is kept, no partial file is left; "
+                         "free space, then run the same command again to continue")
+    return UserError(f"cannot write {path}: {e.strerror or e}; the last complete checkpoint is kept")
+
+
+def fsync_dir(folder):
+    """make a rename in FOLDER durable (POSIX; a no-op where folders cannot be opened)"""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_log(path, text, mode):
+    """mode "a": append a line (a failed write is cut off again); "w": replace the whole log atomically"""
+    target = path if mode == "a" else f"{path}.tmp{os.getpid()}"
+    size = os.path.getsize(path) if mode == "a" and os.path.exists(path) else 0
+    try:
+        with open(target, mode) as f:
+            f.write(text)
+            f.flush()
+            if mode == "w":
+                os.fsync(f.fileno())
+        if mode == "w":
+            os.replace(target, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            if mode == "a":
+                os.truncate(target, size)
+            else:
+                os.remove(target)
+        raise write_error(e, path) from None
+
+
+_held_locks = {}                                                            # run folder -> open lock file
+
+
+def lock_run_dir(run_dir):
+    """An exclusive lock on RUN_DIR until release_locks() (flock: the kernel drops it when the process dies, kill -9
+    included): a second run that would write the same folder stops with one line. Then removes the temporary files
+    that a killed write left behind (none can be in use: the lock is ours)."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        f = open(os.path.join(run_dir, ".lock"), "a+")
+    except OSError as e:
+        raise UserError(f"cannot create the run folder {run_dir}: {e.strerror}") from None
+    if fcntl is not None:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise UserError(f"{run_dir} is in use by another run ({holder}): wait for it to end or stop it, "
+                            "or give another --out / --name") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _held_locks[run_dir] = f
+    for stale in glob.glob(os.path.join(glob.escape(run_dir), "*.tmp[0-9]*")):
+        os.remove(stale)
+        print(f"note: removed {stale}, a partial file left by an interrupted write", file=sys.stderr)
+
+
+def release_locks():
+    for f in _held_locks.values():
+        f.close()
+    _held_locks.clear()
+
+
+def save_json(path, obj):
+    """atomic, like save_checkpoint"""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """a checkpoint file (vl.read_state_dict: tensors and plain values only), or a one-line UserError"""
+    with as_user_error(f"could not read checkpoint {path}"):
+        return vl.read_state_dict(path)
+
+
+def rng_state(ctx):
+    """every rank's torch / CUDA / numpy / python RNG state, as tensors and plain values (rank 0 gets them all)"""
+    np_st = np.random.get_state()
+    st = dict(torch=torch.get_rng_state().tolist(), numpy=[np_st[0], np_st[1].tolist(), *np_st[2:]],
+              cuda=[s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+              python=random.getstate())
+    out = [st]
+    if ctx.world > 1:                                                       # plain Python objects: no tensor pickles
+        out = [None] * ctx.world
+        dist.all_gather_object(out, st)
+    for s in out:
+        s["torch"] = torch.tensor(s["torch"], dtype=torch.uint8)
+        s["cuda"] = [torch.tensor(c, dtype=torch.uint8) for c in s["cuda"]]
+        s["numpy"][1] = torch.tensor(s["numpy"][1], dtype=torch.int64)
+    return out
+
+
+def set_rng_state(states, ctx):
+    if ctx.rank >= len(states):                                             # resumed on more processes than saved
+        return
+    st = states[ctx.rank]
+    torch.set_rng_state(st["torch"])
+    if st["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+    np.random.set_state((st["numpy"][0], st["numpy"][1].numpy().astype(np.uint32), *st["numpy"][2:]))
+    random.setstate((st["python"][0], tuple(st["python"][1]), st["python"][2]))
+
+
+# args whose change makes a checkpoint a different experiment (model and data): resuming with another value is an error
+FIXED_ARGS = ("stage", "teacher", "init", "teacher_preset", "teacher_opts", "student", "student_opts",
+              "img_size", "stages", "am_scope", "target", "demo_train", "demo_teacher_train", "demo_seed", "pos_init",
+              "layer_decay", "demo_task", "demo_pool", "distill_data")   # (layer_decay: the optimizer's groups)
+
+
+def check_resume(ck, path, args, cfg, ctx):
+    if not {"config", "optimizer", "step", "args"} <= set(ck):
+        raise UserError(f"{path} is not a training checkpoint of train.py (no optimizer state or step): "
+                        "--resume takes an OUT/NAME/last.pt")
+    old = ck["args"]
+    diff = [f"{k}: {old.get(k)!r} -> {getattr(args, k)!r}" for k in FIXED_ARGS if k in old and old[k] != getattr(args, k)]
+    diff += [f"config.{k}: {v!r} -> {dataclasses.asdict(cfg).get(k)!r}" for k, v in ck["config"].items()
+             if dataclasses.asdict(cfg).get(k) != v]
+    if diff:
+        raise UserError(f"cannot resume {path} with different model arguments ({'; '.join(diff)}); "
+                        "use the original arguments, another --out/--name, or --fresh")
+    old_gb, gb = old.get("batch_size", 0) * ck.get("world", 1), args.batch_size * ctx.world
+    if old_gb != gb:
+        raise UserError(f"cannot resume with another global batch ({old_gb} -> {gb}): keep --batch-size x processes")
+    soft = [k for k in ("data", "epochs", "lr", "blr", "weight_decay", "warmup_epochs", "warmup_steps", "warmup_frac",
+                        "lam", "am_weight", "mask_ratio", "mask_kind", "threads", "aa", "hflip", "erase_prob", "mixup",
+                        "cutmix", "repeated_aug", "ema_decay", "label_smoothing")
+            if k in old and old[k] != getattr(args, k)]
+    if soft and ctx.main:
+        print(f"note: resuming with changed {soft}; the run no longer follows the original trajectory", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------- build: models and losses
 
 def parse_opts(s):
     """'dim=64,depth=4,bidirectional=alternate' -> dict (values parsed as Python literals when they are)"""
@@ -1033,9 +1325,25 @@ OPT_CHOICES = dict(act=("gelu", "quick_gelu"), bidirectional=("fused", "alternat
                    scan_backend=("auto", "triton", "chunked", "reference"))
 
 
-def check_resolution(img_size, patch, what):
-    if img_size % patch:
-        raise UserError(f"--img-size {img_size} is not a multiple of the {what} patch size {patch}")
+def check_img_size(img_size, patch_size, what):
+    """--img-size against a model's patch size (vl.check_resolution checks the images a model is given)"""
+    if img_size % patch_size:
+        raise UserError(f"--img-size {img_size} is not a multiple of the {what} patch size {patch_size}")
+
+
+def student_config(args, n_classes):
+    cfg = make_config(vl.STUDENT_PRESETS, args.student, args.student_opts, "student",
+                      img_size=args.img_size, num_classes=n_classes, drop_path=args.drop_path)
+    check_img_size(args.img_size, cfg.patch_size, "student")
+    return cfg
+
+
+def check_stages(args, student_cfg, teacher_depth):
+    """--stages K splits both models' blocks into K stages: at most the depth of the shallower one"""
+    depth = min(student_cfg.depth, teacher_depth)
+    if args.stages > depth:
+        raise UserError(f"--stages {args.stages}: the student has {student_cfg.depth} blocks and the teacher "
+                        f"{teacher_depth}; use 1 <= --stages <= {depth}")
 
 
 def sincos_pos_init_(model):
@@ -1052,19 +1360,128 @@ def sincos_pos_init_(model):
         pos[0, -g * g:, :table.shape[1]] = 0.5 * table
 
 
-def load_teacher(spec, img_size, num_classes=None):
+def load_teacher(spec, img_size):
+    """a frozen teacher, as vl.load_teacher reads it (any file, Hub folder or timm:NAME it takes), or a UserError"""
+    with as_user_error(f"could not load teacher {spec!r}"):                # the loader says which keys did not fit
+        return vl.load_teacher(spec, img_size=img_size)
+
+
+def init_from(path, args, n_classes, kind=None, verbose=False):
+    """a model from one of our checkpoints (of `kind` when given), at --img-size (vl.model_from_checkpoint: the
+    position embedding resampled once when the checkpoint was trained at another resolution), with a new class head
+    when the class count differs"""
+    ck = load_checkpoint(path)
+    if "kind" not in ck or "config" not in ck:
+        raise UserError(f"--init {path} is not a checkpoint written by train.py (no 'kind'/'config')")
+    if kind is not None and ck["kind"] != kind:
+        raise UserError(f"--init {path} holds a {ck['kind']} model; this stage trains a {kind}")
+    changes = {"drop_path": args.drop_path} if args.drop_path is not None else {}
+    if changes and "drop_path" not in {f.name for f in dataclasses.fields(vl.MODEL_KINDS[ck["kind"]][1])}:
+        raise UserError(f"--drop-path: the {ck['kind']} model has no drop path")
+    patch = ck["config"]["patch_size"]
+    check_img_size(args.img_size, patch, "student" if ck["kind"] == "vision_mamba" else "teacher")
+    old_grid, grid = ck["config"]["img_size"] // patch, args.img_size // patch
+    if old_grid != grid and verbose:
+        print(f"--init {path}: position embeddings resized from {old_grid}x{old_grid} to {grid}x{grid} patches")
     try:
-        t = vl.load_teacher(spec, img_size=img_size, num_classes=num_classes)
-    except Exception as e:                                                  # the loader says which keys did not fit
-        raise UserError(f"could not load teacher {spec!r}: {type(e).__name__}: {e}".replace("\n", " ")) from e
-    if img_size is not None:
-        check_resolution(img_size, t.cfg.patch_size, "teacher")
-    return t.eval().requires_grad_(False)
+        return vl.model_from_checkpoint(ck, f"--init {path}", img_size=args.img_size, num_classes=n_classes, **changes)
+    except ValueError as e:                                                 # names what does not fit
+        raise UserError(str(e)) from e
 
 
-def kind_of(model):
-    return "vit" if isinstance(model, vl.ViT) else "vision_mamba"
+def build(args, stage, n_classes, ctx):
+    """-> (model to save, module to train, loss(module, images, labels, step) -> dict with 'loss', teacher or None)"""
+    torch.manual_seed(args.seed)                                            # same init on every rank
+    if stage == "teacher" and args.init:                                    # e.g. a higher-resolution stage
+        model = init_from(args.init, args, n_classes, kind="vit", verbose=ctx.main)
+        return model, model, supervised_loss(None, args), None
+    if stage == "teacher":
+        cfg = make_config(vl.TEACHER_PRESETS, args.teacher_preset, args.teacher_opts, "teacher",
+                          img_size=args.img_size, num_classes=n_classes, drop_path=args.drop_path)
+        check_img_size(args.img_size, cfg.patch_size, "teacher")
+        model = vl.ViT(cfg)
+        if args.pos_init == "sincos":
+            sincos_pos_init_(model)
+        return model, model, supervised_loss(None, args), None
+    if stage == "finetune":
+        teacher = load_teacher(args.teacher, args.img_size) if args.teacher and args.kd_weight > 0 else None
+        if teacher is not None and teacher.cfg.num_classes != n_classes:
+            if ctx.main:
+                print(f"note: the teacher has no {n_classes}-class head: --kd-weight ignored", file=sys.stderr)
+            teacher = None
+        if args.init:
+            model = init_from(args.init, args, n_classes, verbose=ctx.main)
+        else:
+            torch.manual_seed(args.seed)                                    # the same start as a distilled student
+            model = vl.VisionMamba(student_config(args, n_classes))
+            if args.pos_init == "sincos":
+                sincos_pos_init_(model)
+        for n, p in model.named_parameters():                               # unused without a mask (DDP wants all used)
+            if n.endswith("mask_token"):
+                p.requires_grad_(False)
+        return model, model, supervised_loss(teacher, args), teacher
+    # distill
+    if not args.teacher:
+        raise UserError("--stage distill needs --teacher (a checkpoint, timm/CLIP file or timm:NAME)")
+    teacher = load_teacher(args.teacher, args.img_size)
+    if args.init:                                                           # e.g. progressive resolution
+        student = init_from(args.init, args, n_classes, kind="vision_mamba", verbose=ctx.main)
+        cfg = student.cfg
+    else:
+        cfg = student_config(args, n_classes)
+        torch.manual_seed(args.seed)                                        # (loading the teacher drew numbers)
+        student = vl.VisionMamba(cfg)
+        if args.pos_init == "sincos":
+            sincos_pos_init_(student)
+    if cfg.patch_size != teacher.cfg.patch_size:
+        p = teacher.cfg.patch_size
+        presets = sorted(k for k, v in vl.STUDENT_PRESETS.items() if v.patch_size == p)
+        raise UserError(f"student patch size {cfg.patch_size} != teacher patch size {p}: the losses compare tokens "
+                        f"position by position; add patch_size={p} to --student-opts"
+                        + (f" or use --student {' / '.join(presets)}" if presets else ""))
+    check_stages(args, cfg, teacher.cfg.depth)
+    distiller = vl.Distiller(teacher, student, stages=args.stages, am_scope=args.am_scope, lam=args.lam,
+                             am_weight=args.am_weight, target=args.target)
+    for n, p in student.named_parameters():                                 # no labels: the class head is unused
+        if n.startswith("head."):
+            p.requires_grad_(False)
+    if args.lam == 0:                                                       # AM only: the MP head is unused
+        for m in distiller.children():
+            if m is not teacher and m is not student:
+                m.requires_grad_(False)
+    grid = (args.img_size // cfg.patch_size,) * 2
 
+    def loss(module, x, y, step):                                           # one masked student forward, both losses
+        g = torch.Generator().manual_seed(hash((args.seed, step, ctx.rank)) & (2**63 - 1))
+        mask = vl.sample_mask(len(x), grid, args.mask_ratio, args.mask_kind, generator=g, device=x.device)
+        return module(x, mask)                                              # dict(loss, am, mp)
+    return student, distiller, loss, teacher
+
+
+
+
+def supervised_loss(teacher, args):
+    """cross-entropy with label smoothing, or against soft targets (B, classes) from mixup / cutmix, which carry the
+    smoothing already; + soft logit distillation when a teacher is given"""
+    def loss(module, x, y, step):
+        logits = module(x).logits.float()
+        if y.is_floating_point():
+            ce = torch.sum(-y * F.log_softmax(logits, -1), -1).mean()
+        else:
+            ce = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
+        if teacher is None:
+            return dict(loss=ce)
+        with torch.no_grad():
+            t = teacher(x).logits.float()
+        T = args.kd_temp
+        kd = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(t / T, -1), log_target=True, reduction="batchmean") * T * T
+        return dict(loss=(1 - args.kd_weight) * ce + args.kd_weight * kd, ce=ce, kd=kd)
+    return loss
+
+
+
+
+# ----------------------------------------------------------------------------------------------- build: optimizer and schedule
 
 def no_decay_params(model):
     """AdamW groups: no weight decay for A_log, D, norms, biases, tokens and position embeddings."""
@@ -1154,173 +1571,6 @@ def lr_at(step, total, warmup, peak, floor):
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-# ----------------------------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(path, obj):
-    """atomic and durable: write a temporary file next to it, fsync it, rename it over the old one, fsync the folder.
-    Whatever stops the write (a full disk, Ctrl-C) removes the temporary file and leaves the old checkpoint."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise write_error(e, path) from None
-        raise
-    fsync_dir(folder)
-
-
-def write_error(e, path):
-    """a UserError for an OSError while writing PATH: 'disk full' when it is"""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return UserError(f"disk full while writing {path}: the last complete checkpoint is kept, no partial file is left; "
-                         "free space, then run the same command again to continue")
-    return UserError(f"cannot write {path}: {e.strerror or e}; the last complete checkpoint is kept")
-
-
-def fsync_dir(folder):
-    """make a rename in FOLDER durable (POSIX; a no-op where folders cannot be opened)"""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_log(path, text, mode):
-    """mode "a": append a line (a failed write is cut off again); "w": replace the whole log atomically"""
-    target = path if mode == "a" else f"{path}.tmp{os.getpid()}"
-    size = os.path.getsize(path) if mode == "a" and os.path.exists(path) else 0
-    try:
-        with open(target, mode) as f:
-            f.write(text)
-            f.flush()
-            if mode == "w":
-                os.fsync(f.fileno())
-        if mode == "w":
-            os.replace(target, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.truncate(target, size) if mode == "a" else os.remove(target)
-        raise write_error(e, path) from None
-
-
-_held_locks = {}                                                            # run folder -> open lock file
-
-
-def lock_run_dir(run_dir):
-    """An exclusive lock on RUN_DIR until release_locks() (flock: the kernel drops it when the process dies, kill -9
-    included): a second run that would write the same folder stops with one line. Then removes the temporary files
-    that a killed write left behind (none can be in use: the lock is ours)."""
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        f = open(os.path.join(run_dir, ".lock"), "a+")
-    except OSError as e:
-        raise UserError(f"cannot create the run folder {run_dir}: {e.strerror}") from None
-    if fcntl is not None:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            raise UserError(f"{run_dir} is in use by another run ({holder}): wait for it to end or stop it, "
-                            "or give another --out / --name") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
-    _held_locks[run_dir] = f
-    for stale in glob.glob(os.path.join(glob.escape(run_dir), "*.tmp[0-9]*")):
-        os.remove(stale)
-        print(f"note: removed {stale}, a partial file left by an interrupted write", file=sys.stderr)
-
-
-def release_locks():
-    for f in _held_locks.values():
-        f.close()
-    _held_locks.clear()
-
-
-def save_json(path, obj):
-    """atomic, like save_checkpoint"""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"could not read checkpoint {path}: {type(e).__name__}: {e}".replace("\n", " ")) from e
-
-
-def rng_state(ctx):
-    """every rank's torch / CUDA / numpy / python RNG state, as tensors and plain values (rank 0 gets them all)"""
-    np_st = np.random.get_state()
-    st = dict(torch=torch.get_rng_state().tolist(), numpy=[np_st[0], np_st[1].tolist(), *np_st[2:]],
-              cuda=[s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
-              python=random.getstate())
-    out = [st]
-    if ctx.world > 1:                                                       # plain Python objects: no tensor pickles
-        out = [None] * ctx.world
-        dist.all_gather_object(out, st)
-    for s in out:
-        s["torch"] = torch.tensor(s["torch"], dtype=torch.uint8)
-        s["cuda"] = [torch.tensor(c, dtype=torch.uint8) for c in s["cuda"]]
-        s["numpy"][1] = torch.tensor(s["numpy"][1], dtype=torch.int64)
-    return out
-
-
-def set_rng_state(states, ctx):
-    if ctx.rank >= len(states):                                             # resumed on more processes than saved
-        return
-    st = states[ctx.rank]
-    torch.set_rng_state(st["torch"])
-    if st["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-    np.random.set_state((st["numpy"][0], st["numpy"][1].numpy().astype(np.uint32), *st["numpy"][2:]))
-    random.setstate((st["python"][0], tuple(st["python"][1]), st["python"][2]))
-
-
-# args whose change makes a checkpoint a different experiment (model and data): resuming with another value is an error
-FIXED_ARGS = ("stage", "teacher", "init", "teacher_preset", "teacher_opts", "student", "student_opts",
-              "img_size", "stages", "am_scope", "target", "demo_train", "demo_teacher_train", "demo_seed", "pos_init",
-              "layer_decay", "demo_task", "demo_pool", "distill_data")   # (layer_decay: the optimizer's groups)
-
-
-def check_resume(ck, path, args, cfg, ctx):
-    if not {"config", "optimizer", "step", "args"} <= set(ck):
-        raise UserError(f"{path} is not a training checkpoint of train.py (no optimizer state or step): "
-                        "--resume takes an OUT/NAME/last.pt")
-    old = ck["args"]
-    diff = [f"{k}: {old.get(k)!r} -> {getattr(args, k)!r}" for k in FIXED_ARGS if k in old and old[k] != getattr(args, k)]
-    diff += [f"config.{k}: {v!r} -> {dataclasses.asdict(cfg).get(k)!r}" for k, v in ck["config"].items()
-             if dataclasses.asdict(cfg).get(k) != v]
-    if diff:
-        raise UserError(f"cannot resume {path} with different model arguments ({'; '.join(diff)}); "
-                        "use the original arguments, another --out/--name, or --fresh")
-    old_gb, gb = old.get("batch_size", 0) * ck.get("world", 1), args.batch_size * ctx.world
-    if old_gb != gb:
-        raise UserError(f"cannot resume with another global batch ({old_gb} -> {gb}): keep --batch-size x processes")
-    soft = [k for k in ("data", "epochs", "lr", "blr", "weight_decay", "warmup_epochs", "warmup_steps", "warmup_frac",
-                        "lam", "am_weight", "mask_ratio", "mask_kind", "threads", "aa", "hflip", "erase_prob", "mixup",
-                        "cutmix", "repeated_aug", "ema_decay", "label_smoothing")
-            if k in old and old[k] != getattr(args, k)]
-    if soft and ctx.main:
-        print(f"note: resuming with changed {soft}; the run no longer follows the original trajectory", file=sys.stderr)
-
-
 # ----------------------------------------------------------------------------------------------- evaluation
 
 def normalize(x, device):
@@ -1356,7 +1606,7 @@ def evaluate(model, loader, args, ctx, desc="eval"):
             top = logits.float().topk(min(5, logits.shape[-1]), -1).indices
             hit = top == labels[:, None]
             c += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(labels), device=ctx.device)]).double()
-        bad.report(desc) if ctx.main else bad.check()
+        bad.end_pass(desc, ctx)
     model.train(was)
     all_sum(c, ctx)
     return dict(top1=100 * c[0].item() / max(c[2].item(), 1), top5=100 * c[1].item() / max(c[2].item(), 1))
@@ -1403,9 +1653,11 @@ def linear_probe(train_x, train_y, val_x, val_y, n_classes, l2=PROBE_L2, max_ite
         return loss
     with torch.enable_grad():
         opt.step(closure)
-    with torch.no_grad():
-        acc = lambda x, y: 100 * ((x @ W + b).argmax(1) == y).double().mean().item()  # noqa: E731
-        return dict(top1=acc(xv, val_y), train_top1=acc(xt, train_y))
+
+    @torch.no_grad()
+    def accuracy(x, y):
+        return 100 * ((x @ W + b).argmax(1) == y).double().mean().item()
+    return dict(top1=accuracy(xv, val_y), train_top1=accuracy(xt, train_y))
 
 
 def probe(model, probe_set, val_set, args, ctx):
@@ -1416,388 +1668,369 @@ def probe(model, probe_set, val_set, args, ctx):
     return linear_probe(tx, ty, vx, vy, len(val_set.classes) if hasattr(val_set, "classes") else int(ty.max()) + 1)
 
 
-# ----------------------------------------------------------------------------------------------- one stage
+# ----------------------------------------------------------------------------------------------- training loop
+# run_stage: start_or_resume (models, optimizer, loaders; a checkpoint restored), then train_one_epoch and end_epoch
+# until the last epoch, or --max-steps. The step itself is train_one_epoch's loop body.
 
 class NonFinite(UserError):
     pass
 
 
-def build(args, stage, n_classes, ctx):
-    """-> (model to save, module to train, loss(module, images, labels, step) -> dict with 'loss', teacher or None)"""
-    torch.manual_seed(args.seed)                                            # same init on every rank
-    if stage == "teacher" and args.init:                                    # e.g. a higher-resolution stage
-        model = init_from(args.init, args, n_classes, kind="vit", verbose=ctx.main)
-        return model, model, supervised_loss(None, args), None
-    if stage == "teacher":
-        cfg = make_config(vl.TEACHER_PRESETS, args.teacher_preset, args.teacher_opts, "teacher",
-                          img_size=args.img_size, num_classes=n_classes, drop_path=args.drop_path)
-        check_resolution(args.img_size, cfg.patch_size, "teacher")
-        model = vl.ViT(cfg)
-        if args.pos_init == "sincos":
-            sincos_pos_init_(model)
-        return model, model, supervised_loss(None, args), None
-    if stage == "finetune":
-        teacher = load_teacher(args.teacher, args.img_size) if args.teacher and args.kd_weight > 0 else None
-        if teacher is not None and teacher.cfg.num_classes != n_classes:
-            if ctx.main:
-                print(f"note: the teacher has no {n_classes}-class head: --kd-weight ignored", file=sys.stderr)
-            teacher = None
-        if args.init:
-            model = init_from(args.init, args, n_classes, verbose=ctx.main)
-        else:
-            torch.manual_seed(args.seed)                                    # the same start as a distilled student
-            model = vl.VisionMamba(student_config(args, n_classes))
-            if args.pos_init == "sincos":
-                sincos_pos_init_(model)
-        for n, p in model.named_parameters():                               # unused without a mask (DDP wants all used)
-            if n.endswith("mask_token"):
-                p.requires_grad_(False)
-        return model, model, supervised_loss(teacher, args), teacher
-    # distill
-    if not args.teacher:
-        raise UserError("--stage distill needs --teacher (a checkpoint, timm/CLIP file or timm:NAME)")
-    teacher = load_teacher(args.teacher, args.img_size)
-    if args.init:                                                           # e.g. progressive resolution
-        student = init_from(args.init, args, n_classes, kind="vision_mamba", verbose=ctx.main)
-        cfg = student.cfg
-    else:
-        cfg = student_config(args, n_classes)
-        torch.manual_seed(args.seed)                                        # (loading the teacher drew numbers)
-        student = vl.VisionMamba(cfg)
-        if args.pos_init == "sincos":
-            sincos_pos_init_(student)
-    if cfg.patch_size != teacher.cfg.patch_size:
-        p = teacher.cfg.patch_size
-        presets = sorted(k for k, v in vl.STUDENT_PRESETS.items() if v.patch_size == p)
-        raise UserError(f"student patch size {cfg.patch_size} != teacher patch size {p}: the losses compare tokens "
-                        f"position by position; add patch_size={p} to --student-opts"
-                        + (f" or use --student {' / '.join(presets)}" if presets else ""))
-    check_stages(args, cfg, teacher.cfg.depth)
-    distiller = vl.Distiller(teacher, student, stages=args.stages, am_scope=args.am_scope, lam=args.lam,
-                             am_weight=args.am_weight, target=args.target)
-    for n, p in student.named_parameters():                                 # no labels: the class head is unused
-        if n.startswith("head."):
-            p.requires_grad_(False)
-    if args.lam == 0:                                                       # AM only: the MP head is unused
-        for m in distiller.children():
-            if m is not teacher and m is not student:
-                m.requires_grad_(False)
-    grid = (args.img_size // cfg.patch_size,) * 2
+class LogSums:
+    """The sums behind the next log line, since the last one, on this rank: each loss (by name), the gradient norm,
+    the steps they cover; and the images and time behind img/s. A log line sums them over ranks and shows the means.
+    A checkpoint keeps them as 8 numbers (the losses in `names` order, the gradient norm, zeros, the step count last),
+    so that a resumed run logs the same lines."""
+    SLOTS = 8
 
-    def loss(module, x, y, step):                                           # one masked student forward, both losses
-        g = torch.Generator().manual_seed(hash((args.seed, step, ctx.rank)) & (2**63 - 1))
-        mask = vl.sample_mask(len(x), grid, args.mask_ratio, args.mask_kind, generator=g, device=x.device)
-        return module(x, mask)                                              # dict(loss, am, mp)
-    return student, distiller, loss, teacher
+    def __init__(self, device, names=None, saved=None):
+        self.names = names                                                  # the losses' names: from the first step on
+        self.sums = torch.zeros(self.SLOTS, dtype=torch.float64, device=device)
+        if saved is not None:
+            self.sums += torch.tensor(saved, dtype=torch.float64, device=device)
+        self.images, self.since = 0, time.time()
+
+    def add(self, losses, grad_norm, images):
+        self.names = self.names or sorted(losses)
+        values = [losses[k].detach().double() for k in self.names] + [grad_norm.double()]
+        self.sums[:len(values)] += torch.stack(values)
+        self.sums[-1] += 1                                                  # the steps
+        self.images += images
+
+    def total(self, ctx):
+        """collective: the sums over every rank, as a checkpoint keeps them"""
+        return all_sum(self.sums.clone(), ctx).tolist()
+
+    def means(self, ctx):
+        """collective: {each loss, grad_norm} averaged over the steps (and ranks) since the last line"""
+        *sums, steps = self.total(ctx)
+        return {**{k: sums[i] / steps for i, k in enumerate(self.names)}, "grad_norm": sums[len(self.names)] / steps}
+
+    def img_per_s(self, ctx):
+        return self.images * ctx.world / (time.time() - self.since)
+
+    def restart(self):
+        self.sums.zero_()
+        self.images, self.since = 0, time.time()
 
 
-def check_stages(args, student_cfg, teacher_depth):
-    """--stages K splits both models' blocks into K stages: at most the depth of the shallower one"""
-    depth = min(student_cfg.depth, teacher_depth)
-    if args.stages > depth:
-        raise UserError(f"--stages {args.stages}: the student has {student_cfg.depth} blocks and the teacher "
-                        f"{teacher_depth}; use 1 <= --stages <= {depth}")
+@dataclasses.dataclass
+class Run:
+    """One stage's training run: what start_or_resume builds, then where the run is (its checkpoint keeps that)."""
+    stage: str
+    label: str                                  # the stage's name in messages and its folder OUT/label (--name)
+    ckpt_path: str                              # OUT/label/last.pt
+    log_path: str                               # OUT/label/log.jsonl
+    classes: list
+    saved: nn.Module                            # the model the checkpoint holds: the student, or the teacher trained
+    trained: nn.Module                          # what the optimizer updates: `saved`, or the Distiller around it
+    model: nn.Module                            # `trained` as the step runs it: compiled (--compile), in DDP (torchrun)
+    params: list                                # trained's parameters with a gradient: clipped, checked
+    teacher: nn.Module | None                   # frozen: distillation's, or fine-tuning's (--kd-weight)
+    loss_fn: object                             # loss_fn(model, images, labels, step) -> dict, "loss" minimised
+    augment: object                             # augment(images, labels, step) -> (images, labels)
+    ema: EMA | None                             # --ema-decay
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler                # fp16 loss scaling (enabled with --amp fp16 on CUDA)
+    loader: DataLoader
+    val_loader: DataLoader | None               # None: distillation has no labels to validate with
+    peak_lr: float
+    total_steps: int
+    warmup: int
+    save_steps: set                             # --save-steps
+    bad: BadImages
+    sums: LogSums
+    live_log: str                               # log.jsonl, or log.jsonl.new while an older run's record stays
+    step: int = 0                               # where the run is: optimizer steps done,
+    epoch: int = 0                              # the epoch it is in,
+    batch_in_epoch: int = 0                     # the batches of that epoch done (steps and skipped batches)
+    history: list = dataclasses.field(default_factory=list)  # this run's log lines
+    saved_step: int | None = None               # the step of the last checkpoint of this run (None: none yet)
+    metrics: dict = dataclasses.field(default_factory=dict)  # the last epoch-end validation's, for the last checkpoint
 
+    @property
+    def steps_per_epoch(self):
+        return len(self.loader.batch_sampler)
 
-def student_config(args, n_classes):
-    cfg = make_config(vl.STUDENT_PRESETS, args.student, args.student_opts, "student",
-                      img_size=args.img_size, num_classes=n_classes, drop_path=args.drop_path)
-    check_resolution(args.img_size, cfg.patch_size, "student")
-    return cfg
-
-
-def supervised_loss(teacher, args):
-    """cross-entropy with label smoothing, or against soft targets (B, classes) from mixup / cutmix, which carry the
-    smoothing already; + soft logit distillation when a teacher is given"""
-    def loss(module, x, y, step):
-        logits = module(x).logits.float()
-        if y.is_floating_point():
-            ce = torch.sum(-y * F.log_softmax(logits, -1), -1).mean()
-        else:
-            ce = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
-        if teacher is None:
-            return dict(loss=ce)
-        with torch.no_grad():
-            t = teacher(x).logits.float()
-        T = args.kd_temp
-        kd = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(t / T, -1), log_target=True, reduction="batchmean") * T * T
-        return dict(loss=(1 - args.kd_weight) * ce + args.kd_weight * kd, ce=ce, kd=kd)
-    return loss
-
-
-def init_from(path, args, n_classes, kind=None, verbose=False):
-    """a model from one of our checkpoints (of `kind` when given), at --img-size: the patch-grid position embedding is
-    resampled (bicubic, class position kept apart) once when the checkpoint was trained at another resolution, and
-    learned at the new one from then on; a new class head when the class count differs"""
-    ck = load_checkpoint(path)
-    if "kind" not in ck or "config" not in ck:
-        raise UserError(f"--init {path} is not a checkpoint written by train.py (no 'kind'/'config')")
-    if kind is not None and ck["kind"] != kind:
-        raise UserError(f"--init {path} holds a {ck['kind']} model; this stage trains a {kind}")
-    cls, ccls = (vl.ViT, vl.ViTConfig) if ck["kind"] == "vit" else (vl.VisionMamba, vl.MambaConfig)
-    if args.drop_path is not None and "drop_path" not in {f.name for f in dataclasses.fields(ccls)}:
-        raise UserError(f"--drop-path: the {ck['kind']} model has no drop path")
-    cfg = dataclasses.replace(ccls(**ck["config"]), num_classes=n_classes, img_size=args.img_size,
-                              **({"drop_path": args.drop_path} if args.drop_path is not None else {}))
-    check_resolution(args.img_size, cfg.patch_size, "student" if ck["kind"] == "vision_mamba" else "teacher")
-    model = cls(cfg)
-    state = dict(ck["model"])
-    old_grid, grid = ck["config"]["img_size"] // cfg.patch_size, args.img_size // cfg.patch_size
-    if old_grid != grid:
-        pos = state["pos_embed"]                                            # ViT: class position first
-        n_cls = pos.shape[1] - old_grid * old_grid
-        state["pos_embed"] = torch.cat([pos[:, :n_cls], vl.resize_pos_embed(pos[:, n_cls:], (grid, grid))], 1)
-        if verbose:
-            print(f"--init {path}: position embeddings resized from {old_grid}x{old_grid} to {grid}x{grid} patches")
-    if ck["config"].get("num_classes") != n_classes:
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("head.")]
-    if missing or unexpected:
-        raise UserError(f"--init {path} does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model
+    def kept(self):
+        if self.saved_step is None:
+            return "no checkpoint of this run was written yet"
+        return f"kept the last good checkpoint {self.ckpt_path} (step {self.saved_step})"
 
 
 def run_stage(args, stage, data, ctx):
-    """Train one stage; -> path of its finished checkpoint. Resumes from OUT/NAME/last.pt."""
+    """Train one stage: -> the path of its finished checkpoint, or None when --max-steps stopped it first. Running
+    the same command again resumes from OUT/NAME/last.pt."""
     args = for_stage(args, stage)                                           # per-stage recipe values
-    train_ds = data.teacher_train if stage == "teacher" else data.distill if stage == "distill" else data.train
-    train_ds = with_augmentation(train_ds, args)                            # distill reads images only, no labels
-    if ctx.main and not isinstance(train_ds, ImageFolder) and (args.aa not in (None, "", "none")):
+    args.run_dir = os.path.join(args.out, args.name or stage)
+    run = start_or_resume(args, stage, data, ctx)
+    if run is None:                                                         # its checkpoint is finished
+        return resume_path(args)
+    while run.epoch < args.epochs:
+        hit_max_steps = train_one_epoch(run, args, ctx)
+        if not hit_max_steps or run.batch_in_epoch >= run.steps_per_epoch:  # the epoch's batches are done
+            end_epoch(run, args, ctx)
+        if hit_max_steps and run.epoch < args.epochs:
+            save(run, args, ctx)
+            if ctx.main:
+                print(f"{run.label}: stopped at step {run.step} (--max-steps); run the same command again to continue")
+            barrier(ctx)
+            return None
+    save(run, args, ctx, finished=True)
+    barrier(ctx)
+    return run.ckpt_path
+
+
+def resume_path(args):
+    """the checkpoint a stage continues from: --resume, or OUT/NAME/last.pt ('auto'); None with --fresh"""
+    if args.fresh:
+        return None
+    return os.path.join(args.run_dir, "last.pt") if args.resume == "auto" else args.resume
+
+
+def start_or_resume(args, stage, data, ctx):
+    """A stage ready for its next step: the models (build), optimizer, loaders and schedule, then the state of its
+    checkpoint when there is one (resume_path), else a fresh start. -> Run; None when that checkpoint is finished."""
+    train_set = data.teacher_train if stage == "teacher" else data.distill if stage == "distill" else data.train
+    train_set = with_augmentation(train_set, args)                          # distill reads images only, no labels
+    if ctx.main and not isinstance(train_set, ImageFolder) and (args.aa not in (None, "", "none")):
         print(f"note: --aa {args.aa} and --hflip act on image folders (--data); the demo's images are used as they are")
-    classes = data.classes
     label = args.name or stage
-    args.run_dir = os.path.join(args.out, label)
-    ckpt_path = os.path.join(args.run_dir, "last.pt")
-    log_path = os.path.join(args.run_dir, "log.jsonl")
+    ckpt_path, log_path = os.path.join(args.run_dir, "last.pt"), os.path.join(args.run_dir, "log.jsonl")
     with together(ctx):                                                     # a UserError on any rank stops every rank
         if ctx.main:
             lock_run_dir(args.run_dir)                                      # one run per folder
-        saved, trained, loss_fn, teacher = build(args, stage, len(classes), ctx)
-        resume = None if args.fresh else (ckpt_path if args.resume == "auto" else args.resume)
+        saved, trained, loss_fn, teacher = build(args, stage, len(data.classes), ctx)
+        resume = resume_path(args)
         ck = load_checkpoint(resume) if resume and os.path.exists(resume) else None
         if ck is not None:
             check_resume(ck, resume, args, saved.cfg, ctx)
-    cfg = saved.cfg
     if ck is not None and ck.get("finished"):
         if ctx.main:
             print(f"{label}: {ckpt_path} is finished (step {ck['step']}); --fresh to train again")
-        return resume
+        return None
+
+    # the models, on the device, with the checkpoint's weights
     saved.to(ctx.device)
     trained.to(ctx.device)
     if ck is not None:
         saved.load_state_dict(ck["model"])
         if "extra" in ck:                                                   # distiller's MP head
-            trained.load_state_dict({**trained.state_dict(), **{k: v for k, v in ck["extra"].items()}})
+            trained.load_state_dict({**trained.state_dict(), **ck["extra"]})
     ema = EMA(saved, args.ema_decay) if args.ema_decay > 0 else None
     if ema is not None and ck is not None and ck.get("ema"):
         ema.model.load_state_dict(ck["ema"])
         ema.updates = ck["ema_updates"]
-    augment = batch_augment(args, len(classes), stage, ctx.rank)
 
+    # optimizer, loaders, schedule
     world_batch = args.batch_size * ctx.world
-    lr = args.lr if args.lr is not None else args.blr * world_batch / 512
-    opt = torch.optim.AdamW(param_groups(trained, args.weight_decay, args.layer_decay, cfg.depth), lr=lr, betas=(0.9, 0.999))
-    use_fp16 = args.amp == "fp16" and ctx.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)
-    loader = make_loader(train_ds, args, ctx, train=True)
+    peak_lr = args.lr if args.lr is not None else args.blr * world_batch / 512
+    groups = param_groups(trained, args.weight_decay, args.layer_decay, saved.cfg.depth)
+    opt = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.999))
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and ctx.device.type == "cuda")
+    loader = make_loader(train_set, args, ctx, train=True)
     val_loader = make_loader(data.val, args, ctx, train=False) if stage != "distill" else None
     steps_per_epoch = len(loader.batch_sampler)
     if steps_per_epoch == 0:
-        raise UserError(f"{len(train_ds)} training images are fewer than one global batch ({world_batch})")
+        raise UserError(f"{len(train_set)} training images are fewer than one global batch ({world_batch})")
     total = args.epochs * steps_per_epoch
     warmup = warmup_steps(args, steps_per_epoch, total, ctx)
-    step, epoch, start_batch = 0, 0, 0
-    sums = torch.zeros(8, dtype=torch.float64, device=ctx.device)          # logging sums since the last log line
-    keys, history = None, []                                                # loss names; this run's log lines
+    run = Run(stage=stage, label=label, ckpt_path=ckpt_path, log_path=log_path, classes=list(data.classes),
+              saved=saved, trained=trained, model=trained, params=[p for p in trained.parameters() if p.requires_grad],
+              teacher=teacher, loss_fn=loss_fn, augment=batch_augment(args, len(data.classes), stage, ctx.rank),
+              ema=ema, opt=opt, scaler=scaler, loader=loader, val_loader=val_loader, peak_lr=peak_lr,
+              total_steps=total, warmup=warmup, save_steps={int(v) for v in (args.save_steps or "").split(",") if v.strip()},
+              bad=BadImages(args.max_bad_frac, args.repeated_aug), sums=LogSums(ctx.device), live_log=log_path)
+
+    # where the run is: the checkpoint's step, optimizer, RNG states and log; or a fresh start
     if ck is not None:
         opt.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"]) if ck.get("scaler") else None
-        step, epoch, start_batch = ck["step"], ck["epoch"], ck["batch_in_epoch"]
+        if ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        run.step, run.epoch, run.batch_in_epoch = ck["step"], ck["epoch"], ck["batch_in_epoch"]
+        run.saved_step = ck["step"]
         set_rng_state(ck["rng"], ctx)
         if "log" in ck:                                                     # the log and its partial sums as of step
-            history, keys = list(ck["log"]), ck["log_keys"]
-            if ctx.main:
-                sums += torch.tensor(ck["log_sums"], dtype=torch.float64, device=ctx.device)
+            run.history = list(ck["log"])
+            run.sums = LogSums(ctx.device, ck["log_keys"], ck["log_sums"] if ctx.main else None)
         elif ctx.main and os.path.exists(log_path):                         # a checkpoint of an older train.py
-            history = [l for l in open(log_path) if json.loads(l).get("step", 0) <= step]
+            with open(log_path) as f:
+                run.history = [line for line in f if json.loads(line).get("step", 0) <= run.step]
         if ctx.main:
-            print(f"{label}: resuming from {resume} at step {step} (epoch {epoch}, batch {start_batch})")
+            print(f"{label}: resuming from {resume} at step {run.step} (epoch {run.epoch}, batch {run.batch_in_epoch})")
     else:
         torch.manual_seed(args.seed + 1000 * ctx.rank + 1)                  # per-rank dropout / drop-path streams
-    live_log, saved_step = log_path, ck["step"] if ck is not None else None
     if ctx.main:
         if ck is None and (os.path.exists(ckpt_path) or os.path.exists(log_path)):
-            live_log = log_path + ".new"                                    # the old record stays until our 1st checkpoint
+            run.live_log = log_path + ".new"                                # the old record stays until our 1st checkpoint
         with contextlib.suppress(FileNotFoundError):
             os.remove(log_path + ".new")
     with together(ctx):
         if ctx.main:
-            write_log(live_log, "".join(history), "w")
-
-    model = trained
+            write_log(run.live_log, "".join(run.history), "w")
     if args.compile:
-        model = torch.compile(model)
+        run.model = torch.compile(run.model)
     if ctx.world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    params = [p for p in trained.parameters() if p.requires_grad]
-
-    def kept():
-        return f"kept the last good checkpoint {ckpt_path} (step {saved_step})" if saved_step is not None else \
-            "no checkpoint of this run was written yet"
-
-    def checkpoint(finished=False, metrics=None):
-        nonlocal live_log, saved_step
-        if not all(torch.isfinite(p).all() for p in params):
-            raise NonFinite(f"{label}: parameters became non-finite at step {step}; {kept()}")
-        rng = rng_state(ctx)                                                # collective: every rank
-        log_sums = all_sum(sums.clone(), ctx).tolist()                      # collective: a resume logs the same lines
-        with together(ctx):                                                 # e.g. a full disk on rank 0 stops every rank
-            if ctx.main:
-                extra = {}
-                if stage == "distill":
-                    extra = {k: v for k, v in trained.state_dict().items() if not k.startswith(
-                        tuple(f"{n}." for n, m in trained.named_children() if m is saved or m is teacher))}
-                save_checkpoint(ckpt_path, dict(
-                    kind=kind_of(saved), config=dataclasses.asdict(cfg), model=saved.state_dict(), extra=extra,
-                    classes=list(classes), stage=stage, optimizer=opt.state_dict(),
-                    scaler=scaler.state_dict() if use_fp16 else {},
-                    schedule=dict(total_steps=total, warmup_steps=warmup, peak_lr=lr, min_lr=args.min_lr),
-                    step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, world=ctx.world, rng=rng,
-                    args={k: v for k, v in vars(args).items()}, finished=finished, metrics=metrics or {},
-                    log=history, log_sums=log_sums, log_keys=keys,
-                    **(dict(ema=ema.model.state_dict(), ema_updates=ema.updates) if ema is not None else {})))
-                if live_log != log_path:                                    # this run's record replaces the old one
-                    write_log(log_path, "".join(history), "w")
-                    os.remove(live_log)
-                    live_log = log_path
-        saved_step = step
-
-    def log(rec):                                                           # every rank, at the same steps
-        line = json.dumps(rec) + "\n"
-        history.append(line)
-        with together(ctx):
-            if ctx.main:
-                write_log(live_log, line, "a")
-
-    save_steps = {int(v) for v in (args.save_steps or "").split(",") if v.strip()}
-
-    def snapshot():                                                         # --save-steps: the model alone, for probes
-        if ctx.main:
-            save_checkpoint(os.path.join(args.run_dir, f"step{step}.pt"), dict(
-                kind=kind_of(saved), config=dataclasses.asdict(cfg), model=saved.state_dict(), classes=list(classes),
-                stage=stage, step=step, args={k: v for k, v in vars(args).items()}, finished=False))
-
-    def validate(at_epoch):
-        res = evaluate(trained, val_loader, args, ctx, desc=f"{label} val")
-        if ema is not None:                                                 # the EMA weights, evaluated alongside
-            res.update({f"ema_{k}": v for k, v in evaluate(ema.model, val_loader, args, ctx,
-                                                           desc=f"{label} EMA val").items()})
-        log(dict(step=step, epoch=round(at_epoch, 4), **{f"val_{k}": v for k, v in res.items()}))
-        if ctx.main:
-            tqdm.write(f"{label} step {step}: val top-1 {res['top1']:.2f}  top-5 {res['top5']:.2f}"
-                       + (f"  (EMA: top-1 {res['ema_top1']:.2f}  top-5 {res['ema_top5']:.2f})" if ema else ""))
-        return res
-
+        run.model = nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     if ctx.main:
-        n_params = sum(p.numel() for p in params)
-        print(f"{label}: {kind_of(saved)} {n_params / 1e6:.2f}M trainable params, {len(train_ds)} "
-              f"{'unlabelled ' if stage == 'distill' else ''}images, {steps_per_epoch} steps/epoch x {args.epochs} epochs, "
-              f"global batch {world_batch}, lr {lr:.2e}, warm-up {warmup} of {total} steps, "
-              f"{torch.get_num_threads()} thread(s) -> {args.run_dir}")
-        print(f"{label}: recipe {args.recipe}: aa {args.aa}, hflip {args.hflip}, erase {args.erase_prob}, "
-              + (f"mixup {args.mixup}, cutmix {args.cutmix}, smoothing {args.label_smoothing}, " if stage != "distill" else "")
-              + f"repeated aug x{args.repeated_aug}, EMA {args.ema_decay or 'off'}, layer decay {args.layer_decay}, "
-              f"drop path {getattr(cfg, 'drop_path', 'n/a')}, wd {args.weight_decay}, amp {args.amp}")
-    if ck is None and 0 in save_steps:
-        snapshot()
-    bad = BadImages(args.max_bad_frac, args.repeated_aug)
-    t0, n_img, metrics = time.time(), 0, {}
+        print_start(run, args, ctx, len(train_set))
+    if ck is None and 0 in run.save_steps:
+        save_snapshot(run, args, ctx)
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model.train()
+    run.model.train()
     if teacher is not None:
-        teacher.eval()
-    batch_in_epoch = start_batch
-    stopped = False
-    while epoch < args.epochs and not stopped:
-        loader.batch_sampler.set_epoch(epoch, batch_in_epoch)
-        bar = tqdm(loader, total=steps_per_epoch, initial=batch_in_epoch, desc=f"{label} epoch {epoch + 1}/{args.epochs}",
-                   leave=False, disable=not ctx.main)
+        teacher.eval()                                                      # frozen (train() reached it in a Distiller)
+    return run
+
+
+def print_start(run, args, ctx, n_images):
+    """what the stage trains, on what, for how long, with which recipe"""
+    n_params = sum(p.numel() for p in run.params)
+    images = f"{n_images} {'unlabelled ' if run.stage == 'distill' else ''}images"
+    print(f"{run.label}: {vl.model_kind(run.saved)} {n_params / 1e6:.2f}M trainable params, {images}, "
+          f"{run.steps_per_epoch} steps/epoch x {args.epochs} epochs, global batch {args.batch_size * ctx.world}, "
+          f"lr {run.peak_lr:.2e}, warm-up {run.warmup} of {run.total_steps} steps, "
+          f"{torch.get_num_threads()} thread(s) -> {args.run_dir}")
+    mixing = f"mixup {args.mixup}, cutmix {args.cutmix}, smoothing {args.label_smoothing}, "
+    print(f"{run.label}: recipe {args.recipe}: aa {args.aa}, hflip {args.hflip}, erase {args.erase_prob}, "
+          + (mixing if run.stage != "distill" else "")
+          + f"repeated aug x{args.repeated_aug}, EMA {args.ema_decay or 'off'}, layer decay {args.layer_decay}, "
+          f"drop path {getattr(run.saved.cfg, 'drop_path', 'n/a')}, wd {args.weight_decay}, amp {args.amp}")
+
+
+def train_one_epoch(run, args, ctx):
+    """Train the rest of run.epoch (from run.batch_in_epoch on). -> True when --max-steps stopped it."""
+    run.loader.batch_sampler.set_epoch(run.epoch, run.batch_in_epoch)
+    with tqdm(run.loader, total=run.steps_per_epoch, initial=run.batch_in_epoch, leave=False, disable=not ctx.main,
+              desc=f"{run.label} epoch {run.epoch + 1}/{args.epochs}") as bar:
         for images, *labels, errors in bar:                                 # distill: (images, errors), no labels
-            err = None
-            try:
-                bad.add(len(images), errors)
-            except UserError as e:
-                err = e
-            if stop_together(err, ctx, skip=not len(images)):                # no readable image (on some rank): skip
-                bad.empty_batches += 1
-                batch_in_epoch += 1
+            # get the batch: unreadable images are counted and left out; a batch left with none (on some rank) is
+            # skipped by every rank
+            if run.bad.add_batch(len(images), errors, ctx):
+                run.batch_in_epoch += 1
                 continue
             x = normalize(images, ctx.device)
             y = labels[0].to(ctx.device, non_blocking=True) if labels else None
-            x, y = augment(x, y, step)                                      # erasing, mixup / cutmix
-            cur_lr = lr_at(step, total, warmup, lr, args.min_lr)
-            for grp in opt.param_groups:
-                grp["lr"] = cur_lr * grp["lr_scale"]                        # layer-wise lr decay
+            # augment: random erasing, then mixup / cutmix (the labels become soft targets)
+            x, y = run.augment(x, y, run.step)
+            # lr of this step: linear warm-up, then cosine; times each group's layer-wise decay
+            lr = lr_at(run.step, run.total_steps, run.warmup, run.peak_lr, args.min_lr)
+            for group in run.opt.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            # forward: the stage's loss (distill: one masked student forward, AM + lambda MP)
             with autocast(args, ctx.device):
-                out = loss_fn(model, x, y, step)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(out["loss"]).backward()
-            scaler.unscale_(opt)
-            gnorm = nn.utils.clip_grad_norm_(params, args.clip_grad if args.clip_grad > 0 else float("inf"))
-            if not torch.isfinite(torch.stack([out["loss"].detach().float(), gnorm.float()])).all():
-                raise NonFinite(f"{label}: non-finite loss/gradient at step {step} (loss {out['loss'].item():.4g}, "
-                                f"grad norm {gnorm.item():.4g}); stopped, {kept()} (try a lower --lr or --amp none)")
-            scaler.step(opt)
-            scaler.update()
-            if ema is not None:
-                ema.update(saved)
-            step += 1
-            batch_in_epoch += 1
-            n_img += len(images)
-            if step in save_steps:
-                snapshot()
-            if val_loader is not None and args.eval_every_steps and step % args.eval_every_steps == 0 and step < total:
-                validate(epoch + batch_in_epoch / steps_per_epoch)
-            keys = keys or sorted(out)
-            sums[:len(keys) + 1] += torch.stack([out[k].detach().double() for k in keys] + [gnorm.double()])
-            sums[7] += 1
-            if step % args.log_every == 0:
-                s = all_sum(sums.clone(), ctx).tolist()
-                dt = time.time() - t0
-                rec = dict(step=step, epoch=round(epoch + batch_in_epoch / steps_per_epoch, 4),
-                           **{k: s[i] / s[7] for i, k in enumerate(keys)}, grad_norm=s[len(keys)] / s[7], lr=cur_lr,
-                           img_per_s=n_img * ctx.world / dt, peak_mem_mb=peak_mem_mb(ctx))
-                log(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}")
-                sums.zero_()
-                t0, n_img = time.time(), 0
-            if step % args.ckpt_every == 0:
-                checkpoint()
-            if args.max_steps and step >= args.max_steps:
-                stopped = True
-                break
-        bar.close()
-        if stopped and batch_in_epoch < steps_per_epoch:
-            break
-        with together(ctx):
-            bad.report(f"{label} epoch {epoch + 1}") if ctx.main else bad.check()
-        epoch, batch_in_epoch = epoch + 1, 0
-        if val_loader is not None and (epoch == args.epochs or args.eval_every and epoch % args.eval_every == 0):
-            metrics = validate(epoch)
-        elif ctx.main and keys:
-            tqdm.write(f"{label} epoch {epoch}/{args.epochs} done (step {step})")
-        checkpoint()
-    finished = epoch >= args.epochs
-    if stopped and not finished:
-        checkpoint()
+                out = run.loss_fn(run.model, x, y, run.step)
+            # backward
+            run.opt.zero_grad(set_to_none=True)
+            run.scaler.scale(out["loss"]).backward()
+            # clip the gradient norm; a non-finite loss or gradient stops the run
+            run.scaler.unscale_(run.opt)
+            grad_norm = nn.utils.clip_grad_norm_(run.params, args.clip_grad if args.clip_grad > 0 else float("inf"))
+            if not torch.isfinite(torch.stack([out["loss"].detach().float(), grad_norm.float()])).all():
+                raise NonFinite(f"{run.label}: non-finite loss/gradient at step {run.step} (loss "
+                                f"{out['loss'].item():.4g}, grad norm {grad_norm.item():.4g}); stopped, "
+                                f"{run.kept()} (try a lower --lr or --amp none)")
+            # step: the optimizer, then the EMA of the weights
+            run.scaler.step(run.opt)
+            run.scaler.update()
+            if run.ema is not None:
+                run.ema.update(run.saved)
+            run.step += 1
+            run.batch_in_epoch += 1
+            # the model at this step (--save-steps), validation (--eval-every-steps)
+            if run.step in run.save_steps:
+                save_snapshot(run, args, ctx)
+            every = args.eval_every_steps
+            if run.val_loader is not None and every and run.step % every == 0 and run.step < run.total_steps:
+                validate(run, args, ctx, run.epoch + run.batch_in_epoch / run.steps_per_epoch)
+            # log: the means since the last line
+            run.sums.add(out, grad_norm, len(images))
+            if run.step % args.log_every == 0:
+                means = run.sums.means(ctx)
+                log(run, dict(step=run.step, epoch=round(run.epoch + run.batch_in_epoch / run.steps_per_epoch, 4),
+                              **means, lr=lr, img_per_s=run.sums.img_per_s(ctx), peak_mem_mb=peak_mem_mb(ctx)), ctx)
+                bar.set_postfix(loss=f"{means['loss']:.4f}")
+                run.sums.restart()
+            # checkpoint
+            if run.step % args.ckpt_every == 0:
+                save(run, args, ctx)
+            if args.max_steps and run.step >= args.max_steps:
+                return True
+    return False
+
+
+def end_epoch(run, args, ctx):
+    """after an epoch's last batch: the unreadable-image report, validation when it is due, a checkpoint"""
+    with together(ctx):
+        run.bad.end_pass(f"{run.label} epoch {run.epoch + 1}", ctx)
+    run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+    if run.val_loader is not None and (run.epoch == args.epochs or args.eval_every and run.epoch % args.eval_every == 0):
+        run.metrics = validate(run, args, ctx, run.epoch)
+    elif ctx.main and run.sums.names:
+        tqdm.write(f"{run.label} epoch {run.epoch}/{args.epochs} done (step {run.step})")
+    save(run, args, ctx)
+
+
+def validate(run, args, ctx, at_epoch):
+    """top-1 / top-5 on the held-out set (and of the EMA weights alongside), logged and printed; -> the results"""
+    res = evaluate(run.trained, run.val_loader, args, ctx, desc=f"{run.label} val")
+    if run.ema is not None:
+        ema = evaluate(run.ema.model, run.val_loader, args, ctx, desc=f"{run.label} EMA val")
+        res.update({f"ema_{k}": v for k, v in ema.items()})
+    log(run, dict(step=run.step, epoch=round(at_epoch, 4), **{f"val_{k}": v for k, v in res.items()}), ctx)
+    if ctx.main:
+        ema = f"  (EMA: top-1 {res['ema_top1']:.2f}  top-5 {res['ema_top5']:.2f})" if run.ema is not None else ""
+        tqdm.write(f"{run.label} step {run.step}: val top-1 {res['top1']:.2f}  top-5 {res['top5']:.2f}{ema}")
+    return res
+
+
+def log(run, record, ctx):
+    """one line of OUT/NAME/log.jsonl: every rank calls it at the same steps, rank 0 writes"""
+    line = json.dumps(record) + "\n"
+    run.history.append(line)
+    with together(ctx):
         if ctx.main:
-            print(f"{label}: stopped at step {step} (--max-steps); run the same command again to continue")
-    elif finished:
-        checkpoint(finished=True, metrics=metrics)
-    barrier(ctx)
-    return ckpt_path if finished else None
+            write_log(run.live_log, line, "a")
+
+
+def save(run, args, ctx, finished=False):
+    """OUT/NAME/last.pt: the models, optimizer, schedule, where the run is, every rank's RNG states and the log
+    (collective: every rank calls it). A first checkpoint over an older run's folder makes its log.jsonl this run's."""
+    if not all(torch.isfinite(p).all() for p in run.params):
+        raise NonFinite(f"{run.label}: parameters became non-finite at step {run.step}; {run.kept()}")
+    rng = rng_state(ctx)                                                    # collective: every rank
+    log_sums = run.sums.total(ctx)                                          # collective: a resume logs the same lines
+    with together(ctx):                                                     # e.g. a full disk on rank 0 stops every rank
+        if ctx.main:
+            extra = {}                                                      # the Distiller's own weights (MP head)
+            if run.stage == "distill":
+                others = tuple(f"{n}." for n, m in run.trained.named_children() if m is run.saved or m is run.teacher)
+                extra = {k: v for k, v in run.trained.state_dict().items() if not k.startswith(others)}
+            save_checkpoint(run.ckpt_path, dict(
+                kind=vl.model_kind(run.saved), config=dataclasses.asdict(run.saved.cfg), model=run.saved.state_dict(),
+                extra=extra, classes=run.classes, stage=run.stage, optimizer=run.opt.state_dict(),
+                scaler=run.scaler.state_dict() if run.scaler.is_enabled() else {},
+                schedule=dict(total_steps=run.total_steps, warmup_steps=run.warmup, peak_lr=run.peak_lr,
+                              min_lr=args.min_lr),
+                step=run.step, epoch=run.epoch, batch_in_epoch=run.batch_in_epoch, world=ctx.world, rng=rng,
+                args=dict(vars(args)), finished=finished, metrics=run.metrics if finished else {},
+                log=run.history, log_sums=log_sums, log_keys=run.sums.names,
+                **(dict(ema=run.ema.model.state_dict(), ema_updates=run.ema.updates) if run.ema is not None else {})))
+            if run.live_log != run.log_path:                                # this run's record replaces the old one
+                write_log(run.log_path, "".join(run.history), "w")
+                os.remove(run.live_log)
+                run.live_log = run.log_path
+    run.saved_step = run.step
+
+
+def save_snapshot(run, args, ctx):
+    """--save-steps: OUT/NAME/step<N>.pt, the model alone (for eval.py --probe curves)"""
+    if ctx.main:
+        save_checkpoint(os.path.join(args.run_dir, f"step{run.step}.pt"), dict(
+            kind=vl.model_kind(run.saved), config=dataclasses.asdict(run.saved.cfg), model=run.saved.state_dict(),
+            classes=run.classes, stage=run.stage, step=run.step, args=dict(vars(args)), finished=False))
 
 
 def peak_mem_mb(ctx):
@@ -1806,7 +2039,7 @@ def peak_mem_mb(ctx):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024        # CPU: peak resident set of the process
 
 
-# ----------------------------------------------------------------------------------------------- stage all
+# ----------------------------------------------------------------------------------------------- the demo's story (stage all)
 
 def run_all(args, data, ctx):
     """The demo's story: teacher (unless --teacher) -> distil on unlabelled images -> fine-tune on the labelled images
@@ -1823,7 +2056,8 @@ def run_all(args, data, ctx):
 
     teacher = args.teacher or stage("teacher", "teacher", args.teacher_epochs, teacher=None, init=None,
                                     lr=args.teacher_lr if args.teacher_lr is not None else args.lr)
-    distilled = teacher and stage("distill", "distill", args.distill_epochs, teacher=teacher, init=None, save_steps="0")
+    distilled = teacher and stage("distill", "distill", args.distill_epochs, teacher=teacher, init=None,
+                                  save_steps="0")
     tuned = distilled and stage("finetune", "finetune", args.finetune_epochs, teacher=teacher, init=distilled,
                                 lr=args.finetune_lr if args.finetune_lr is not None else args.lr)
     scratch = tuned and (args.no_baseline or stage("supervised", "finetune", args.supervised_epochs, teacher=teacher,
@@ -1851,22 +2085,26 @@ def run_all(args, data, ctx):
             probes[name] = probe(load(path)[1], probe_set, data.val, args, Ctx(device=ctx.device))["top1"]
     barrier(ctx)
     times["probes"] = time.time() - t
-    steps = lambda ds, epochs: epochs * (len(ds) // (args.batch_size * ctx.world))  # noqa: E731
-    n, n_t, n_d = len(data.train), len(data.teacher_train), len(data.distill)
-    rows = [("teacher: ViT, labels", f"{n_t:,}", f"{steps(data.teacher_train, args.teacher_epochs):,}", accuracy(teacher),
+
+    def steps(ds, epochs):                                                  # optimizer steps of `epochs` epochs on ds
+        return f"{epochs * (len(ds) // (args.batch_size * ctx.world)):,}"
+    n, n_t, n_d = f"{len(data.train):,}", f"{len(data.teacher_train):,}", f"{len(data.distill):,}"
+    rows = [("teacher: ViT, labels", n_t, steps(data.teacher_train, args.teacher_epochs), accuracy(teacher),
              probes["teacher"]),
-            (f"student: distilled ({steps(data.distill, args.distill_epochs):,} steps on {n_d:,} unlabelled images) "
-             "+ fine-tuned", f"{n:,}", f"{steps(data.train, args.finetune_epochs):,}", accuracy(tuned), probes["distilled"])]
+            (f"student: distilled ({steps(data.distill, args.distill_epochs)} steps on {n_d} unlabelled images) "
+             "+ fine-tuned", n, steps(data.train, args.finetune_epochs), accuracy(tuned), probes["distilled"])]
     if not args.no_baseline:
-        rows.append(("student: labels only, to convergence", f"{n:,}", f"{steps(data.train, args.supervised_epochs):,}",
+        rows.append(("student: labels only, to convergence", n, steps(data.train, args.supervised_epochs),
                      accuracy(scratch), None))
     rows.append(("student: random initialisation", "0", "0", None, probes["random"]))
     if ctx.main:
-        print(f"\nheld-out set: {len(data.val):,} images, {len(data.classes)} classes "
-              f"({f'demo task {args.demo_task!r}' if args.data is None else args.data}); linear probe: frozen [class, mean patch] "
-              f"tokens, logistic regression trained on {len(probe_set):,} other labelled images; {torch.get_num_threads()} "
-              f"thread(s); total {time.time() - t_start:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in times.items())})\n")
-        print("| model | labelled images | steps with labels | top-1 | top-5 | linear probe top-1 |\n|---|---|---|---|---|---|")
+        task = f"demo task {args.demo_task!r}" if args.data is None else args.data
+        print(f"\nheld-out set: {len(data.val):,} images, {len(data.classes)} classes ({task}); linear probe: frozen "
+              f"[class, mean patch] tokens, logistic regression trained on {len(probe_set):,} other labelled images; "
+              f"{torch.get_num_threads()} thread(s); total {time.time() - t_start:.0f} s "
+              f"({', '.join(f'{k} {v:.0f} s' for k, v in times.items())})\n")
+        print("| model | labelled images | steps with labels | top-1 | top-5 | linear probe top-1 |\n"
+              "|---|---|---|---|---|---|")
         for name, n_lab, n_steps, r, p in rows:
             print(f"| {name} | {n_lab} | {n_steps} | " + (f"{r['top1']:.1f} | {r['top5']:.1f}" if r else "- | -")
                   + f" | {'-' if p is None else f'{p:.1f}'} |")
@@ -1874,6 +2112,8 @@ def run_all(args, data, ctx):
             json.dump({name: dict(labelled_images=n_lab, steps=n_steps, **(r or {}), probe_top1=p)
                        for name, n_lab, n_steps, r, p in rows}, f, indent=1)
 
+
+# ----------------------------------------------------------------------------------------------- main
 
 def main(argv=None):
     args = parse_args(argv)

@@ -797,16 +797,45 @@ def load_exact(model, sd, source):
     return model
 
 
-def model_from_checkpoint(ckpt, source="checkpoint"):
-    """Rebuild a model from this project's checkpoint dict {"kind", "config", "model"} (train.py writes these)."""
-    kinds = {"vit": (ViT, ViTConfig), "vision_mamba": (VisionMamba, MambaConfig)}
-    if ckpt.get("kind") not in kinds:
-        raise ValueError(f"{source}: kind {ckpt.get('kind')!r} is not one of {sorted(kinds)}")
-    model_cls, cfg_cls = kinds[ckpt["kind"]]
+def load_model(model_cls, cfg, sd, source, num_classes=None):
+    """model_cls(cfg) holding the state dict sd exactly (load_exact). num_classes, when it differs from cfg's: the
+    model is built with that many classes instead, and keeps its new, randomly initialised head (0: no head)."""
+    if num_classes is not None and num_classes != cfg.num_classes:
+        model = model_cls(type(cfg)(**{**asdict(cfg), "num_classes": num_classes}))
+        new_head = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
+        sd = {**{k: v for k, v in sd.items() if not k.startswith("head.")}, **new_head}
+        return load_exact(model, sd, source)
+    return load_exact(model_cls(cfg), sd, source)
+
+
+# The models this project's checkpoints hold: their "kind" -> (model class, config class)
+MODEL_KINDS = {"vit": (ViT, ViTConfig), "vision_mamba": (VisionMamba, MambaConfig)}
+
+
+def model_kind(model):
+    """the "kind" that a checkpoint of this model records (MODEL_KINDS)"""
+    return next(kind for kind, (model_cls, _) in MODEL_KINDS.items() if isinstance(model, model_cls))
+
+
+def model_from_checkpoint(ckpt, source="checkpoint", img_size=None, num_classes=None, **changes):
+    """Rebuild a model from this project's checkpoint dict {"kind", "config", "model"} (train.py writes these).
+    img_size: another resolution: the patch-grid position embedding is resampled once (bicubic, the class position
+    kept apart) and is learned at the new size from then on; num_classes: a new head when it differs (load_model);
+    changes: other config fields (e.g. drop_path=0.1)."""
+    if ckpt.get("kind") not in MODEL_KINDS:
+        raise ValueError(f"{source}: kind {ckpt.get('kind')!r} is not one of {sorted(MODEL_KINDS)}")
+    model_cls, cfg_cls = MODEL_KINDS[ckpt["kind"]]
     known = {f.name for f in fields(cfg_cls)}
     if set(ckpt["config"]) - known:
         raise ValueError(f"{source}: unknown config fields {sorted(set(ckpt['config']) - known)}")
-    return load_exact(model_cls(cfg_cls(**ckpt["config"])), ckpt["model"], source)
+    config, sd = {**ckpt["config"], **changes}, ckpt["model"]
+    if img_size is not None and img_size != config["img_size"]:
+        old, new = config["img_size"] // config["patch_size"], img_size // config["patch_size"]
+        pos = sd["pos_embed"]                                                          # ViT: class position first
+        n_cls = pos.shape[1] - old * old
+        sd = {**sd, "pos_embed": torch.cat([pos[:, :n_cls], resize_pos_embed(pos[:, n_cls:], (new, new))], 1)}
+        config["img_size"] = img_size
+    return load_model(model_cls, cfg_cls(**config), sd, source, num_classes)
 
 
 def timm_checkpoint(name):
@@ -843,7 +872,7 @@ def load_teacher(spec, img_size=None, num_classes=None, heads=None, act=None):
     else:
         sd, configs = read_checkpoint(spec)
     if isinstance(sd, dict) and "kind" in sd and "config" in sd:
-        model = model_from_checkpoint(sd, spec)
+        model = model_from_checkpoint(sd, spec, num_classes=num_classes)
         if not isinstance(model, ViT):
             raise ValueError(f"{spec} holds a {type(model).__name__}, not a ViT teacher")
     else:
@@ -865,13 +894,7 @@ def load_teacher(spec, img_size=None, num_classes=None, heads=None, act=None):
             sd, hints = convert(sd, config)
         except KeyError as e:
             raise ValueError(f"{spec} looks like {family} checkpoint but has no {e}") from None
-        model = load_exact(ViT(infer_vit_config(sd, hints, heads=heads, act=act)), sd, spec)
+        model = load_model(ViT, infer_vit_config(sd, hints, heads=heads, act=act), sd, spec, num_classes)
     if img_size is not None:
         check_resolution(torch.empty(1, 3, img_size, img_size, device="meta"), model.cfg.patch_size)
-    if num_classes is not None and num_classes != model.cfg.num_classes:
-        model.cfg.num_classes = num_classes
-        model.head = nn.Linear(model.cfg.dim, num_classes) if num_classes else None
-        if model.head is not None:
-            nn.init.trunc_normal_(model.head.weight, std=0.02)
-            nn.init.zeros_(model.head.bias)
     return model.eval().requires_grad_(False)
