@@ -37,7 +37,7 @@ except ImportError:                                                         # Wi
 
 class UserError(Exception):
     """Bad input or a run that cannot go on: printed as one line, checkpoints left as they are."""
-    shared = False                                                          # raised by every rank at once (stop_together)
+    shared = False                                                          # raised by all ranks at once: stop_together
 
 
 @contextlib.contextmanager
@@ -52,7 +52,8 @@ def as_user_error(what):
         raise UserError(f"{what}: {type(e).__name__}: {e}".replace("\n", " ")) from e
 
 
-# ----------------------------------------------------------------------------------------------- config
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Config: every flag's default (DEFAULTS), the recipes, the command line and its checks
 
 class Mode(NamedTuple):
     """a default that depends on the mode: the built-in demo, or an image folder (--data)"""
@@ -134,7 +135,8 @@ RECIPES = {
                    drop_path=labelled(0.2, None)),
 }
 RECIPE_NOTES = {
-    "none": "no recipe: the flags' own defaults (no augmentation beyond an image folder's random-resized crop and flip)",
+    "none": "no recipe: the flags' own defaults (no augmentation beyond an image folder's random-resized crop and "
+            "flip)",
     "deit": "DeiT's ImageNet recipe (facebookresearch/deit main.py defaults; lr 5e-4 x global batch / 512)",
     "vim": "Vim-S's (hustvl/Vim pt-vim-s.sh): DeiT's recipe in fp32, lr 1e-3 at global batch 512, drop path 0.05",
     "adventurer-128": "Adventurer stage 1 (wangf3014/Adventurer): 300 epochs at 128 px, 3-Augment, global batch 1024 "
@@ -172,7 +174,7 @@ def help_default(flag, data=None, none="unset"):
         return none if v is None else "empty" if v == "" else f"{v:g}" if isinstance(v, float) else str(v)
     demo, on_data = (mode_defaults(mode, getattr(DEFAULTS["recipe"], mode))[flag] for mode in ("demo", "data"))
     demo_text, data_text = show(demo), data or show(on_data)
-    if flag.startswith("demo_"):                                            # the demo's own flags: --data runs ignore them
+    if flag.startswith("demo_"):                                            # the demo's own: --data runs ignore them
         data_text = demo_text
     if demo_text == data_text:
         return "" if demo is None or demo is False else f" (default: {demo_text})"
@@ -186,7 +188,8 @@ def get_parser():
     d = help_default
     g = p.add_argument_group("run")
     g.add_argument("--data", help="ImageNet-layout folder DIR/{train,val}/<class>/*; omit for the built-in demo")
-    g.add_argument("--stage", choices=["all", "teacher", "distill", "finetune"], help="which stage to train" + d("stage"))
+    g.add_argument("--stage", choices=["all", "teacher", "distill", "finetune"],
+                   help="which stage to train" + d("stage"))
     g.add_argument("--out", help="output folder (default: runs/demo, or runs/<name of --data>)")
     g.add_argument("--name", help="this stage's sub-folder of --out (default: the stage)")
     g.add_argument("--teacher", help="teacher for distill (and finetune --kd-weight): what load_teacher takes "
@@ -205,8 +208,8 @@ def get_parser():
                    "win (RECIPES in train.py, README 'Recipes'). The paper's own training recipe is not public: these "
                    "are the published recipes of DeiT, Vim, Adventurer (its student; progressive resolution 128 -> "
                    "224 -> fine-tuning) and MAE fine-tuning" + d("recipe"))
-    g.add_argument("--distill-data", help="--data runs: folder of images (any depth, labelled or not) that distillation "
-                   "reads, without labels (default: DIR/train)")
+    g.add_argument("--distill-data", help="--data runs: folder of images (any depth, labelled or not) that "
+                   "distillation reads, without labels (default: DIR/train)")
     g.add_argument("--save-steps", help="also write OUT/NAME/step<N>.pt (model only) at these steps, e.g. 0,250,1000 "
                    "(0 = the initialisation; for eval.py --probe curves)")
     g = p.add_argument_group("models")
@@ -352,7 +355,8 @@ def describe_recipe(args):
     over = [f"{k}={show(getattr(args, k))} (recipe: {show(v)})" for k, v in recipe.items() if k in args.given]
     other = [f"{k}={show(getattr(args, k))}" for k in args.given if k not in recipe and k != "recipe"]
     lines = [f"recipe {args.recipe}{'' if 'recipe' in args.given else ' (default)'}: {RECIPE_NOTES[args.recipe]}"]
-    for what, items in (("from the recipe", used), ("the command line changed", over), ("from the command line", other)):
+    parts = (("from the recipe", used), ("the command line changed", over), ("from the command line", other))
+    for what, items in parts:
         if items:
             lines.append(f"  {what}: " + ", ".join(items))
     return lines
@@ -416,7 +420,8 @@ def check_args(args):
         if args.stage == "all" and getattr(args, k) is not None:
             raise UserError(f"{flag} applies to a single --stage; --stage all names and sizes its stages itself")
     if args.init is not None and args.stage == "all":
-        raise UserError("--init starts a single --stage (teacher, distill or finetune); --stage all starts its stages itself")
+        raise UserError("--init starts a single --stage (teacher, distill or finetune); --stage all starts its stages "
+                        "itself")
     if args.teacher is not None and args.stage == "teacher":
         raise UserError("--stage teacher trains a teacher from scratch: it would ignore --teacher")
     if args.kd_weight > 0 and args.stage == "finetune" and not args.teacher:
@@ -470,7 +475,8 @@ def check_out_dir(path, flag):
         raise UserError(f"{flag} {path}: cannot write there ({parent} is {why})")
 
 
-# ----------------------------------------------------------------------------------------------- data: the demo's images
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Data: the demo's procedural images
 
 class RelationsDemo(Dataset):
     """Procedural images, deterministic from (n, seed), any resolution, no download.
@@ -484,8 +490,9 @@ class RelationsDemo(Dataset):
         75 % of the patches masked at least one whole pair stays visible in most images (`visible_pair_fraction`).
     Square centres (n, 2 * pairs + distractors, 2) and half sides (n,) are kept in .centers / .half (image units)."""
     classes = ["E", "NE", "N", "NW", "W", "SW", "S", "SE"]
-    COLORS = np.array([[.9, .1, .1], [.1, .2, .95], [.1, .8, .1], [.95, .85, .1], [.9, .2, .9], [.1, .85, .9], [.9, .9, .9]])
-    PAIRS = [(0, 1), (3, 5)]                                                # colour indices: red -> blue, yellow -> cyan
+    COLORS = np.array([[.9, .1, .1], [.1, .2, .95], [.1, .8, .1], [.95, .85, .1], [.9, .2, .9], [.1, .85, .9],
+                       [.9, .9, .9]])
+    PAIRS = [(0, 1), (3, 5)]                                                # colours: red -> blue, yellow -> cyan
 
     def __init__(self, n, img_size, seed=0, distractors=2, half_side=(0.09, 0.11), directions=8, pairs=1):
         if not 1 <= pairs <= len(self.PAIRS):
@@ -520,7 +527,8 @@ class RelationsDemo(Dataset):
             iny = np.abs(xs[None] - centers[:, j, 1:2]) < half
             inside = (iny[:, :, None] & inx[:, None, :])[..., None]         # (n, S, S, 1)
             img = np.where(inside, colors[:, j, None, None, :], img)
-        self.images = torch.from_numpy((np.clip(img, 0, 1) * 255).round().astype(np.uint8)).permute(0, 3, 1, 2).contiguous()
+        img = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)           # (n, S, S, 3)
+        self.images = torch.from_numpy(img).permute(0, 3, 1, 2).contiguous()
         self.labels = torch.from_numpy(labels)
         self.centers, self.half, self.pairs, self.img_size = centers, half[:, 0], pairs, img_size
 
@@ -582,7 +590,8 @@ def demo_set(args, split):
     return RelationsDemo(n, args.img_size, seed=args.demo_seed + offset, **DEMO_TASKS[args.demo_task])
 
 
-# ----------------------------------------------------------------------------------------------- data: image folders
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Data: image folders
 
 IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -592,13 +601,15 @@ def list_split(root, split):
     """-> (classes, [(path, label)]) of root/split/<class>/*, with a one-line error for a missing or empty folder."""
     d = os.path.join(root, split)
     if not os.path.isdir(d):
-        raise UserError(f"data folder {d} does not exist (expected {root}/train/<class>/*.JPEG and {root}/val/<class>/*.JPEG)")
+        raise UserError(f"data folder {d} does not exist (expected {root}/train/<class>/*.JPEG and "
+                        f"{root}/val/<class>/*.JPEG)")
     classes = sorted(e.name for e in os.scandir(d) if e.is_dir())
     if not classes:
         raise UserError(f"data folder {d} has no class sub-folders")
     samples = []
     for label, c in enumerate(classes):
-        files = sorted(e.path for e in os.scandir(os.path.join(d, c)) if e.is_file() and e.name.lower().endswith(IMG_EXT))
+        files = sorted(e.path for e in os.scandir(os.path.join(d, c))
+                       if e.is_file() and e.name.lower().endswith(IMG_EXT))
         if not files and split == "train":
             raise UserError(f"class folder {os.path.join(d, c)} has no images ({', '.join(IMG_EXT)})")
         samples += [(f, label) for f in files]
@@ -624,7 +635,8 @@ class ImageFolder(Dataset):
     """DIR/<class>/* decoded with Pillow (grayscale, CMYK, palette, PNG: converted to RGB).
     train: random-resized-crop (bicubic) + flip with probability hflip, then `augment` (RandAugment / 3-Augment), all
     from a per-(seed, epoch, index) RNG, so a resumed run sees the same images.
-    eval: resize to size/crop_ratio then centre crop. An unreadable image gives None (skipped and counted by collate)."""
+    eval: resize to size/crop_ratio then centre crop. An unreadable image gives None (skipped and counted by
+    collate)."""
 
     def __init__(self, samples, classes, img_size, train, augment=None, hflip=0.5, crop_ratio=0.875):
         self.samples, self.classes, self.size, self.train = samples, classes, img_size, train
@@ -681,7 +693,8 @@ def list_images(root):
 
 
 
-# ----------------------------------------------------------------------------------------------- data: sets and loaders
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Data: a run's sets, loaders, unreadable images
 
 def collate(batch):
     """-> uint8 images (B,3,H,W), labels (B,), [error strings of the skipped images]; an unlabelled set's items are
@@ -745,8 +758,8 @@ class Data:
             vclasses, self._val = list_split(args.data, "val")
             if vclasses != self.classes:
                 a, b = sorted(set(self.classes) - set(vclasses)), sorted(set(vclasses) - set(self.classes))
-                raise UserError(f"train and val class folders differ: only in train {a[:5]}{'...' if len(a) > 5 else ''}, "
-                                f"only in val {b[:5]}{'...' if len(b) > 5 else ''}")
+                raise UserError(f"train and val class folders differ: only in train {a[:5]}"
+                                f"{'...' if len(a) > 5 else ''}, only in val {b[:5]}{'...' if len(b) > 5 else ''}")
             if args.distill_data is not None:
                 list_images(args.distill_data)                              # fail fast, before any stage trains
         else:
@@ -819,8 +832,8 @@ class BadImages:
 
     def check(self):
         if self.bad > max(2, self.max_frac * self.seen):
-            raise UserError(f"{round(self.bad)} of {round(self.seen)} images could not be read (more than --max-bad-frac "
-                            f"{self.max_frac}); first: {self.first}")
+            raise UserError(f"{round(self.bad)} of {round(self.seen)} images could not be read (more than "
+                            f"--max-bad-frac {self.max_frac}); first: {self.first}")
 
     def add_batch(self, n_good, errors, ctx):
         """a training batch (collective: every rank calls it): counted; any rank's UserError stops every rank.
@@ -853,7 +866,8 @@ class BadImages:
         self.first = None
 
 
-# ----------------------------------------------------------------------------------------------- augmentations
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Augmentations
 # The DeiT / timm training augmentations, written from their documented behaviour (timm's RandAugment, RandomErasing
 # and Mixup; DeiT III's 3-Augment). Per image on PIL inside ImageFolder (RandAugment or 3-Augment, after crop and flip),
 # then per batch on the normalised tensor (random erasing, then mixup / cutmix). Every draw comes from a seeded
@@ -880,7 +894,8 @@ def _affine(im, coeffs):
 
 
 def _posterize(im, bits):
-    """keep the top `bits` bits; 0 bits (the top magnitude of the increasing variant) gives black, as older Pillow did"""
+    """keep the top `bits` bits; 0 bits (the top magnitude of the increasing variant) gives black, as older Pillow
+    did"""
     return ImageOps.posterize(im, bits) if bits > 0 else Image.new(im.mode, im.size)
 
 
@@ -888,8 +903,9 @@ def _solarize_add(im, add, thresh=128):
     return im.point([min(255, i + add) if i < thresh else i for i in range(256)] * len(im.getbands()))
 
 
-# RandAugment's 15 ops: name -> f(image, level m in [0, 1] = magnitude / 10, increasing, rng), each keeping size and mode.
-# Increasing (inc1): posterize keeps 4 .. 0 bits, solarize's threshold falls 256 .. 0, the enhancements move away from 1.
+# RandAugment's 15 ops: name -> f(image, level m in [0, 1] = magnitude / 10, increasing, rng), each keeping size and
+# mode. Increasing (inc1): posterize keeps 4 .. 0 bits, solarize's threshold falls 256 .. 0, the enhancements move
+# away from 1.
 RAND_OPS = {
     "AutoContrast": lambda im, m, inc, g: ImageOps.autocontrast(im),
     "Equalize": lambda im, m, inc, g: ImageOps.equalize(im),
@@ -1043,7 +1059,8 @@ def batch_augment(args, n_classes, stage, rank):
     return augment
 
 
-# ----------------------------------------------------------------------------------------------- distributed
+# ----------------------------------------------------------------------------------------------------------------
+# 6. Distributed: ranks, collectives, one error for every rank
 
 @dataclasses.dataclass
 class Ctx:
@@ -1111,7 +1128,8 @@ def together(ctx):
     stop_together(err, ctx)
 
 
-# ----------------------------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+# 7. Checkpoints: atomic writes, run-folder locks, RNG states, resume checks
 
 def save_checkpoint(path, obj):
     """atomic and durable: write a temporary file next to it, fsync it, rename it over the old one, fsync the folder.
@@ -1137,8 +1155,8 @@ def save_checkpoint(path, obj):
 def write_error(e, path):
     """a UserError for an OSError while writing PATH: 'disk full' when it is"""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return UserError(f"disk full while writing {path}: the last complete checkpoint is kept, no partial file is left; "
-                         "free space, then run the same command again to continue")
+        return UserError(f"disk full while writing {path}: the last complete checkpoint is kept, no partial file is "
+                         "left; free space, then run the same command again to continue")
     return UserError(f"cannot write {path}: {e.strerror or e}; the last complete checkpoint is kept")
 
 
@@ -1263,7 +1281,8 @@ def check_resume(ck, path, args, cfg, ctx):
         raise UserError(f"{path} is not a training checkpoint of train.py (no optimizer state or step): "
                         "--resume takes an OUT/NAME/last.pt")
     old = ck["args"]
-    diff = [f"{k}: {old.get(k)!r} -> {getattr(args, k)!r}" for k in FIXED_ARGS if k in old and old[k] != getattr(args, k)]
+    diff = [f"{k}: {old.get(k)!r} -> {getattr(args, k)!r}" for k in FIXED_ARGS
+            if k in old and old[k] != getattr(args, k)]
     diff += [f"config.{k}: {v!r} -> {dataclasses.asdict(cfg).get(k)!r}" for k, v in ck["config"].items()
              if dataclasses.asdict(cfg).get(k) != v]
     if diff:
@@ -1280,7 +1299,8 @@ def check_resume(ck, path, args, cfg, ctx):
         print(f"note: resuming with changed {soft}; the run no longer follows the original trajectory", file=sys.stderr)
 
 
-# ----------------------------------------------------------------------------------------------- build: models and losses
+# ----------------------------------------------------------------------------------------------------------------
+# 8. Build: models and losses
 
 def parse_opts(s):
     """'dim=64,depth=4,bidirectional=alternate' -> dict (values parsed as Python literals when they are)"""
@@ -1309,7 +1329,8 @@ def make_config(presets, name, opts, what, **fields):
             ok, want = v in choices, f"one of {', '.join(choices)}"
         elif type(default) in (int, float):
             zero_ok = k in ("num_classes", "dt_rank", "drop_path")           # 0 = no head / automatic / off
-            ok = type(v) in (int, float) and (type(default) is float or type(v) is int) and (v > 0 or zero_ok and v == 0)
+            number = type(v) in (int, float) and (type(default) is float or type(v) is int)
+            ok = number and (v > 0 or zero_ok and v == 0)
             want = f"a {'whole ' if type(default) is int else ''}number {'>= 0' if zero_ok else '> 0'}"
         else:
             ok, want = type(v) is type(default), type(default).__name__
@@ -1474,14 +1495,16 @@ def supervised_loss(teacher, args):
         with torch.no_grad():
             t = teacher(x).logits.float()
         T = args.kd_temp
-        kd = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(t / T, -1), log_target=True, reduction="batchmean") * T * T
+        kd = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(t / T, -1), log_target=True,
+                      reduction="batchmean") * T * T
         return dict(loss=(1 - args.kd_weight) * ce + args.kd_weight * kd, ce=ce, kd=kd)
     return loss
 
 
 
 
-# ----------------------------------------------------------------------------------------------- build: optimizer and schedule
+# ----------------------------------------------------------------------------------------------------------------
+# 9. Build: optimizer groups, EMA, lr schedule
 
 def no_decay_params(model):
     """AdamW groups: no weight decay for A_log, D, norms, biases, tokens and position embeddings."""
@@ -1555,8 +1578,8 @@ def warmup_steps(args, steps_per_epoch, total, ctx):
     else:
         warmup, given = round((args.warmup_frac or 0.0) * total), f"--warmup-frac {args.warmup_frac:g}"
     if warmup >= total and ctx.main:
-        print(f"warning: the warm-up ({warmup} steps, {given}) is not shorter than the run ({total} steps): the lr never "
-              "reaches its peak; lower it, or set it with --warmup-steps / --warmup-frac", file=sys.stderr)
+        print(f"warning: the warm-up ({warmup} steps, {given}) is not shorter than the run ({total} steps): the lr "
+              "never reaches its peak; lower it, or set it with --warmup-steps / --warmup-frac", file=sys.stderr)
     elif warmup > total // 2 and ctx.main:
         print(f"note: the warm-up ({warmup} steps, {given}) is more than half of the run ({total} steps); "
               "--warmup-steps or --warmup-frac set it independently of the epoch length", file=sys.stderr)
@@ -1571,7 +1594,8 @@ def lr_at(step, total, warmup, peak, floor):
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-# ----------------------------------------------------------------------------------------------- evaluation
+# ----------------------------------------------------------------------------------------------------------------
+# 10. Evaluation: top-1 / top-5, and the linear probe
 
 def normalize(x, device):
     """uint8 (B,3,H,W) on host -> normalised float on device"""
@@ -1611,8 +1635,6 @@ def evaluate(model, loader, args, ctx, desc="eval"):
     all_sum(c, ctx)
     return dict(top1=100 * c[0].item() / max(c[2].item(), 1), top5=100 * c[1].item() / max(c[2].item(), 1))
 
-
-# ----------------------------------------------------------------------------------------------- linear probe
 
 PROBE_L2, PROBE_ITERS = 1e-3, 500
 
@@ -1668,9 +1690,9 @@ def probe(model, probe_set, val_set, args, ctx):
     return linear_probe(tx, ty, vx, vy, len(val_set.classes) if hasattr(val_set, "classes") else int(ty.max()) + 1)
 
 
-# ----------------------------------------------------------------------------------------------- training loop
-# run_stage: start_or_resume (models, optimizer, loaders; a checkpoint restored), then train_one_epoch and end_epoch
-# until the last epoch, or --max-steps. The step itself is train_one_epoch's loop body.
+# ----------------------------------------------------------------------------------------------------------------
+# 11. Training loop: run_stage -> start_or_resume (models, optimizer, loaders; a checkpoint restored), then
+# train_one_epoch and end_epoch until the last epoch or --max-steps. One step is train_one_epoch's loop body.
 
 class NonFinite(UserError):
     pass
@@ -1781,13 +1803,6 @@ def run_stage(args, stage, data, ctx):
     return run.ckpt_path
 
 
-def resume_path(args):
-    """the checkpoint a stage continues from: --resume, or OUT/NAME/last.pt ('auto'); None with --fresh"""
-    if args.fresh:
-        return None
-    return os.path.join(args.run_dir, "last.pt") if args.resume == "auto" else args.resume
-
-
 def start_or_resume(args, stage, data, ctx):
     """A stage ready for its next step: the models (build), optimizer, loaders and schedule, then the state of its
     checkpoint when there is one (resume_path), else a fresh start. -> Run; None when that checkpoint is finished."""
@@ -1835,39 +1850,20 @@ def start_or_resume(args, stage, data, ctx):
         raise UserError(f"{len(train_set)} training images are fewer than one global batch ({world_batch})")
     total = args.epochs * steps_per_epoch
     warmup = warmup_steps(args, steps_per_epoch, total, ctx)
+    save_steps = {int(v) for v in (args.save_steps or "").split(",") if v.strip()}
     run = Run(stage=stage, label=label, ckpt_path=ckpt_path, log_path=log_path, classes=list(data.classes),
               saved=saved, trained=trained, model=trained, params=[p for p in trained.parameters() if p.requires_grad],
               teacher=teacher, loss_fn=loss_fn, augment=batch_augment(args, len(data.classes), stage, ctx.rank),
               ema=ema, opt=opt, scaler=scaler, loader=loader, val_loader=val_loader, peak_lr=peak_lr,
-              total_steps=total, warmup=warmup, save_steps={int(v) for v in (args.save_steps or "").split(",") if v.strip()},
+              total_steps=total, warmup=warmup, save_steps=save_steps,
               bad=BadImages(args.max_bad_frac, args.repeated_aug), sums=LogSums(ctx.device), live_log=log_path)
 
     # where the run is: the checkpoint's step, optimizer, RNG states and log; or a fresh start
     if ck is not None:
-        opt.load_state_dict(ck["optimizer"])
-        if ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        run.step, run.epoch, run.batch_in_epoch = ck["step"], ck["epoch"], ck["batch_in_epoch"]
-        run.saved_step = ck["step"]
-        set_rng_state(ck["rng"], ctx)
-        if "log" in ck:                                                     # the log and its partial sums as of step
-            run.history = list(ck["log"])
-            run.sums = LogSums(ctx.device, ck["log_keys"], ck["log_sums"] if ctx.main else None)
-        elif ctx.main and os.path.exists(log_path):                         # a checkpoint of an older train.py
-            with open(log_path) as f:
-                run.history = [line for line in f if json.loads(line).get("step", 0) <= run.step]
-        if ctx.main:
-            print(f"{label}: resuming from {resume} at step {run.step} (epoch {run.epoch}, batch {run.batch_in_epoch})")
+        restore(run, ck, resume, ctx)
     else:
         torch.manual_seed(args.seed + 1000 * ctx.rank + 1)                  # per-rank dropout / drop-path streams
-    if ctx.main:
-        if ck is None and (os.path.exists(ckpt_path) or os.path.exists(log_path)):
-            run.live_log = log_path + ".new"                                # the old record stays until our 1st checkpoint
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(log_path + ".new")
-    with together(ctx):
-        if ctx.main:
-            write_log(run.live_log, "".join(run.history), "w")
+    open_log(run, ctx, fresh=ck is None)
     if args.compile:
         run.model = torch.compile(run.model)
     if ctx.world > 1:
@@ -1883,21 +1879,6 @@ def start_or_resume(args, stage, data, ctx):
     if teacher is not None:
         teacher.eval()                                                      # frozen (train() reached it in a Distiller)
     return run
-
-
-def print_start(run, args, ctx, n_images):
-    """what the stage trains, on what, for how long, with which recipe"""
-    n_params = sum(p.numel() for p in run.params)
-    images = f"{n_images} {'unlabelled ' if run.stage == 'distill' else ''}images"
-    print(f"{run.label}: {vl.model_kind(run.saved)} {n_params / 1e6:.2f}M trainable params, {images}, "
-          f"{run.steps_per_epoch} steps/epoch x {args.epochs} epochs, global batch {args.batch_size * ctx.world}, "
-          f"lr {run.peak_lr:.2e}, warm-up {run.warmup} of {run.total_steps} steps, "
-          f"{torch.get_num_threads()} thread(s) -> {args.run_dir}")
-    mixing = f"mixup {args.mixup}, cutmix {args.cutmix}, smoothing {args.label_smoothing}, "
-    print(f"{run.label}: recipe {args.recipe}: aa {args.aa}, hflip {args.hflip}, erase {args.erase_prob}, "
-          + (mixing if run.stage != "distill" else "")
-          + f"repeated aug x{args.repeated_aug}, EMA {args.ema_decay or 'off'}, layer decay {args.layer_decay}, "
-          f"drop path {getattr(run.saved.cfg, 'drop_path', 'n/a')}, wd {args.weight_decay}, amp {args.amp}")
 
 
 def train_one_epoch(run, args, ctx):
@@ -1966,7 +1947,8 @@ def end_epoch(run, args, ctx):
     with together(ctx):
         run.bad.end_pass(f"{run.label} epoch {run.epoch + 1}", ctx)
     run.epoch, run.batch_in_epoch = run.epoch + 1, 0
-    if run.val_loader is not None and (run.epoch == args.epochs or args.eval_every and run.epoch % args.eval_every == 0):
+    due = run.epoch == args.epochs or args.eval_every and run.epoch % args.eval_every == 0
+    if run.val_loader is not None and due:
         run.metrics = validate(run, args, ctx, run.epoch)
     elif ctx.main and run.sums.names:
         tqdm.write(f"{run.label} epoch {run.epoch}/{args.epochs} done (step {run.step})")
@@ -2002,7 +1984,7 @@ def save(run, args, ctx, finished=False):
         raise NonFinite(f"{run.label}: parameters became non-finite at step {run.step}; {run.kept()}")
     rng = rng_state(ctx)                                                    # collective: every rank
     log_sums = run.sums.total(ctx)                                          # collective: a resume logs the same lines
-    with together(ctx):                                                     # e.g. a full disk on rank 0 stops every rank
+    with together(ctx):                                                     # e.g. rank 0's full disk stops every rank
         if ctx.main:
             extra = {}                                                      # the Distiller's own weights (MP head)
             if run.stage == "distill":
@@ -2033,13 +2015,67 @@ def save_snapshot(run, args, ctx):
             classes=run.classes, stage=run.stage, step=run.step, args=dict(vars(args)), finished=False))
 
 
+def resume_path(args):
+    """the checkpoint a stage continues from: --resume, or OUT/NAME/last.pt ('auto'); None with --fresh"""
+    if args.fresh:
+        return None
+    return os.path.join(args.run_dir, "last.pt") if args.resume == "auto" else args.resume
+
+
+def print_start(run, args, ctx, n_images):
+    """what the stage trains, on what, for how long, with which recipe"""
+    n_params = sum(p.numel() for p in run.params)
+    images = f"{n_images} {'unlabelled ' if run.stage == 'distill' else ''}images"
+    print(f"{run.label}: {vl.model_kind(run.saved)} {n_params / 1e6:.2f}M trainable params, {images}, "
+          f"{run.steps_per_epoch} steps/epoch x {args.epochs} epochs, global batch {args.batch_size * ctx.world}, "
+          f"lr {run.peak_lr:.2e}, warm-up {run.warmup} of {run.total_steps} steps, "
+          f"{torch.get_num_threads()} thread(s) -> {args.run_dir}")
+    mixing = f"mixup {args.mixup}, cutmix {args.cutmix}, smoothing {args.label_smoothing}, "
+    print(f"{run.label}: recipe {args.recipe}: aa {args.aa}, hflip {args.hflip}, erase {args.erase_prob}, "
+          + (mixing if run.stage != "distill" else "")
+          + f"repeated aug x{args.repeated_aug}, EMA {args.ema_decay or 'off'}, layer decay {args.layer_decay}, "
+          f"drop path {getattr(run.saved.cfg, 'drop_path', 'n/a')}, wd {args.weight_decay}, amp {args.amp}")
+
+
+def restore(run, ck, path, ctx):
+    """a run where its checkpoint ck (read from path) left it: optimizer, loss scaler, step, RNG states, the log"""
+    run.opt.load_state_dict(ck["optimizer"])
+    if ck.get("scaler"):
+        run.scaler.load_state_dict(ck["scaler"])
+    run.step, run.epoch, run.batch_in_epoch = ck["step"], ck["epoch"], ck["batch_in_epoch"]
+    run.saved_step = ck["step"]
+    set_rng_state(ck["rng"], ctx)
+    if "log" in ck:                                                         # the log and its partial sums as of step
+        run.history = list(ck["log"])
+        run.sums = LogSums(ctx.device, ck["log_keys"], ck["log_sums"] if ctx.main else None)
+    elif ctx.main and os.path.exists(run.log_path):                         # a checkpoint of an older train.py
+        with open(run.log_path) as f:
+            run.history = [line for line in f if json.loads(line).get("step", 0) <= run.step]
+    if ctx.main:
+        print(f"{run.label}: resuming from {path} at step {run.step} (epoch {run.epoch}, batch {run.batch_in_epoch})")
+
+
+def open_log(run, ctx, fresh):
+    """log.jsonl holds this run's lines so far; a fresh run over an older run's folder writes log.jsonl.new instead,
+    and the old record stays until the new run's first checkpoint (save)"""
+    if ctx.main:
+        if fresh and (os.path.exists(run.ckpt_path) or os.path.exists(run.log_path)):
+            run.live_log = run.log_path + ".new"
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(run.log_path + ".new")
+    with together(ctx):
+        if ctx.main:
+            write_log(run.live_log, "".join(run.history), "w")
+
+
 def peak_mem_mb(ctx):
     if ctx.device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024        # CPU: peak resident set of the process
 
 
-# ----------------------------------------------------------------------------------------------- the demo's story (stage all)
+# ----------------------------------------------------------------------------------------------------------------
+# 12. The demo's story (stage all)
 
 def run_all(args, data, ctx):
     """The demo's story: teacher (unless --teacher) -> distil on unlabelled images -> fine-tune on the labelled images
@@ -2113,7 +2149,8 @@ def run_all(args, data, ctx):
                        for name, n_lab, n_steps, r, p in rows}, f, indent=1)
 
 
-# ----------------------------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------------------------------------------
+# 13. main
 
 def main(argv=None):
     args = parse_args(argv)
@@ -2125,8 +2162,8 @@ def main(argv=None):
             if ctx.main:
                 print("\n".join(describe_recipe(args)))
             if args.workers > cores_per_process() and ctx.main:
-                print(f"warning: --workers {args.workers} on {cores_per_process()} CPU core(s) per process: the workers "
-                      "compete with training for the cores", file=sys.stderr)
+                print(f"warning: --workers {args.workers} on {cores_per_process()} CPU core(s) per process: the "
+                      "workers compete with training for the cores", file=sys.stderr)
             data = get_data(args)
             if args.stage != "teacher":
                 student = student_config(for_stage(args, "distill" if args.stage == "all" else args.stage),
