@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -2328,3 +2329,43 @@ def test_chunked_bidirectional_matches_reference(L):
         res.append((out, *torch.autograd.grad((out * w).sum(), [x[k] for k in NAMES])))
     for name, got, want in zip(["out"] + NAMES, *res):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
+
+
+# ---------------------------------------------------------------- issue 13: code shape (one table of defaults, one checkpoint path)
+
+def test_help_shows_every_default_for_both_modes():
+    """--help is true: every flag's default comes from train.DEFAULTS, and each flag's help names the value that
+    parse_args gives it on the demo and in a --data run (recipe deit); no help says None"""
+    parser = train.get_parser()
+    flags = {a.dest: a for a in parser._actions if a.dest != "help"}
+    assert set(flags) == set(train.DEFAULTS)
+    assert "None" not in parser.format_help()
+    runs = {"demo": vars(train.parse_args([])), "data": vars(train.parse_args(["--data", "d"]))}
+    computed = {"threads", "workers", "out"}                                # from the CPU cores, --data's name
+    for k, action in flags.items():
+        text = " ".join(action.help.split())
+        words = re.split(r"[\s/()]+", text[text.rfind("(default:"):])
+        for mode, values in runs.items():
+            v = values[k]
+            skip = k in computed or k in values["given"] or mode == "data" and k.startswith("demo_")
+            if skip or v is None or v is False:
+                continue
+            for x in (v.values() if isinstance(v, dict) else [v]):         # a recipe's per-stage values
+                want = "empty" if x == "" else "the" if x is None else f"{x:g}" if isinstance(x, float) else str(x)
+                assert want in words, (k, mode, want, text)                 # (None: "the preset's")
+
+
+def test_init_from_with_another_class_count_keeps_every_other_tensor(tmp_path):
+    cfg = vl.MambaConfig(img_size=16, patch_size=4, dim=16, depth=2, d_state=4, num_classes=5, scan_backend="chunked")
+    torch.manual_seed(0)
+    old = vl.VisionMamba(cfg)
+    torch.save(dict(kind="vision_mamba", config=dataclasses.asdict(cfg), model=old.state_dict()), tmp_path / "c.pt")
+    args = train.parse_args(["--img-size", "16"])
+    new = train.init_from(str(tmp_path / "c.pt"), args, 3)
+    assert new.cfg.num_classes == 3 and new.head.weight.shape == (3, 16)
+    assert vl.model_kind(new) == "vision_mamba" and vl.model_kind(vl.ViT(TINY_TEACHER)) == "vit"
+    for k, v in old.state_dict().items():
+        if not k.startswith("head."):
+            assert torch.equal(new.state_dict()[k], v), k
+    ours = vl.model_from_checkpoint(torch.load(tmp_path / "c.pt", weights_only=True), num_classes=0)
+    assert ours.head is None and torch.equal(ours.pos_embed, old.pos_embed)

@@ -63,7 +63,8 @@ class Mode(NamedTuple):
 
 # Every flag's default, in one table (the groups of --help). Mode(demo, data) where the mode decides; a recipe
 # (--recipe, RECIPES below) replaces some of them; the command line wins over both: command line > recipe > DEFAULTS.
-# None: unset, or computed at the start (parse_args: threads, workers, out; start_or_resume: lr from --blr).
+# None: unset (drop_path: the preset's), or computed at the start (parse_args: threads, workers, out; start_or_resume:
+# lr from --blr).
 # The demo is a miniature of the paper's setting: the teacher learns from a larger labelled set (standing in for its
 # large pre-training corpus), the student is distilled on a large pool of unlabelled images (the generator is
 # unlimited), then both students get the same small labelled set: the distilled one is fine-tuned briefly at a lower
@@ -104,7 +105,6 @@ WARMUP_FLAGS = ("warmup_steps", "warmup_epochs", "warmup_frac")           # one 
 def labelled(value, distill):
     """a per-stage recipe value: `value` for the labelled stages (teacher, finetune), `distill` for distillation"""
     return dict(teacher=value, distill=distill, finetune=value)
-
 
 
 # Named recipes (--recipe NAME): plain dicts of flag defaults. Flags given on the command line win over the recipe, the
@@ -148,8 +148,6 @@ RECIPE_NOTES = {
     "mae-ft": "MAE's fine-tuning recipe for its 24-block ViT-L (facebookresearch/mae FINETUNE.md; lr 1e-3 per 256 = "
               "2e-3 per 512), layer-wise lr decay 0.75, 50 epochs: for fine-tuning a distilled student (--init)",
 }
-
-
 
 
 def mode_defaults(mode, recipe, given=()):
@@ -680,7 +678,6 @@ class UnlabelledFolder(ImageFolder):
         return image, error
 
 
-
 def list_images(root):
     """every image file under root (any depth, sorted), with a one-line error when there is none"""
     if not os.path.isdir(root):
@@ -690,7 +687,6 @@ def list_images(root):
     if not files:
         raise UserError(f"--distill-data {root}: no images in it ({', '.join(IMG_EXT)})")
     return files
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1479,8 +1475,6 @@ def build(args, stage, n_classes, ctx):
     return student, distiller, loss, teacher
 
 
-
-
 def supervised_loss(teacher, args):
     """cross-entropy with label smoothing, or against soft targets (B, classes) from mixup / cutmix, which carry the
     smoothing already; + soft logit distillation when a teacher is given"""
@@ -1499,8 +1493,6 @@ def supervised_loss(teacher, args):
                       reduction="batchmean") * T * T
         return dict(loss=(1 - args.kd_weight) * ce + args.kd_weight * kd, ce=ce, kd=kd)
     return loss
-
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -2090,16 +2082,24 @@ def run_all(args, data, ctx):
         times[name] = time.time() - t
         return path
 
-    teacher = args.teacher or stage("teacher", "teacher", args.teacher_epochs, teacher=None, init=None,
-                                    lr=args.teacher_lr if args.teacher_lr is not None else args.lr)
-    distilled = teacher and stage("distill", "distill", args.distill_epochs, teacher=teacher, init=None,
-                                  save_steps="0")
-    tuned = distilled and stage("finetune", "finetune", args.finetune_epochs, teacher=teacher, init=distilled,
-                                lr=args.finetune_lr if args.finetune_lr is not None else args.lr)
-    scratch = tuned and (args.no_baseline or stage("supervised", "finetune", args.supervised_epochs, teacher=teacher,
-                                                   init=None, kd_weight=0.0))
-    if not scratch:
+    teacher = args.teacher
+    if teacher is None:
+        teacher = stage("teacher", "teacher", args.teacher_epochs, teacher=None, init=None,
+                        lr=args.teacher_lr if args.teacher_lr is not None else args.lr)
+    if not teacher:
         return                                                              # --max-steps stopped a stage
+    distilled = stage("distill", "distill", args.distill_epochs, teacher=teacher, init=None, save_steps="0")
+    if not distilled:
+        return
+    tuned = stage("finetune", "finetune", args.finetune_epochs, teacher=teacher, init=distilled,
+                  lr=args.finetune_lr if args.finetune_lr is not None else args.lr)
+    if not tuned:
+        return
+    scratch = None
+    if not args.no_baseline:
+        scratch = stage("supervised", "finetune", args.supervised_epochs, teacher=teacher, init=None, kd_weight=0.0)
+        if not scratch:
+            return
     val = make_loader(data.val, args, ctx, train=False)
 
     def load(path):
