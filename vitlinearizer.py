@@ -308,6 +308,7 @@ class BiMamba(nn.Module):
         self.D = nn.Parameter(torch.ones(ndir, E))
         self.out_proj = nn.Linear(E, cfg.dim, bias=False)
 
+    @torch.profiler.record_function("depthwise conv")                                 # a label for profilers
     def conv(self, x):                                                                 # (B, E, L) -> (ndir, B, E, L)
         K = self.cfg.d_conv
         outs = []
