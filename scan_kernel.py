@@ -217,7 +217,8 @@ class _ChunkedScanFn(torch.autograd.Function):
         ddt, dv, dB, dC = map(torch.empty_like, (dt, v, B, C))
         dAT = torch.zeros_like(AT)
         work = dt.new_empty(4, min(L, CHUNK), batch, A.shape[1], dim)
-        carry = dt.new_zeros(batch, A.shape[1], dim) if dlast is None else dlast.transpose(1, 2)  # exp(dt_{t+1} A) g_{t+1}
+        # exp(dt_{t+1} A) g_{t+1}, the gradient carried into each chunk from the one after it
+        carry = dt.new_zeros(batch, A.shape[1], dim) if dlast is None else dlast.transpose(1, 2)
         for (lo, hi), h0 in reversed(list(zip(_chunks(L, reverse), starts))):
             h0 = h0.transpose(1, 2)  # (batch, N, dim)
             decay, H, G, tmp = work[:, :hi - lo]
