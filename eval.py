@@ -240,41 +240,25 @@ def train_step_mem(model, x, device, amp):
 
 
 def student_time_split(model, x, device):
-    """-> {part: seconds} of one no-grad forward of a VisionMamba: the scan, the in/out projections, the depthwise
-    conv, the norms, and the rest (x_proj / dt_proj matmuls, gates, layout, patch embedding, head)."""
-    parts = dict.fromkeys(["scan", "in/out projections", "depthwise conv", "norms"], 0.0)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def timed_call(part, fn):
-        def wrapper(*a, **k):
-            sync()
-            t = time.perf_counter()
-            out = fn(*a, **k)
-            sync()
-            parts[part] += time.perf_counter() - t
-            return out
-        return wrapper
-    saved = {name: getattr(vl, name) for name in ("selective_scan", "bidirectional_selective_scan")}
-    conv = vl.BiMamba.conv
-    patched = [(m, m.forward) for m in model.modules() if isinstance(m, (nn.RMSNorm, nn.Linear))]
-    try:
-        for name, fn in saved.items():
-            setattr(vl, name, timed_call("scan", fn))
-        vl.BiMamba.conv = timed_call("depthwise conv", conv)
-        for m, fwd in patched:
-            m.forward = timed_call("norms" if isinstance(m, nn.RMSNorm) else "in/out projections", fwd)
-        with torch.no_grad():
-            sync()
-            t = time.perf_counter()
+    """-> ({part: seconds}, total) of one no-grad forward of a VisionMamba, read from torch.profiler: the scan and
+    the depthwise conv (their record_function labels), the projections (in, x, dt and out: the matmuls outside the
+    scan), the norms, and the rest (gates, layout, patch embedding, head). On CUDA the parts are device times."""
+    parts = dict.fromkeys(["scan", "projections", "depthwise conv", "norms"], 0.0)
+    kind = {"selective_scan": "scan", "depthwise conv": "depthwise conv", "aten::rms_norm": "norms",
+            **dict.fromkeys(["aten::matmul", "aten::linear", "aten::mm", "aten::addmm", "aten::bmm"], "projections")}
+    cuda = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.no_grad(), torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.record_function("student forward"):
             model(x)
-            sync()
-            total = time.perf_counter() - t
-    finally:
-        for name, fn in saved.items():
-            setattr(vl, name, fn)
-        vl.BiMamba.conv = conv
-        for m, _ in patched:
-            del m.forward
+        if cuda:
+            torch.cuda.synchronize()
+    root = next(e for e in prof.events() if e.name == "student forward")
+    us = (lambda e: e.device_time_total) if cuda else (lambda e: e.cpu_time_total)
+    for e in root.cpu_children:                                                        # the forward's top-level calls
+        if e.name in kind:
+            parts[kind[e.name]] += us(e) / 1e6
+    total = (sum(us(e) for e in root.cpu_children) if cuda else us(root)) / 1e6
     parts["rest"] = total - sum(parts.values())
     return parts, total
 

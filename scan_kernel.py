@@ -2,7 +2,7 @@
 Selective scan (Mamba-1 "S6") for the ViT-Linearizer student: a readable PyTorch reference and
 a Triton kernel (forward and backward), single-direction and fused bidirectional (Vim "v2").
 
-Symbols (shapes as mamba-ssm's selective_scan_fn; PAPER.md, "The student"):
+Symbols (shapes as mamba-ssm's selective_scan_fn):
     u, delta, z : (batch, dim, L)   input, step size (pre-activation), gate
     A           : (dim, N)          state matrix (diagonal, real, negative)
     B, C        : (batch, N, L)     input-dependent input / output projections
@@ -22,7 +22,7 @@ direction 1 in reverse, both in the original token order):
 Backends (the math is identical; only speed and memory differ):
     "reference": selective_scan_ref, pure PyTorch + autograd, a plain loop over time (the test oracle).
     "chunked":   selective_scan_chunked, PyTorch with a hand-written backward, vectorised per chunk of
-                 CPU_CHUNK steps (the CPU path for training and inference).
+                 CHUNK steps (the CPU path for training and inference).
     "triton":    _ScanFn, Triton kernels for forward and backward (CUDA, or the CPU interpreter
                  when TRITON_INTERPRET=1 was set before this module was imported).
     "auto":      "triton" if triton imports, u is fp32/fp16/bf16 and (u.is_cuda or TRITON_INTERPRET=1),
@@ -49,7 +49,7 @@ except ImportError:  # e.g. macOS: the reference backend still works, "triton" r
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # triton.jit reads it at decoration time
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-CHUNK = 16  # the forward checkpoints the state every CHUNK steps for the backward
+CHUNK = 16  # both fast paths keep the state every CHUNK steps for their backward (Triton and chunked)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,7 +85,7 @@ def _check(fn, u, delta, A, B, C, D, z, delta_bias, lead=()):
 
 
 def _pick_backend(fn, backend, u):
-    """-> "triton", "chunked" or "reference"; an explicit "triton" raises (never falls back) when it cannot run."""
+    """The backend rules of the module docstring: -> "triton", "chunked" or "reference"."""
     if backend not in ("auto", "triton", "chunked", "reference"):
         raise ValueError(f"{fn}: backend must be 'auto', 'triton', 'chunked' or 'reference', got {backend!r}")
     runnable = triton is not None and (u.is_cuda or _INTERPRET) and u.dtype in _KERNEL_DTYPES
@@ -144,14 +144,14 @@ def _skip_and_gate(y, u, D, z):
 
 # ----------------------------------------------------------------------------------------------
 # chunked: the fast CPU path. The reference's math with a hand-written backward. Time is cut into
-# chunks of CPU_CHUNK steps; per chunk, the decays exp(dt A) and inputs dt u B of all its steps are
+# chunks of CHUNK steps; per chunk, the decays exp(dt A) and inputs dt u B of all its steps are
 # computed in one vectorised op each, the recurrence is one in-place multiply-add per step, and the
 # outputs <C_t, h_t> are one batched product per chunk. Only the state entering each chunk is kept
 # for the backward, which recomputes the chunk's states and runs the adjoint recurrence
 #     g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}      (g_t = dLoss/dh_t; "t+1" = the next scan step)
 # from which d(dt u) = <g_t, B_t>, dB_t = sum_d g_t dt u, dC_t = sum_d h_t dy_t and
 # d(dt_t A) = g_t h_{t-1} exp(dt_t A) follow in vectorised ops. Saved memory: O(batch dim L)
-# inputs + O(batch dim N L / CPU_CHUNK) states, never (batch, dim, L, N).
+# inputs + O(batch dim N L / CHUNK) states, never (batch, dim, L, N).
 # For CPU speed: the chunk's (T, batch, N, dim) work tensors keep dim innermost, so every
 # broadcast product runs over long contiguous rows (with N = 8-16 innermost they ran ~5x slower);
 # they are allocated once per call and reused (fresh multi-MB tensors cost page faults); exp(x) is
@@ -159,8 +159,11 @@ def _skip_and_gate(y, u, D, z):
 # (Stacking both directions of a bidirectional scan into one time-major loop was measured too: no
 # faster at the demo's shapes, slower at larger ones, so each direction scans on its own.)
 
-CPU_CHUNK = 16
 _LOG2E = 1.4426950408889634
+
+
+def _batch_first(x):  # (L, batch, K) -> (batch, K, L), a view
+    return x.permute(1, 2, 0)
 
 
 def _time_major(x):  # (batch, K, L) -> (L, batch, K) contiguous: one step = one contiguous block
@@ -179,7 +182,7 @@ def _chunk_states(dt, v, A2, B, h, reverse, decay, H):
 
 
 def _chunks(L, reverse):  # [(start, end), ...] in scan order
-    bounds = [(lo, min(lo + CPU_CHUNK, L)) for lo in range(0, L, CPU_CHUNK)]
+    bounds = [(lo, min(lo + CHUNK, L)) for lo in range(0, L, CHUNK)]
     return bounds[::-1] if reverse else bounds
 
 
@@ -194,7 +197,7 @@ class _ChunkedScanFn(torch.autograd.Function):
         A2 = (A * _LOG2E).T.contiguous()  # (N, dim)
         h = dt.new_zeros(batch, A.shape[1], dim)  # (batch, N, dim)
         y = torch.empty_like(dt)  # (L, batch, dim)
-        work = dt.new_empty(2, min(L, CPU_CHUNK), batch, A.shape[1], dim)
+        work = dt.new_empty(2, min(L, CHUNK), batch, A.shape[1], dim)
         starts = []
         for lo, hi in _chunks(L, reverse):
             starts.append(h.transpose(1, 2))  # (batch, dim, N) view
@@ -213,8 +216,9 @@ class _ChunkedScanFn(torch.autograd.Function):
         A2, AT = (A * _LOG2E).T.contiguous(), A.T.contiguous()  # (N, dim)
         ddt, dv, dB, dC = map(torch.empty_like, (dt, v, B, C))
         dAT = torch.zeros_like(AT)
-        work = dt.new_empty(4, min(L, CPU_CHUNK), batch, A.shape[1], dim)
-        carry = dt.new_zeros(batch, A.shape[1], dim) if dlast is None else dlast.transpose(1, 2)  # exp(dt_{t+1} A) g_{t+1}
+        work = dt.new_empty(4, min(L, CHUNK), batch, A.shape[1], dim)
+        # exp(dt_{t+1} A) g_{t+1}, the gradient carried into each chunk from the one after it
+        carry = dt.new_zeros(batch, A.shape[1], dim) if dlast is None else dlast.transpose(1, 2)
         for (lo, hi), h0 in reversed(list(zip(_chunks(L, reverse), starts))):
             h0 = h0.transpose(1, 2)  # (batch, N, dim)
             decay, H, G, tmp = work[:, :hi - lo]
@@ -234,15 +238,14 @@ class _ChunkedScanFn(torch.autograd.Function):
             dlog[-1 if reverse else 0].mul_(h0)
             torch.sum(torch.mul(dlog, AT, out=tmp), 2, out=ddt[lo:hi])
             dAT += dlog.mul_(dt[lo:hi].unsqueeze(2)).sum((0, 1))
-        batch_first = lambda x: x.permute(1, 2, 0)  # noqa: E731  (L, batch, K) -> (batch, K, L)
-        return batch_first(ddt), batch_first(dv), dAT.T, batch_first(dB), batch_first(dC), None
+        return _batch_first(ddt), _batch_first(dv), dAT.T, _batch_first(dB), _batch_first(dC), None
 
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                            return_last_state=False, reverse=False):
     """Selective scan in PyTorch with a hand-written, chunk-recomputing backward: the CPU path.
     Same arguments, math and outputs as selective_scan_ref (module docstring), faster on CPU, and
-    its backward keeps one state per CPU_CHUNK steps instead of autograd's one per step."""
+    its backward keeps one state per CHUNK steps instead of autograd's one per step."""
     _check("selective_scan_chunked", u, delta, A, B, C, D, z, delta_bias)
     f = torch.promote_types(u.dtype, torch.float32)
     u32, dt = u.to(f), _step_size(delta, delta_bias, delta_softplus, f)
@@ -496,6 +499,11 @@ def _blocks(dim, N):
     return min(64, triton.next_power_of_2(dim), max(8, 1024 // NP)), NP
 
 
+def _or(u, x):
+    """x, or (for an absent optional input) any tensor as a pointer the kernel never reads"""
+    return u if x is None else x
+
+
 def _empty_like_layout(x, dtype):
     """Dense tensor of x's shape whose memory order follows x's strides (coalesced kernel stores)."""
     order = sorted(range(x.dim()), key=lambda i: -x.stride(i))
@@ -522,9 +530,8 @@ class _ScanFn(torch.autograd.Function):
         p = _empty_like_layout(u[0], torch.float32) if ND == 2 else None
         ck = torch.empty(ND, batch, dim, n_chunks, N, dtype=torch.float32, device=u.device)
         zs = z.stride() if z is not None else (0, 0, 0)
-        opt = lambda x: u if x is None else x  # noqa: E731  (absent inputs: any pointer, never read)
         _launch(_fwd_kernel, (batch, triton.cdiv(dim, BLOCK_D)),
-            u, delta, A, B, C, opt(D), opt(delta_bias), opt(z), out, opt(y), opt(p), ck,
+            u, delta, A, B, C, _or(u, D), _or(u, delta_bias), _or(u, z), out, _or(u, y), _or(u, p), ck,
             batch, dim, L, N, n_chunks, int(reverse),
             *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *zs, *out.stride(),
             ND=ND, HAS_D=D is not None, HAS_BIAS=delta_bias is not None, HAS_Z=z is not None,
@@ -552,10 +559,9 @@ class _ScanFn(torch.autograd.Function):
         scratch = torch.empty(grid[0] * grid[1] * CHUNK * BLOCK_D * NP, **f32)
         dlast = dlast.float().contiguous() if dlast is not None else None
         zs, ys, dzs = [x.stride() if x is not None else (0, 0, 0) for x in (z, y, dz)]
-        opt = lambda x: u if x is None else x  # noqa: E731  (absent inputs: any pointer, never read)
         _launch(_bwd_kernel, grid,
-            u, delta, A, B, C, opt(D), opt(delta_bias), opt(z), opt(y), dout, ck, opt(dlast),
-            du, ddelta, opt(dz), dBp, dCp, dAp, dDp, dbp, scratch,
+            u, delta, A, B, C, _or(u, D), _or(u, delta_bias), _or(u, z), _or(u, y), dout, ck, _or(u, dlast),
+            du, ddelta, _or(u, dz), dBp, dCp, dAp, dDp, dbp, scratch,
             batch, dim, L, N, n_chunks, int(reverse),
             *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *zs, *ys, *dout.stride(),
             *du.stride(), *ddelta.stride(), *dzs,
@@ -572,14 +578,14 @@ class _ScanFn(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # public API
 
+def _stacked(x):  # a leading direction axis of 1, as a view
+    return None if x is None else x[None]
+
+
+@torch.profiler.record_function("selective_scan")  # a label for profilers (eval.py's student time split)
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, reverse=False, backend="auto"):
-    """Selective scan, mamba-ssm selective_scan_fn semantics (see the module docstring).
-
-    backend: "triton" (Triton forward + backward; CUDA, or CPU with TRITON_INTERPRET=1 set before
-    import), "chunked" (selective_scan_chunked, the fast PyTorch path), "reference" (selective_scan_ref),
-    "auto" = "triton" if triton imports, u is fp32/fp16/bf16 and (u.is_cuda or TRITON_INTERPRET=1),
-    else "chunked". All compute the same math; "triton" raises instead of falling back.
+    """Selective scan, mamba-ssm selective_scan_fn semantics and backends: see the module docstring.
     last_state is differentiable on every backend.
     Returns out (batch, dim, L) in u's dtype [, last_state (batch, dim, N) fp32]."""
     _check("selective_scan", u, delta, A, B, C, D, z, delta_bias)
@@ -587,21 +593,21 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if backend != "triton":
         scan = selective_scan_chunked if backend == "chunked" else selective_scan_ref
         return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse)
-    stack = lambda x: None if x is None else x[None]  # noqa: E731  (views, no copies)
-    out, last = _ScanFn.apply(u[None], delta[None], A[None], B[None], C[None], stack(D), z, stack(delta_bias),
+    out, last = _ScanFn.apply(u[None], delta[None], A[None], B[None], C[None], _stacked(D), z, _stacked(delta_bias),
                               delta_softplus, reverse, return_last_state, torch.is_grad_enabled())
     return (out, last[0]) if return_last_state else out
 
 
+@torch.profiler.record_function("selective_scan")
 def bidirectional_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                                  backend="auto"):
     """Fused bidirectional scan (Vim v2): out = (y_fwd + y_bwd) * silu(z), (batch, dim, L) in u's dtype.
 
     u, delta (2, batch, dim, L); A (2, dim, N); B, C (2, batch, N, L); D, delta_bias (2, dim);
     z (batch, dim, L), shared. Direction 0 scans t = 0..L-1, direction 1 t = L-1..0, both in the
-    original token order; y_dir includes D * u. Any strides (e.g. transposed views), no copies.
-    "triton": one forward launch and one backward launch for both directions.
-    "chunked" / "reference": two PyTorch scans (reverse=False / True; no flips), summed in fp32, gated."""
+    original token order; y_dir includes D * u. Any strides (e.g. transposed views), no copies. Backends as in
+    the module docstring; "triton" makes one forward and one backward launch for both directions, "chunked" and
+    "reference" two PyTorch scans (reverse=False / True; no flips), summed in fp32, then gated."""
     _check("bidirectional_selective_scan", u, delta, A, B, C, D, z, delta_bias, lead=(2,))
     backend = _pick_backend("bidirectional_selective_scan", backend, u)
     if backend == "triton":

@@ -149,7 +149,7 @@ def test_reference_never_builds_full_state():
 
 # ------------------------------------------------------------------------- chunked PyTorch path vs reference
 
-@pytest.mark.parametrize("L", [1, sk.CPU_CHUNK - 1, sk.CPU_CHUNK, 2 * sk.CPU_CHUNK + 3])
+@pytest.mark.parametrize("L", [1, sk.CHUNK - 1, sk.CHUNK, 2 * sk.CHUNK + 3])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_chunked_matches_reference(L, reverse):
     """Outputs, last state and every gradient (incl. through the last state), fp64, across chunk boundaries."""
@@ -166,17 +166,17 @@ def test_chunked_matches_reference(L, reverse):
 
 
 def test_chunked_gradcheck():
-    x = leaves(make_inputs(1, 2, 2, sk.CPU_CHUNK + 2, seed=3), torch.float64)
+    x = leaves(make_inputs(1, 2, 2, sk.CHUNK + 2, seed=3), torch.float64)
     fn = lambda *a: sk.selective_scan_chunked(*a, delta_softplus=True, return_last_state=True, reverse=True)  # noqa: E731
     assert torch.autograd.gradcheck(fn, [x[k] for k in NAMES])
 
 
 def test_chunked_keeps_one_state_per_chunk():
     """Saved for backward: inputs of size (batch, dim or N, L) and one (batch, dim, N) state per chunk."""
-    batch, dim, N, L = 2, 3, 5, 4 * sk.CPU_CHUNK
+    batch, dim, N, L = 2, 3, 5, 4 * sk.CHUNK
     x = leaves(make_inputs(batch, dim, N, L))
     shapes = saved_shapes(lambda: sk.selective_scan_chunked(**x, delta_softplus=True))
-    assert shapes.count((batch, dim, N)) == L // sk.CPU_CHUNK
+    assert shapes.count((batch, dim, N)) == L // sk.CHUNK
     assert max(math.prod(s) for s in shapes) <= batch * N * L
 
 
@@ -868,7 +868,7 @@ def test_stage_indices():
 
 
 def paper_activation_matching(t_feats, s_feats, mask):
-    """PAPER.md's L_act written out with loops over images, stages and visible tokens."""
+    """The paper's L_act (vitlinearizer.py's docstring) written out with loops over images, stages and visible tokens."""
     total = 0.0
     for b in range(mask.shape[0]):
         visible = [0] + [1 + i for i in range(mask.shape[1]) if not mask[b, i]]
@@ -1172,8 +1172,8 @@ def test_student_time_split_restores_the_model():
     with torch.no_grad():
         before = model(x).logits
     parts, total = evaluate_cli.student_time_split(model, x, torch.device("cpu"))
-    assert set(parts) == {"scan", "in/out projections", "depthwise conv", "norms", "rest"}
-    assert all(parts[k] > 0 for k in ("scan", "in/out projections", "depthwise conv", "norms"))
+    assert set(parts) == {"scan", "projections", "depthwise conv", "norms", "rest"}
+    assert all(parts[k] > 0 for k in ("scan", "projections", "depthwise conv", "norms"))
     assert abs(sum(parts.values()) - total) < 1e-9
     assert vl.bidirectional_selective_scan is sk.bidirectional_selective_scan and vl.BiMamba.conv.__name__ == "conv"
     assert not any("forward" in vars(m) for m in model.modules())
@@ -2315,7 +2315,7 @@ def test_runs_tables_curves_and_probes_on_hand_made_logs(tmp_path, capsys):
     assert out.index("distill/step0.pt") < out.index("distill/step9.pt")               # probe rows in step order
 
 
-@pytest.mark.parametrize("L", [1, sk.CPU_CHUNK + 5])
+@pytest.mark.parametrize("L", [1, sk.CHUNK + 5])
 def test_chunked_bidirectional_matches_reference(L):
     """The chunked path runs both directions in one time-major scan (the reverse one flipped): outputs and every
     gradient equal two reference scans (reverse=False / True), fp64."""

@@ -308,6 +308,7 @@ class BiMamba(nn.Module):
         self.D = nn.Parameter(torch.ones(ndir, E))
         self.out_proj = nn.Linear(E, cfg.dim, bias=False)
 
+    @torch.profiler.record_function("depthwise conv")                                 # a label for profilers
     def conv(self, x):                                                                 # (B, E, L) -> (ndir, B, E, L)
         K = self.cfg.d_conv
         outs = []
@@ -540,8 +541,9 @@ class Distiller(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------------
 # 5. Checkpoints: teachers of every family, and our own models. One converter per family renames its keys to this
-# file's ViT; infer_vit_config reads the architecture from the converted weights (plus what the family or the checkpoint's config file says: heads, act,
-# eps); load_exact then requires every key to fit. Checkpoints are untrusted: tensors only, never arbitrary pickles.
+# file's ViT; infer_vit_config reads the architecture from the converted weights (plus what the family or the
+# checkpoint's config file says: heads, act, eps); load_exact then requires every key to fit. Checkpoints are
+# untrusted: tensors only, never arbitrary pickles.
 
 # The weights of a Hub folder (transformers, timm, open_clip), in the order they are looked for; *.index.json: shards
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -580,7 +582,8 @@ def read_safetensors(path):
 
 
 def read_state_dict(path):
-    """A checkpoint file as a dict of tensors / plain values; TorchScript archives (OpenAI CLIP) keep their state dict."""
+    """A checkpoint file as a dict of tensors / plain values; a TorchScript archive (OpenAI CLIP) gives its state
+    dict."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist: give a file, a Hub folder or timm:<model-name>")
     if path.endswith(".safetensors"):
