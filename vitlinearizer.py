@@ -800,6 +800,15 @@ def load_exact(model, sd, source):
     return model
 
 
+# The models this project's checkpoints hold: their "kind" -> (model class, config class)
+MODEL_KINDS = {"vit": (ViT, ViTConfig), "vision_mamba": (VisionMamba, MambaConfig)}
+
+
+def model_kind(model):
+    """the "kind" that a checkpoint of this model records (MODEL_KINDS)"""
+    return next(kind for kind, (model_cls, _) in MODEL_KINDS.items() if isinstance(model, model_cls))
+
+
 def load_model(model_cls, cfg, sd, source, num_classes=None):
     """model_cls(cfg) holding the state dict sd exactly (load_exact). num_classes, when it differs from cfg's: the
     model is built with that many classes instead, and keeps its new, randomly initialised head (0: no head)."""
@@ -809,15 +818,6 @@ def load_model(model_cls, cfg, sd, source, num_classes=None):
         sd = {**{k: v for k, v in sd.items() if not k.startswith("head.")}, **new_head}
         return load_exact(model, sd, source)
     return load_exact(model_cls(cfg), sd, source)
-
-
-# The models this project's checkpoints hold: their "kind" -> (model class, config class)
-MODEL_KINDS = {"vit": (ViT, ViTConfig), "vision_mamba": (VisionMamba, MambaConfig)}
-
-
-def model_kind(model):
-    """the "kind" that a checkpoint of this model records (MODEL_KINDS)"""
-    return next(kind for kind, (model_cls, _) in MODEL_KINDS.items() if isinstance(model, model_cls))
 
 
 def model_from_checkpoint(ckpt, source="checkpoint", img_size=None, num_classes=None, **changes):
