@@ -1929,6 +1929,7 @@ def train_one_epoch(run, args, ctx):
             # checkpoint
             if run.step % args.ckpt_every == 0:
                 save(run, args, ctx)
+            # --max-steps: stop here (run_stage writes the checkpoint to continue from)
             if args.max_steps and run.step >= args.max_steps:
                 return True
     return False
@@ -1955,8 +1956,8 @@ def validate(run, args, ctx, at_epoch):
         res.update({f"ema_{k}": v for k, v in ema.items()})
     log(run, dict(step=run.step, epoch=round(at_epoch, 4), **{f"val_{k}": v for k, v in res.items()}), ctx)
     if ctx.main:
-        ema = f"  (EMA: top-1 {res['ema_top1']:.2f}  top-5 {res['ema_top5']:.2f})" if run.ema is not None else ""
-        tqdm.write(f"{run.label} step {run.step}: val top-1 {res['top1']:.2f}  top-5 {res['top5']:.2f}{ema}")
+        ema_text = f"  (EMA: top-1 {res['ema_top1']:.2f}  top-5 {res['ema_top5']:.2f})" if run.ema is not None else ""
+        tqdm.write(f"{run.label} step {run.step}: val top-1 {res['top1']:.2f}  top-5 {res['top5']:.2f}{ema_text}")
     return res
 
 
