@@ -18,18 +18,20 @@ import scan_kernel
 
 # ----------------------------------------------------------------------------------------------- accuracy
 
-def load_model(path, for_accuracy=True):
-    """our checkpoint (any kind), else whatever load_teacher takes (a teacher file of any format it reads, a Hub folder,
-    timm:NAME)"""
-    if path.startswith("timm:"):
+def load_model(path, ema=False, for_accuracy=True):
+    """our checkpoint (any kind; ema: its EMA weights), else whatever load_teacher takes (a teacher file of any format
+    it reads, a Hub folder, timm:NAME)"""
+    if path.startswith("timm:") and not ema:
         return train.load_teacher(path, None), {}
     try:
-        ck, _ = vl.read_checkpoint(path)                                   # a file, or a Hub folder
+        ck, _ = vl.read_checkpoint(path) if not path.startswith("timm:") else ({}, None)   # a file, or a Hub folder
     except Exception as e:
         raise train.UserError(f"could not read {path}: {type(e).__name__}: {e}".replace("\n", " ")) from e
+    if ema and not (isinstance(ck, dict) and ck.get("ema")):
+        raise train.UserError(f"{path} holds no EMA weights (train with --ema-decay)")
     if isinstance(ck, dict) and "kind" in ck:
         try:
-            model = vl.model_from_checkpoint(ck, path)
+            model = vl.model_from_checkpoint({**ck, "model": ck["ema"]} if ema else ck, path)
         except Exception as e:
             raise train.UserError(f"{path}: {e}") from e
         if ck.get("stage") == "distill" and for_accuracy:
@@ -41,7 +43,7 @@ def load_model(path, for_accuracy=True):
 
 
 def accuracy(args):
-    model, ck = load_model(args.ckpt)
+    model, ck = load_model(args.ckpt, args.ema)
     run = ck.get("args", {})
     args.img_size = args.img_size or run.get("img_size") or model.cfg.img_size
     train.check_resolution(args.img_size, model.cfg.patch_size, "model")
@@ -50,7 +52,7 @@ def accuracy(args):
         classes = ds.classes
     elif args.data is not None:
         classes, samples = train.list_split(args.data, "val")
-        ds = train.ImageFolder(samples, classes, args.img_size, train=False)
+        ds = train.ImageFolder(samples, classes, args.img_size, train=False, crop_ratio=args.crop_ratio)
     else:
         raise train.UserError(f"{args.ckpt} was not trained on the demo: give --data DIR (DIR/val/<class>/*)")
     if ck.get("classes") and list(ck["classes"]) != list(classes):
@@ -60,7 +62,8 @@ def accuracy(args):
     ctx = train.Ctx(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     args.seed, args.max_bad_frac = 0, 0.01
     res = train.evaluate(model.to(ctx.device), train.make_loader(ds, args, ctx, train=False), args, ctx)
-    print(f"{args.ckpt}: top-1 {res['top1']:.2f}  top-5 {res['top5']:.2f}  ({len(ds)} images, {len(classes)} classes)")
+    print(f"{args.ckpt}{' (EMA weights)' if args.ema else ''}: top-1 {res['top1']:.2f}  top-5 {res['top5']:.2f}  "
+          f"({len(ds)} images, {len(classes)} classes, {args.img_size} px)")
     return res
 
 
@@ -828,6 +831,8 @@ def check_args(args):
             raise train.UserError(f"{flag} {value}: must be a whole number >= {least}")
     if not 0 < args.max_seconds < float("inf"):
         raise train.UserError(f"--max-seconds {args.max_seconds}: must be a finite number > 0")
+    if not 0 < args.crop_ratio <= 1:
+        raise train.UserError(f"--crop-ratio {args.crop_ratio}: must be > 0 and <= 1")
     int_list(args.resolutions, "--resolutions")
     int_list(args.batch_sizes, "--batch-sizes")
     for shape in (args.scan_shapes or "1,1,1,1").split(";"):
@@ -850,7 +855,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", help="checkpoint to evaluate (train.py's, or a teacher file / timm:NAME)")
     p.add_argument("--data", help="ImageNet-layout folder; its val/ split is evaluated (default: the demo's held-out set)")
-    p.add_argument("--img-size", type=int, help="default: the checkpoint's training resolution")
+    p.add_argument("--img-size", type=int, help="default: the checkpoint's training resolution; any multiple of the "
+                   "patch size works (position embeddings resampled), e.g. 448 for a 224 px model")
+    p.add_argument("--crop-ratio", type=float, default=0.875, help="--data: resize to img-size / ratio, centre crop "
+                   "(Adventurer evaluates above 224 px with 1.0)")
+    p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights (--ema-decay runs)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=4 if cuda else 0)
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])

@@ -1070,7 +1070,7 @@ def test_image_folder_training_skips_a_corrupt_file(tmp_path, capsys):
     root = write_tree(tmp_path / "d", corrupt=1)
     rc, out, err = run_train(capsys, "--data", root, "--out", tmp_path / "r", "--stage", "teacher", "--epochs", 2,
                        "--teacher-preset", "demo", "--teacher-opts", "dim=32,depth=2,heads=2", "--img-size", 16,
-                       "--batch-size", 13, "--workers", 1, "--log-every", 1)
+                       "--batch-size", 13, "--workers", 1, "--log-every", 1, "--recipe", "none")
     assert rc == 0, err
     assert "skipped 1 unreadable image(s) of 13" in err and "bad0.JPEG" in err
     assert [r["epoch"] for r in log(tmp_path / "r" / "teacher" / "log.jsonl") if "val_top1" in r] == [1, 2]
@@ -1226,7 +1226,8 @@ def bad_case(tmp_path, case):
         os.rename(os.path.join(root, "val", "fox"), os.path.join(root, "val", "owl"))
         return ["--data", root], "only in train ['fox'], only in val ['owl']"
     if case == "too many corrupt":
-        return ["--data", write_tree(tmp_path / "d", corrupt=4), "--max-bad-frac", "0.01"], "could not be read"
+        return ["--data", write_tree(tmp_path / "d", corrupt=4), "--max-bad-frac", "0.01", "--recipe", "none"], \
+            "could not be read"                                             # (repeated augmentation would see fewer)
     if case == "bad teacher":
         torch.save({"foo.weight": torch.zeros(2)}, tmp_path / "t.pt")
         return ["--stage", "distill", "--teacher", tmp_path / "t.pt"], "could not load teacher"
@@ -1301,6 +1302,381 @@ def test_runs_table_over_seeds(tmp_path, capsys):
         assert (int(seeds), float(mean), float(std)) == (len(values), round(statistics.mean(values), 1),
                                                          round(statistics.stdev(values), 1))
     assert evaluate_cli.main(["--runs", str(tmp_path / "nope")]) == 2
+
+
+# ---------------------------------------------------------------- issue 12: recipe (augmentations, EMA, lr decay, resolution)
+
+def rgb_image(h=20, w=24, seed=0, mode="RGB"):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_randaugment_ops_keep_size_and_mode(mode):
+    import random
+    im = rgb_image(mode=mode)
+    for name, op in train.RAND_OPS.items():
+        for m in (0.0, 0.37, 1.0):
+            for inc in (False, True):
+                out = op(im, m, inc, random.Random(0))
+                assert out.size == im.size and out.mode == im.mode, (name, m, inc)
+    out = train.ThreeAugment()(im.convert("RGB"), random.Random(0))
+    assert out.size == im.size and out.mode == "RGB"
+
+
+def test_randaugment_ops_compute_what_timm_documents():
+    """pixel ops against numpy written from the op definitions; translate by a whole number of pixels against a shift"""
+    import random
+    im = rgb_image()
+    a = np.asarray(im).astype(int)
+    op = lambda name, m, inc=True: np.asarray(train.RAND_OPS[name](im, m, inc, random.Random(0))).astype(int)
+    assert (op("Invert", 0.3) == 255 - a).all()
+    t = 256 - int(256 * 0.6)                                                           # solarize, increasing
+    assert (op("Solarize", 0.6) == np.where(a >= t, 255 - a, a)).all()
+    assert (op("Solarize", 0.6, False) == np.where(a >= int(256 * 0.6), 255 - a, a)).all()
+    bits = 4 - int(4 * 0.6)                                                            # posterize keeps the top bits
+    assert (op("Posterize", 0.6) == a & (0xFF << (8 - bits) & 0xFF)).all()
+    assert (op("Posterize", 1.0) == 0).all()                                            # 0 bits at the top magnitude
+    assert (op("SolarizeAdd", 0.5) == np.where(a < 128, np.minimum(255, a + 55), a)).all()
+    w = im.size[0]                                                                      # 24 px: 0.45 * 24 * m = 9 px
+    m = 9 / (0.45 * w)
+    shifted = op("TranslateXRel", m)
+    fill = np.array(train.FILL)
+    left = np.concatenate([a[:, 9:], np.broadcast_to(fill, (a.shape[0], 9, 3))], 1)    # content moves left
+    right = np.concatenate([np.broadcast_to(fill, (a.shape[0], 9, 3)), a[:, :-9]], 1)
+    assert (shifted == left).all() or (shifted == right).all()
+    e = np.asarray(train.RAND_OPS["Brightness"](im, 0.5, False, random.Random(0))).astype(int)   # factor 0.1 + 0.9
+    assert np.abs(e - np.clip(np.round(a * 1.0), 0, 255)).max() <= 1
+
+
+def test_randaugment_draws_ops_and_magnitudes_as_specified(monkeypatch):
+    import random
+    seen = []
+    monkeypatch.setattr(train, "RAND_OPS", {n: (lambda n: lambda im, m, inc, g: seen.append((n, m, inc)) or im)(n)
+                                            for n in train.RAND_OPS})
+    ra, g = train.RandAugment("rand-m9-mstd0.5-inc1"), random.Random(0)
+    for _ in range(4000):
+        ra(None, g)
+    names, ms, incs = zip(*seen)
+    assert all(incs) and abs(len(seen) / (4000 * 2) - 0.5) < 0.02                     # 2 ops per image, each p = 0.5
+    counts = np.bincount([list(train.RAND_OPS).index(n) for n in names], minlength=15)
+    assert len(counts) == 15 and counts.min() > 0.8 * len(seen) / 15                    # all 15, uniformly
+    ms = np.array(ms)
+    assert abs(ms.mean() - 0.9) < 0.005 and abs(ms[ms < 1].std() - 0.05) < 0.01 and ms.max() == 1.0   # N(9, .5) / 10, clipped
+    seen.clear()
+    fixed = train.RandAugment("rand-m5-n3-p1.0")
+    fixed(None, g)
+    assert [(m, inc) for _, m, inc in seen] == [(0.5, False)] * 3
+
+
+def test_randaugment_in_the_image_folder_is_seeded_per_sample_and_epoch(tmp_path):
+    root = write_tree(tmp_path / "d", corrupt=0)
+    classes, samples = train.list_split(root, "train")
+    ds = train.ImageFolder(samples, classes, 16, True, augment=train.image_augment("rand-m9-mstd0.5-inc1"))
+    plain = train.ImageFolder(samples, classes, 16, True)
+    sampler = train.BatchSampler(len(samples), 4, seed=3)
+    keys = {}
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        keys[epoch] = dict(k for batch in sampler for k in batch)                         # index -> augmentation seed
+    for i in keys[0]:
+        a = ds[(i, keys[0][i])][0]
+        assert torch.equal(a, ds[(i, keys[0][i])][0]) and a.shape == (3, 16, 16) and a.dtype == torch.uint8
+        if i in keys[1]:
+            assert not torch.equal(a, ds[(i, keys[1][i])][0])                           # another epoch: another draw
+    images = [ds[(0, s)][0] for s in range(12)]
+    assert len({x.numpy().tobytes() for x in images}) == 12                             # samples differ
+    assert sum(not torch.equal(ds[(0, s)][0], plain[(0, s)][0]) for s in range(12)) >= 6   # ops applied on top of crop
+
+
+def test_random_erasing_boxes_respect_the_area_and_aspect_bounds():
+    import random
+    B, H, W = 2000, 32, 40
+    x = torch.zeros(B, 3, H, W)
+    boxes = train.random_erase(x, 0.25, random.Random(0), torch.Generator().manual_seed(0))
+    erased = [b for b in boxes if b]
+    assert abs(len(erased) / B - 0.25) < 0.03
+    areas = []
+    for img, box in zip(x, boxes):
+        changed = (img != 0).any(0)
+        if box is None:
+            assert not changed.any()
+            continue
+        t, l, h, w = box
+        expect = torch.zeros(H, W, dtype=torch.bool)
+        expect[t:t + h, l:l + w] = True
+        assert torch.equal(changed, expect)                                             # one box, inside the image
+        slack = 0.5 * (h + w) + 0.25                                                    # sides are rounded
+        assert 0.02 * H * W - slack <= h * w <= H * W / 3 + slack and h < H and w < W
+        assert 0.3 * (1 - 1 / min(h, w)) ** 2 <= h / w <= (1 + 1 / min(h, w)) ** 2 / 0.3
+        areas.append(h * w / (H * W))
+    noise = x[x != 0]
+    assert abs(noise.mean()) < 0.02 and abs(noise.std() - 1) < 0.02                      # per-pixel N(0, 1)
+    assert 0.1 < np.mean(areas) < 0.25 and min(areas) < 0.05 and max(areas) > 0.28
+    y = torch.zeros(B, 3, H, W)
+    assert train.random_erase(y, 0.25, random.Random(0), torch.Generator().manual_seed(0)) == boxes and torch.equal(x, y)
+
+
+def test_cutmix_box_area_equals_its_label_weight():
+    import random
+    B, H, W, C = 6, 20, 28, 10
+    for seed in range(300):
+        x = torch.arange(B, dtype=torch.float32).view(B, 1, 1, 1).expand(B, 3, H, W).clone()   # image b is all b
+        y = torch.tensor([3, 1, 4, 1, 5, 9])
+        out, t, lam, box = train.mix_batch(x, y, C, 0.0, 1.0, 0.5, 0.0, random.Random(seed))
+        assert box is not None
+        for b in range(B):
+            from_partner = (out[b, 0] == B - 1 - b).float().mean().item()
+            assert from_partner == pytest.approx(1 - lam)                                # pasted share = partner weight
+            assert out[b, 0][(out[b, 0] != b) & (out[b, 0] != B - 1 - b)].numel() == 0
+            expect = torch.zeros(C)
+            expect[y[b]] += lam
+            expect[y[B - 1 - b]] += 1 - lam
+            assert torch.allclose(t[b], expect)
+
+
+def test_mixup_blends_images_and_targets_convexly_with_label_smoothing():
+    import random
+    B, C, s = 8, 5, 0.1
+    x = torch.randn(B, 3, 8, 8)
+    y = torch.randint(0, C, (B,))
+    kinds = []
+    for seed in range(400):
+        out, t, lam, box = train.mix_batch(x.clone(), y, C, 0.8, 1.0, 0.5, s, random.Random(seed))
+        kinds.append(box is not None)
+        assert 0 <= lam <= 1 and torch.allclose(t.sum(1), torch.ones(B)) and (t >= s / C - 1e-7).all()
+        smooth = F.one_hot(y, C).float() * (1 - s) + s / C                                  # independent smoothing
+        assert torch.allclose(t, lam * smooth + (1 - lam) * smooth.flip(0), atol=1e-6)
+        if box is None:
+            assert torch.allclose(out, lam * x + (1 - lam) * x.flip(0), atol=1e-6)
+    assert abs(np.mean(kinds) - 0.5) < 0.08                                                # switch probability 0.5
+    lams = [train.mix_batch(x.clone(), y, C, 0.8, 0.0, 0.5, s, random.Random(k))[2] for k in range(4000)]
+    assert abs(np.mean(lams) - 0.5) < 0.02 and abs(np.var(lams) - 1 / (4 * (2 * 0.8 + 1))) < 0.01   # Beta(.8, .8)
+
+
+def test_soft_target_loss_is_cross_entropy_with_smoothing():
+    args = train.parse_args([])
+    loss = train.supervised_loss(None, args)
+    model = lambda x: vl.Output(x, None, [])
+    logits, y = torch.randn(6, 5), torch.tensor([0, 4, 2, 2, 1, 3])
+    soft = F.one_hot(y, 5).float() * (1 - 0.1) + 0.1 / 5
+    assert torch.allclose(loss(model, logits, soft, 0)["loss"], F.cross_entropy(logits, y, label_smoothing=0.1))
+    assert torch.allclose(loss(model, logits, y, 0)["loss"], F.cross_entropy(logits, y, label_smoothing=0.1))
+
+
+def test_repeated_augmentation_sampler():
+    n, bs, world, r = 30, 4, 2, 3
+    batches = {}
+    for rank in range(world):
+        s = train.BatchSampler(n, bs, rank, world, seed=1, repeats=r)
+        s.set_epoch(2)
+        batches[rank] = list(s)
+    assert all(len(b) == n // (bs * world) == len(train.BatchSampler(n, bs, 0, world)) for b in batches.values())
+    stream = [k for step in zip(*batches.values()) for rank_batch in step for k in rank_batch]   # global order
+    idx = [i for i, _ in stream]
+    assert len(stream) == (n // (bs * world)) * bs * world
+    runs = [idx[k:k + r] for k in range(0, len(idx), r)]
+    assert all(len(set(run)) == 1 for run in runs)                                      # r copies in a row
+    assert len(set(idx)) == len(runs)                                                   # ... of distinct images
+    assert all(len({seed for i, seed in stream if i == j}) == r for j in idx[:-(len(idx) % r) or None])  # own seeds
+    s1 = train.BatchSampler(n, bs, 0, 1, seed=1)                                         # repeats 1: a permutation
+    assert sorted(i for b in s1 for i, _ in b) == sorted(set(i for b in s1 for i, _ in b))
+
+
+def test_ema_follows_the_formula_with_warm_up():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    ema = train.EMA(model, 0.9)
+    expect = {k: v.clone().float() for k, v in model.state_dict().items()}
+    for t in range(1, 40):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+            model[1].num_batches_tracked += 1
+        ema.update(model)
+        d = min(0.9, (1 + t) / (10 + t))
+        for k, v in model.state_dict().items():
+            expect[k] = d * expect[k] + (1 - d) * v.float() if v.is_floating_point() else v.clone()
+    for k, v in ema.model.state_dict().items():
+        assert torch.allclose(v.float(), expect[k].float(), atol=1e-5), k
+    assert not any(p.requires_grad for p in ema.model.parameters()) and ema.updates == 39
+
+
+@pytest.mark.parametrize("kind", ["vit", "mamba", "distiller"])
+def test_layer_wise_lr_decay_scales(kind):
+    vit = vl.ViT(vl.ViTConfig(img_size=16, patch_size=4, dim=32, depth=3, heads=2, num_classes=5, registers=2))
+    mamba = vl.VisionMamba(vl.MambaConfig(img_size=16, patch_size=4, dim=32, depth=3, d_state=4, num_classes=5))
+    model = {"vit": vit, "mamba": mamba, "distiller": vl.Distiller(vit, mamba, stages=3)}[kind]
+    groups = train.param_groups(model, 0.05, 0.5, depth=3)
+    scale = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in groups) == len(trainable) == len(scale)
+    for n, p in trainable:
+        name = n.removeprefix("student.")
+        want = (0.5 ** 4 if name.split(".")[0] in ("patch_embed", "cls_token", "reg_token", "pos_embed", "pos_cls", "mask_token")
+                else 0.5 ** (3 - int(name.split(".")[1])) if name.startswith("blocks.") else 1.0)
+        assert scale[id(p)][0] == want, n
+    decay, _ = train.no_decay_params(model)                                             # weight decay kept as before
+    assert {id(p) for p in decay} == {i for i, (_, wd) in scale.items() if wd == 0.05}
+    assert {g["lr_scale"] for g in train.param_groups(model, 0.05, 1.0, 3)} == {1.0}       # off: two groups, as before
+    assert len(train.param_groups(model, 0.05, 1.0, 3)) == 2
+
+
+@pytest.mark.parametrize("kind", ["vit", "vision_mamba"])
+def test_init_at_another_resolution_resizes_the_position_embedding_once(tmp_path, kind):
+    torch.manual_seed(0)
+    if kind == "vit":
+        cfg = vl.ViTConfig(img_size=16, patch_size=4, dim=32, depth=2, heads=2, num_classes=5)
+        model = vl.ViT(cfg)
+    else:
+        cfg = vl.MambaConfig(img_size=16, patch_size=4, dim=32, depth=2, d_state=4, num_classes=5, scan_backend="chunked")
+        model = vl.VisionMamba(cfg)
+    with torch.no_grad():
+        model.pos_embed.normal_()                                                       # a position table that matters
+    torch.save(dict(kind=kind, config=dataclasses.asdict(cfg), model=model.state_dict()), tmp_path / "c.pt")
+    args = train.parse_args(["--img-size", "32"])
+    args.drop_path = None
+    new = train.init_from(str(tmp_path / "c.pt"), args, 5, kind=kind)
+    assert new.cfg.img_size == 32 and new.pos_embed.shape[1] == (1 if kind == "vit" else 0) + 64
+    x = torch.randn(2, 3, 32, 32)
+    model.eval(), new.eval()
+    with torch.no_grad():                                                               # = the old model resampling
+        assert torch.allclose(new(x).logits, model(x).logits, atol=1e-5)                # on the fly at 32 px
+    with pytest.raises(train.UserError, match="holds a"):
+        train.init_from(str(tmp_path / "c.pt"), args, 5, kind="vit" if kind != "vit" else "vision_mamba")
+
+
+def test_recipes_defaults_precedence_and_printout():
+    demo = train.parse_args([])
+    assert demo.recipe == "none" and demo.mixup == 0 and demo.aa == "none" and demo.repeated_aug == 1
+    a = train.parse_args(["--data", "d"])
+    assert a.recipe == "deit" and (a.mixup, a.cutmix, a.label_smoothing, a.blr, a.weight_decay) == (0.8, 1.0, 0.1, 5e-4, 0.05)
+    fin, dis = train.for_stage(a, "finetune"), train.for_stage(a, "distill")
+    assert (fin.aa, fin.erase_prob, fin.repeated_aug, fin.ema_decay, fin.drop_path) == ("rand-m9-mstd0.5-inc1", 0.25, 3, 0.99996, 0.1)
+    assert (dis.aa, dis.erase_prob, dis.repeated_aug, dis.ema_decay, dis.drop_path) == ("none", 0.0, 1, 0.0, None)
+    assert train.for_stage(a, "teacher").drop_path == 0.1
+    b = train.parse_args(["--data", "d", "--mixup", "0.2", "--aa", "none", "--hflip", "0.5", "--batch-size", "8"])
+    assert b.mixup == 0.2 and b.aa == "none" and b.cutmix == 1.0                        # command line > recipe
+    text = "\n".join(train.describe_recipe(b))
+    assert "recipe deit (default)" in text and "mixup=0.2 (recipe: 0.8)" in text and "hflip=0.5 (recipe: 0.5)" in text
+    assert "cutmix=1.0" in text.split("the command line changed")[0] and "batch_size=8" in text.split("from the command line")[1]
+    c = train.parse_args(["--data", "d", "--recipe", "adventurer-ft", "--stage", "finetune"])
+    assert (c.lr, c.min_lr, c.img_size, c.finetune_epochs, c.weight_decay, c.amp) == (1e-5, 1e-5, 224, 20, 0.1, "bf16")
+    assert train.for_stage(c, "finetune").drop_path == 0.6 and c.repeated_aug == 1
+    d = train.parse_args(["--data", "d", "--recipe", "adventurer-128"])
+    assert (d.img_size, d.aa["finetune"], d.erase_prob, d.label_smoothing) == (128, "3augment", 0.0, 0.0)
+    assert train.parse_args(["--data", "d", "--recipe", "mae-ft"]).layer_decay == 0.75
+    assert train.parse_args(["--data", "d", "--recipe", "none"]).mixup == 0
+    assert "not public" in train.get_parser().format_help().replace("\n", " ").replace("  ", " ")
+
+
+@pytest.mark.parametrize("flags, msg", [(["--aa", "rand-x9"], "is not a RandAugment spec"),
+                                        (["--erase-prob", "1.5"], "--erase-prob 1.5: must be between 0 and 1"),
+                                        (["--repeated-aug", "0"], "--repeated-aug 0"),
+                                        (["--layer-decay", "0"], "--layer-decay 0.0"),
+                                        (["--ema-decay", "1"], "--ema-decay 1.0"),
+                                        (["--mixup", "-1"], "--mixup -1.0")])
+def test_bad_recipe_flags_get_one_clear_line(tmp_path, capsys, flags, msg):
+    rc, _, err = run_train(capsys, *TINY, "--out", tmp_path / "r", *flags)
+    assert rc == 2 and msg in one_error_line(err)
+    assert not (tmp_path / "r").exists()
+
+
+AUG = ["--aa", "rand-m9-mstd0.5-inc1", "--erase-prob", "0.5", "--mixup", "0.8", "--cutmix", "1.0",
+       "--repeated-aug", "3", "--ema-decay", "0.99", "--layer-decay", "0.75"]
+
+
+@pytest.mark.usefixtures("cpu_dispatch")
+def test_resume_with_every_augmentation_and_ema_follows_the_uninterrupted_run(tmp_path, capsys):
+    root = write_tree(tmp_path / "d", n=6, corrupt=0)
+    args = ["--data", root, "--stage", "finetune", *TINY, "--batch-size", 4, "--epochs", 2, "--workers", 0, "--threads", 1,
+            "--student-opts", "dim=32,depth=2,d_state=4,scan_backend=chunked", "--ckpt-every", 2, *AUG]
+    assert run_train(capsys, "--out", tmp_path / "a", *args)[0] == 0
+    ref = losses(tmp_path / "a" / "finetune" / "log.jsonl")
+    assert len(ref) == 8                                                                # 18 images // 4 x 2 epochs
+    assert run_train(capsys, "--out", tmp_path / "b", *args, "--max-steps", 3)[0] == 0
+    rc, out, _ = run_train(capsys, "--out", tmp_path / "b", *args)
+    assert rc == 0 and "resuming" in out
+    assert losses(tmp_path / "b" / "finetune" / "log.jsonl") == ref
+    a, b = (torch.load(tmp_path / r / "finetune" / "last.pt", weights_only=True) for r in "ab")
+    assert a["ema_updates"] == b["ema_updates"] == 8
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])               # EMA restored on resume
+    assert not all(torch.equal(a["ema"][k], a["model"][k]) for k in a["ema"])
+    assert {"ema_top1", "ema_top5", "top1"} <= set(a["metrics"])
+    groups = a["optimizer"]["param_groups"]                                              # layer decay in the schedule
+    assert {round(g["lr"] / g["lr_scale"], 12) for g in groups} == {round(groups[0]["lr"] / groups[0]["lr_scale"], 12)}
+    assert min(g["lr_scale"] for g in groups) == 0.75 ** 3
+
+
+def write_digits(root, size=32, n=None, val_frac=0.25, seed=0):
+    """scikit-learn's 1,797 handwritten digits (8 x 8, 17 grey levels, 10 classes) as an ImageNet-layout folder of real
+    files: upscaled to size x size (bicubic), saved in turn as grayscale JPEG, RGB PNG, palette PNG and CMYK JPEG,
+    split at random into val (val_frac) and train. n: only the first n of a seeded shuffle."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    order = np.random.default_rng(seed).permutation(len(digits.target))[:n]
+    n_val = round(val_frac * len(order))
+    formats = [("L", "jpg"), ("RGB", "png"), ("P", "png"), ("CMYK", "jpg")]
+    for k, i in enumerate(order):
+        folder = os.path.join(root, "val" if k < n_val else "train", str(digits.target[i]))
+        os.makedirs(folder, exist_ok=True)
+        im = Image.fromarray((digits.images[i] * 255 / 16).round().astype(np.uint8)).resize((size, size), Image.BICUBIC)
+        mode, ext = formats[k % len(formats)]
+        im.convert(mode).save(os.path.join(folder, f"{i}.{ext}"))
+    return str(root)
+
+
+@pytest.mark.usefixtures("cpu_dispatch")
+def test_digits_folder_teacher_distill_finetune_with_every_augmentation(tmp_path, capsys):
+    """real files (JPEG / PNG / palette / CMYK) through train.py's command line with every augmentation on, then eval.py"""
+    root = write_digits(tmp_path / "digits", size=16, n=400)
+    modes = {Image.open(p).mode for p in (tmp_path / "digits").rglob("*.*")}
+    assert modes == {"L", "RGB", "P", "CMYK"}
+    common = ["--data", root, "--out", tmp_path / "r", "--img-size", 16, "--batch-size", 32, "--workers", 1,
+              "--threads", 1, "--log-every", 1, "--warmup-epochs", 0.5, "--stages", 2, *AUG]
+    rc, out, err = run_train(capsys, *common, "--stage", "teacher", "--teacher-preset", "demo", "--epochs", 3,
+                             "--teacher-opts", "dim=32,depth=2,heads=2", "--lr", "2e-3")
+    assert rc == 0, err
+    assert "recipe deit (default)" in out and "mixup=0.8 (recipe: 0.8)" in out
+    teacher = str(tmp_path / "r" / "teacher" / "last.pt")
+    student = ["--student", "demo", "--student-opts", "dim=32,depth=2,d_state=4,scan_backend=chunked", "--lr", "2e-3"]
+    rc, out, err = run_train(capsys, *common, "--stage", "distill", "--teacher", teacher, "--epochs", 1, *student)
+    assert rc == 0, err
+    rc, out, err = run_train(capsys, *common, "--stage", "finetune", "--init", tmp_path / "r" / "distill" / "last.pt",
+                             "--epochs", 2, *student)
+    assert rc == 0, err
+    ck = torch.load(tmp_path / "r" / "finetune" / "last.pt", weights_only=True)
+    assert ck["finished"] and ck["classes"] == [str(c) for c in range(10)]
+    assert (ck["args"]["aa"], ck["args"]["repeated_aug"], ck["args"]["erase_prob"]) == ("rand-m9-mstd0.5-inc1", 3, 0.5)
+    tk = torch.load(teacher, weights_only=True)
+    for stage in ("teacher", "distill", "finetune"):
+        assert all(math.isfinite(v) for v in losses(tmp_path / "r" / stage / "log.jsonl").values())
+    capsys.readouterr()                                                                  # eval.py on the val folder
+    assert evaluate_cli.main(["--ckpt", str(tmp_path / "r" / "finetune" / "last.pt"), "--data", root]) == 0
+    assert f"top-1 {ck['metrics']['top1']:.2f}" in capsys.readouterr().out
+    assert evaluate_cli.main(["--ckpt", teacher, "--data", root, "--ema"]) == 0
+    assert f"top-1 {tk['metrics']['ema_top1']:.2f}" in capsys.readouterr().out
+    assert evaluate_cli.main(["--ckpt", teacher, "--data", root, "--img-size", "32", "--crop-ratio", "1.0"]) == 0
+    assert "32 px" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("cpu_dispatch")
+def test_progressive_resolution_from_the_command_line(tmp_path, capsys):
+    """a 16 px student continues at 32 px (--init, position embeddings resized), then eval.py runs it at 64 px"""
+    common = [*TINY, "--stage", "finetune", "--epochs", 1, "--batch-size", 32]
+    assert run_train(capsys, "--out", tmp_path / "r", *common, "--name", "s16")[0] == 0
+    rc, out, err = run_train(capsys, "--out", tmp_path / "r", *common, "--name", "s32", "--img-size", 32,
+                             "--init", tmp_path / "r" / "s16" / "last.pt", "--drop-path", 0.2)
+    assert rc == 0, err
+    assert "position embeddings resized from 4x4 to 8x8 patches" in out
+    ck = torch.load(tmp_path / "r" / "s32" / "last.pt", weights_only=True)
+    assert ck["config"]["img_size"] == 32 and ck["config"]["drop_path"] == 0.2 and ck["model"]["pos_embed"].shape[1] == 64
+    capsys.readouterr()
+    assert evaluate_cli.main(["--ckpt", str(tmp_path / "r" / "s32" / "last.pt"), "--img-size", "64"]) == 0
+    assert "64 px" in capsys.readouterr().out
+    assert evaluate_cli.main(["--ckpt", str(tmp_path / "r" / "s32" / "last.pt"), "--img-size", "30"]) == 2
+    assert "not a multiple of the model patch size 4" in one_error_line(capsys.readouterr().err)
+    assert evaluate_cli.main(["--ckpt", str(tmp_path / "r" / "s32" / "last.pt"), "--crop-ratio", "0"]) == 2
+    assert "--crop-ratio 0.0: must be > 0 and <= 1" in one_error_line(capsys.readouterr().err)
 
 
 # ---------------------------------------------------------------- issue 11: the GPU report's parts, run small on the CPU
@@ -1388,7 +1764,7 @@ BAD_TRAIN_FLAGS = [  # (extra argv, words the error line must contain)
     (["--demo-teacher-train", -1], "--demo-teacher-train -1"), (["--teacher-epochs", 0], "--teacher-epochs 0"),
     (["--distill-epochs", 0], "--distill-epochs 0"), (["--finetune-epochs", -1], "--finetune-epochs -1"),
     (["--epochs", 2], "--epochs (stage all:"), (["--name", "x"], "--name applies to a single --stage"),
-    (["--stage", "teacher", "--init", "x.pt"], "--init is read by --stage finetune only"),
+    (["--init", "x.pt"], "--init starts a single --stage (teacher, distill or finetune)"),
     (["--stage", "finetune", "--kd-weight", 0.5], "--kd-weight needs --teacher"),
     (["--fresh", "--resume", "x.pt"], "--fresh starts over and --resume x.pt continues"),
     (["--student-opts", "dim=-4"], "--student-opts dim=-4: must be a whole number > 0"),
@@ -1534,7 +1910,7 @@ def test_a_batch_with_no_readable_image_is_skipped_and_counted(tmp_path, capsys)
     root = write_tree(tmp_path / "d", corrupt=1)                                       # 12 good images, 1 bad one
     rc, out, err = run_train(capsys, "--data", root, "--out", tmp_path / "r", "--stage", "teacher", "--epochs", 1,
                              "--teacher-preset", "demo", "--teacher-opts", "dim=32,depth=2,heads=2", "--img-size", 16,
-                             "--batch-size", 1, "--workers", 0, "--log-every", 1, "--max-bad-frac", 0.5)
+                             "--batch-size", 1, "--workers", 0, "--log-every", 1, "--max-bad-frac", 0.5, "--recipe", "none")
     assert rc == 0, err
     assert "skipped 1 unreadable image(s) of 13" in err and "1 batch(es) with no readable image skipped" in err
     ck = torch.load(tmp_path / "r" / "teacher" / "last.pt", weights_only=True)
@@ -1805,8 +2181,8 @@ def test_distillation_reads_images_only(tmp_path):
     for i in range(5):
         Image.fromarray(np.full((20, 24, 3), 40 * i, np.uint8)).save(flat / f"{i}.png")
     root = write_tree(tmp_path / "d", corrupt=0)
-    args = train.parse_args(["--data", root, "--img-size", "16", "--batch-size", "2", "--workers", "0",
-                             "--distill-data", str(tmp_path / "unlabelled")])
+    args = train.for_stage(train.parse_args(["--data", root, "--img-size", "16", "--batch-size", "2", "--workers", "0",
+                                             "--distill-data", str(tmp_path / "unlabelled")]), "distill")
     ds = train.get_data(args).distill
     assert isinstance(ds, train.UnlabelledFolder) and len(ds) == 5
     batches = list(train.make_loader(ds, args, ctx, train=True))

@@ -12,11 +12,11 @@ never a label: the demo's pool of fresh images, or --distill-data / DIR/train), 
 scratch = the labels-only baseline), all (the demo's story: every stage in turn, linear probes, then a table).
 Each stage writes OUT/NAME/{last.pt, log.jsonl}; re-running the same command resumes from last.pt.
 """
-import argparse, ast, contextlib, dataclasses, errno, functools, glob, json, math, os, random, resource, socket, sys, time
+import argparse, ast, contextlib, copy, dataclasses, errno, functools, glob, json, math, os, random, re, resource, socket, sys, time
 import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F, torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from tqdm import tqdm
 
 import vitlinearizer as vl
@@ -55,6 +55,53 @@ DATA = dict(img_size=224, teacher_preset="vit_b16", student="small", teacher_opt
             threads=None)                                                   # None: the cores this process may use
 
 
+def labelled(value, distill):
+    """a per-stage recipe value: `value` for the labelled stages (teacher, finetune), `distill` for distillation"""
+    return dict(teacher=value, distill=distill, finetune=value)
+
+
+# Named recipes (--recipe NAME): plain dicts of flag defaults. Flags given on the command line win over the recipe, the
+# recipe over the mode defaults above. A dict value gives each stage its own default. The distillation stage sees
+# random-resized crops and flips only in every recipe (no labels to mix; as MAE-style masked pre-training does) and its
+# student keeps its preset's drop path: our choice, the paper is silent. The ViT teacher, trained with labels, gets the
+# recipe's drop path as the student does. --data runs default to "deit".
+# The paper's own recipe is NOT public: these are the published recipes of the models it builds on.
+_DEIT = dict(teacher_epochs=300, distill_epochs=300, finetune_epochs=300, img_size=224, blr=5e-4, min_lr=1e-5,
+             warmup_epochs=5.0, weight_decay=0.05, label_smoothing=0.1, mixup=0.8, cutmix=1.0, mixup_switch_prob=0.5,
+             aa=labelled("rand-m9-mstd0.5-inc1", "none"), erase_prob=labelled(0.25, 0.0), repeated_aug=labelled(3, 1),
+             ema_decay=labelled(0.99996, 0.0), layer_decay=1.0, hflip=0.5,
+             drop_path=labelled(0.1, None))
+_ADVENTURER = dict(_DEIT, blr=5e-4, batch_size=128, amp="bf16", aa=labelled("3augment", "none"),
+                   erase_prob=0.0, label_smoothing=0.0)
+RECIPES = {
+    "none": {},
+    "deit": _DEIT,
+    "vim": dict(_DEIT, amp="none", blr=1e-3, weight_decay=0.05, drop_path=labelled(0.05, None)),
+    "adventurer-128": dict(_ADVENTURER, img_size=128, teacher_epochs=300, distill_epochs=300, finetune_epochs=300,
+                           drop_path=labelled(0.1, None)),
+    "adventurer-224": dict(_ADVENTURER, img_size=224, teacher_epochs=100, distill_epochs=100, finetune_epochs=100,
+                           drop_path=labelled(0.4, None)),
+    "adventurer-ft": dict(_DEIT, img_size=224, teacher_epochs=20, distill_epochs=20, finetune_epochs=20, batch_size=64,
+                          lr=1e-5, min_lr=1e-5, weight_decay=0.1, amp="bf16", erase_prob=0.0, repeated_aug=1,
+                          drop_path=labelled(0.6, None)),
+    "mae-ft": dict(_DEIT, finetune_epochs=50, blr=2e-3, min_lr=1e-6, layer_decay=0.75, repeated_aug=1, ema_decay=0.0,
+                   drop_path=labelled(0.2, None)),
+}
+RECIPE_NOTES = {
+    "none": "no recipe: the flags' own defaults (no augmentation beyond an image folder's random-resized crop and flip)",
+    "deit": "DeiT's ImageNet recipe (facebookresearch/deit main.py defaults; lr 5e-4 x global batch / 512)",
+    "vim": "Vim-S's (hustvl/Vim pt-vim-s.sh): DeiT's recipe in fp32, lr 1e-3 at global batch 512, drop path 0.05",
+    "adventurer-128": "Adventurer stage 1 (wangf3014/Adventurer): 300 epochs at 128 px, 3-Augment, global batch 1024 "
+                      "on 8 processes, drop path 0.1, bf16",
+    "adventurer-224": "Adventurer stage 2: 100 epochs at 224 px from the 128 px run (give --init OUT/NAME/last.pt), "
+                      "drop path 0.4",
+    "adventurer-ft": "Adventurer stage 3: 20 epochs at 224 px from stage 2 (--init), lr 1e-5 unscaled, global batch "
+                     "512 on 8 processes, RandAugment, drop path 0.6, wd 0.1",
+    "mae-ft": "MAE's fine-tuning recipe for its 24-block ViT-L (facebookresearch/mae FINETUNE.md; lr 1e-3 per 256 = "
+              "2e-3 per 512), layer-wise lr decay 0.75, 50 epochs: for fine-tuning a distilled student (--init)",
+}
+
+
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("run")
@@ -64,7 +111,9 @@ def get_parser():
     g.add_argument("--name", help="this stage's sub-folder of --out (default: the stage)")
     g.add_argument("--teacher", help="teacher for distill (and finetune --kd-weight): what load_teacher takes "
                    "(timm/DeiT or CLIP file, own checkpoint, timm:NAME); stage all trains one if not given")
-    g.add_argument("--init", help="finetune: start from this checkpoint (e.g. OUT/distill/last.pt); none = from scratch")
+    g.add_argument("--init", help="start the stage's model from this checkpoint of train.py (finetune: e.g. "
+                   "OUT/distill/last.pt; any stage: a run at another --img-size, position embeddings resized); "
+                   "none = from scratch")
     g.add_argument("--resume", nargs="?", const="auto", default="auto",
                    help="checkpoint to resume from; 'auto' = OUT/NAME/last.pt when it exists")
     g.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
@@ -76,6 +125,10 @@ def get_parser():
                    "reads, without labels; default DIR/train")
     g.add_argument("--save-steps", help="also write OUT/NAME/step<N>.pt (model only) at these steps, e.g. 0,250,1000 "
                    "(0 = the initialisation; for eval.py --probe curves)")
+    g.add_argument("--recipe", choices=list(RECIPES), help="named flag defaults, printed at start; flags given here "
+                   "win (RECIPES in train.py, README 'Recipes'). Default: deit for --data runs, none for the demo. The "
+                   "paper's own training recipe is not public: these are the published recipes of DeiT, Vim, "
+                   "Adventurer (its student; progressive resolution 128 -> 224 -> fine-tuning) and MAE fine-tuning")
     g = p.add_argument_group("models")
     g.add_argument("--teacher-preset", help=f"ViT trained by --stage teacher: {sorted(vl.TEACHER_PRESETS)}")
     g.add_argument("--teacher-opts", help="override preset fields, e.g. dim=64,depth=4")
@@ -97,6 +150,22 @@ def get_parser():
     g.add_argument("--label-smoothing", type=float, default=0.1)
     g.add_argument("--kd-weight", type=float, default=0.0, help="soft logit distillation from --teacher's head: (1-w) CE + w KL")
     g.add_argument("--kd-temp", type=float, default=1.0)
+    g = p.add_argument_group("augmentation and regularisation (on with DeiT's values for --data runs: --recipe deit)")
+    g.add_argument("--aa", default="none", help="per-image augmentation after crop and flip: timm's RandAugment spec "
+                   "(DeiT: rand-m9-mstd0.5-inc1; sections m, n, p, mstd, inc), 3augment (DeiT III / Adventurer: one of "
+                   "grayscale, solarize, blur, then colour jitter 0.3) or none")
+    g.add_argument("--hflip", type=float, default=0.5, help="probability of a horizontal flip (image folders)")
+    g.add_argument("--erase-prob", type=float, default=0.0, help="random erasing probability (DeiT: 0.25; one box of "
+                   "2-33 %% of the image, per-pixel normal noise on the normalised image)")
+    g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha, labelled stages (DeiT: 0.8; 0 = off)")
+    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha, labelled stages (DeiT: 1.0; 0 = off)")
+    g.add_argument("--mixup-switch-prob", type=float, default=0.5, help="chance of cutmix instead of mixup when both are on")
+    g.add_argument("--repeated-aug", type=int, default=1, help="repeated augmentation: each image this many times per "
+                   "global batch, differently augmented; epochs keep their length (DeiT: 3; 1 = off)")
+    g.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights, evaluated alongside and saved in "
+                   "the checkpoint (DeiT: 0.99996; 0 = off)")
+    g.add_argument("--layer-decay", type=float, default=1.0, help="layer-wise lr decay (MAE / BEiT): block i of depth "
+                   "blocks gets lr x decay^(depth - i), the embeddings decay^(depth + 1), norm and head 1 (1 = off)")
     g = p.add_argument_group("optimisation (DeiT / Vim recipe)")
     g.add_argument("--epochs", type=int, help="epochs of the stage run (stage all: default of each stage)")
     g.add_argument("--teacher-epochs", type=int); g.add_argument("--distill-epochs", type=int); g.add_argument("--finetune-epochs", type=int)
@@ -136,12 +205,30 @@ def get_parser():
     return p
 
 
+def given_flags(argv):
+    """names of the arguments given on the command line (parsed again into a namespace whose every value is a marker:
+    argparse fills in defaults only for names it lacks)"""
+    unset = object()
+    marked = argparse.Namespace(**dict.fromkeys(vars(get_parser().parse_args([])), unset))
+    return {k for k, v in vars(get_parser().parse_args(argv, marked)).items() if v is not unset}
+
+
 def parse_args(argv=None):
     args = get_parser().parse_args(argv)
+    args.given = sorted(given_flags(argv))
+    if args.recipe is None:
+        args.recipe = "none" if args.data is None else "deit"
+    for k, v in RECIPES[args.recipe].items():                               # command line > recipe > mode defaults
+        if k not in args.given:
+            setattr(args, k, v)
+    warmups = ("warmup_steps", "warmup_epochs", "warmup_frac")                # one warm-up: the command line's, else
+    if set(warmups) & set(args.given):                                      # the recipe's, else the mode's
+        for k in set(warmups) - set(args.given):
+            setattr(args, k, None)
     lr_given, workers_given = args.lr is not None, args.workers is not None
-    warmup_given = any(getattr(args, k) is not None for k in ("warmup_steps", "warmup_epochs", "warmup_frac"))
+    warmup_set = any(getattr(args, k) is not None for k in warmups)
     for k, v in (DEMO if args.data is None else DATA).items():
-        if getattr(args, k, None) is None and not (warmup_given and k.startswith("warmup_")):
+        if getattr(args, k, None) is None and not (warmup_set and k in warmups):
             setattr(args, k, v)
     if args.threads is None:
         args.threads = cores_per_process()
@@ -152,6 +239,26 @@ def parse_args(argv=None):
     if args.out is None:
         args.out = os.path.join("runs", "demo" if args.data is None else os.path.basename(os.path.normpath(args.data)))
     return args
+
+
+def for_stage(args, stage):
+    """a copy of args with every per-stage value (a dict keyed by stage) resolved for this stage"""
+    return argparse.Namespace(**{k: v.get(stage) if isinstance(v, dict) else v for k, v in vars(args).items()})
+
+
+def describe_recipe(args):
+    """-> lines saying which recipe ran, what it set and what the command line changed"""
+    def show(v):
+        return "/".join(map(str, v.values())) + " (teacher/distill/finetune)" if isinstance(v, dict) else str(v)
+    recipe = RECIPES[args.recipe]
+    used = [f"{k}={show(v)}" for k, v in recipe.items() if k not in args.given]
+    over = [f"{k}={show(getattr(args, k))} (recipe: {show(v)})" for k, v in recipe.items() if k in args.given]
+    other = [f"{k}={show(getattr(args, k))}" for k in args.given if k not in recipe and k != "recipe"]
+    lines = [f"recipe {args.recipe}{'' if 'recipe' in args.given else ' (default)'}: {RECIPE_NOTES[args.recipe]}"]
+    for what, items in (("from the recipe", used), ("the command line changed", over), ("from the command line", other)):
+        if items:
+            lines.append(f"  {what}: " + ", ".join(items))
+    return lines
 
 
 def cores_per_process():
@@ -186,8 +293,23 @@ def check_args(args):
     steps = (args.save_steps or "").split(",")
     need(all(v.strip().isdigit() for v in steps) or not args.save_steps, "save_steps",
          "must be whole numbers >= 0 separated by commas, e.g. 0,250,1000")
+    def values(k):                                                          # a recipe may give each stage its own
+        v = getattr(args, k)
+        return list(v.values()) if isinstance(v, dict) else [v]
     for k in ("drop_path", "label_smoothing"):
-        need(getattr(args, k) is None or 0 <= getattr(args, k) < 1, k, "must be >= 0 and < 1")
+        need(all(v is None or 0 <= v < 1 for v in values(k)), k, "must be >= 0 and < 1")
+    for k in ("mixup", "cutmix"):
+        need(all(v >= 0 for v in values(k)), k, "must be >= 0 (a Beta alpha; 0 = off)")
+    for k in ("mixup_switch_prob", "hflip", "erase_prob"):
+        need(all(0 <= v <= 1 for v in values(k)), k, "must be between 0 and 1")
+    need(all(v >= 1 for v in values("repeated_aug")), "repeated_aug", "must be a whole number >= 1 (1 = off)")
+    need(all(0 <= v < 1 for v in values("ema_decay")), "ema_decay", "must be >= 0 and < 1 (0 = off)")
+    need(all(0 < v <= 1 for v in values("layer_decay")), "layer_decay", "must be > 0 and <= 1 (1 = off)")
+    for spec in values("aa"):
+        try:
+            image_augment(spec)
+        except ValueError as e:
+            raise UserError(str(e)) from None
     if args.lam == 0 and args.am_weight == 0:
         raise UserError("--lam 0 and --am-weight 0 leave no distillation loss: give one of them a weight > 0")
     if args.lr is not None and args.min_lr > args.lr:
@@ -196,8 +318,8 @@ def check_args(args):
     for k, flag in single.items():
         if args.stage == "all" and getattr(args, k) is not None:
             raise UserError(f"{flag} applies to a single --stage; --stage all names and sizes its stages itself")
-    if args.init is not None and args.stage != "finetune":
-        raise UserError(f"--init is read by --stage finetune only (--stage {args.stage} would ignore it)")
+    if args.init is not None and args.stage == "all":
+        raise UserError("--init starts a single --stage (teacher, distill or finetune); --stage all starts its stages itself")
     if args.teacher is not None and args.stage == "teacher":
         raise UserError("--stage teacher trains a teacher from scratch: it would ignore --teacher")
     if args.kd_weight > 0 and args.stage == "finetune" and not args.teacher:
@@ -387,11 +509,13 @@ def crop_box(w, h, g: random.Random):
 
 class ImageFolder(Dataset):
     """DIR/<class>/* decoded with Pillow (grayscale, CMYK, palette, PNG: converted to RGB).
-    train: random-resized-crop + flip from a per-(seed, epoch, index) RNG, so a resumed run sees the same crops.
-    eval: resize to size/0.875 then centre crop. An unreadable image gives None (skipped and counted by collate)."""
+    train: random-resized-crop (bicubic) + flip with probability hflip, then `augment` (RandAugment / 3-Augment), all
+    from a per-(seed, epoch, index) RNG, so a resumed run sees the same images.
+    eval: resize to size/crop_ratio then centre crop. An unreadable image gives None (skipped and counted by collate)."""
 
-    def __init__(self, samples, classes, img_size, train):
+    def __init__(self, samples, classes, img_size, train, augment=None, hflip=0.5, crop_ratio=0.875):
         self.samples, self.classes, self.size, self.train = samples, classes, img_size, train
+        self.augment, self.hflip, self.crop_ratio = augment, hflip, crop_ratio
 
     def __len__(self):
         return len(self.samples)
@@ -408,11 +532,13 @@ class ImageFolder(Dataset):
         if self.train:
             g = random.Random(seed)
             box = crop_box(w, h, g)
-            im = im.resize((self.size, self.size), Image.BILINEAR, box=box)
-            if g.random() < 0.5:
+            im = im.resize((self.size, self.size), Image.BICUBIC, box=box)
+            if g.random() < self.hflip:
                 im = im.transpose(Image.FLIP_LEFT_RIGHT)
+            if self.augment is not None:
+                im = self.augment(im, g)
         else:
-            s = min(w, h) * 0.875                                           # == resize(size/0.875) + centre crop(size)
+            s = min(w, h) * self.crop_ratio                                 # == resize(size/ratio) + centre crop(size)
             box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
             im = im.resize((self.size, self.size), Image.BICUBIC, box=box)
         return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1), label, None
@@ -442,10 +568,14 @@ def collate(batch):
 
 class BatchSampler:
     """Per-epoch shuffled, rank-sharded batches of (index, augmentation seed). Global batch s of epoch e is
-    perm_e[s*GB:(s+1)*GB], rank r takes its r-th slice; start_batch skips what a resumed run already did."""
+    perm_e[s*GB:(s+1)*GB], rank r takes its r-th slice; start_batch skips what a resumed run already did.
+    repeats r > 1 (DeiT's repeated augmentation): every image of perm_e stands r times in a row, each copy with its
+    own augmentation seed, and the list is cut to n, so an epoch keeps its length and sees about n / r distinct images;
+    the copies of an image share a global batch (one gradient step), on one rank or straddling two."""
 
-    def __init__(self, n, batch_size, rank=0, world=1, seed=0, train=True):
+    def __init__(self, n, batch_size, rank=0, world=1, seed=0, train=True, repeats=1):
         self.n, self.bs, self.rank, self.world, self.seed, self.train = n, batch_size, rank, world, seed, train
+        self.repeats = repeats
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch, start_batch=0):
@@ -465,9 +595,13 @@ class BatchSampler:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         perm = torch.randperm(self.n, generator=g).tolist()
         gb = self.bs * self.world
+        copies = [(i, c) for i in perm for c in range(self.repeats)][:self.n] if self.repeats > 1 else None
         for s in range(self.start, len(self)):
             lo = s * gb + self.rank * self.bs
-            yield [(i, hash((self.seed, self.epoch, i))) for i in perm[lo:lo + self.bs]]
+            if copies is None:
+                yield [(i, hash((self.seed, self.epoch, i))) for i in perm[lo:lo + self.bs]]
+            else:
+                yield [(i, hash((self.seed, self.epoch, i, c))) for i, c in copies[lo:lo + self.bs]]
 
 
 def demo_images(n, img_size, seed, task, chunk=4096):
@@ -558,7 +692,8 @@ def get_data(args):
 
 
 def make_loader(ds, args, ctx, train):
-    sampler = BatchSampler(len(ds), args.batch_size, ctx.rank, ctx.world, args.seed, train)
+    sampler = BatchSampler(len(ds), args.batch_size, ctx.rank, ctx.world, args.seed, train,
+                           repeats=args.repeated_aug if train else 1)
     return DataLoader(ds, batch_sampler=sampler, num_workers=args.workers, collate_fn=collate,
                       pin_memory=ctx.device.type == "cuda", persistent_workers=args.workers > 0,
                       generator=torch.Generator())                          # leaves the global RNG alone
@@ -567,31 +702,224 @@ def make_loader(ds, args, ctx, train):
 class BadImages:
     """Counts the unreadable images a rank skipped, warns once per epoch, and stops when more than max_frac of them
     are bad (checked from 1000 images on, and at the end of every epoch: at least 3 bad ones). A training batch with
-    no readable image is skipped by every rank (empty_batches)."""
+    no readable image is skipped by every rank (empty_batches). With repeated augmentation every image comes `repeats`
+    times: each copy counts 1 / repeats."""
 
-    def __init__(self, max_frac):
+    def __init__(self, max_frac, repeats=1):
         self.max_frac, self.seen, self.bad, self.first, self.empty_batches = max_frac, 0, 0, None, 0
+        self.repeats = repeats
 
     def add(self, n_good, errors):
-        self.seen += n_good + len(errors)
-        self.bad += len(errors)
+        self.seen += (n_good + len(errors)) / self.repeats
+        self.bad += len(errors) / self.repeats
         self.first = self.first or (errors[0] if errors else None)
         if self.seen >= 1000:
             self.check()
 
     def check(self):
         if self.bad > max(2, self.max_frac * self.seen):
-            raise UserError(f"{self.bad} of {self.seen} images could not be read (more than --max-bad-frac "
+            raise UserError(f"{round(self.bad)} of {round(self.seen)} images could not be read (more than --max-bad-frac "
                             f"{self.max_frac}); first: {self.first}")
 
     def report(self, what):
         self.check()
         if self.bad or self.empty_batches:
             empty = f"; {self.empty_batches} batch(es) with no readable image skipped" if self.empty_batches else ""
-            tqdm.write(f"warning: skipped {self.bad} unreadable image(s) of {self.seen} in {what} (first: {self.first}){empty}",
+            tqdm.write(f"warning: skipped {round(self.bad)} unreadable image(s) of {round(self.seen)} in {what} "
+                       f"(first: {self.first}){empty}",
                        file=sys.stderr)
         self.seen = self.bad = self.empty_batches = 0
         self.first = None
+
+
+# ----------------------------------------------------------------------------------------------- augmentations
+# The DeiT / timm training augmentations, written from their documented behaviour (timm's RandAugment, RandomErasing
+# and Mixup; DeiT III's 3-Augment). Per image on PIL inside ImageFolder (RandAugment or 3-Augment, after crop and flip),
+# then per batch on the normalised tensor (random erasing, then mixup / cutmix). Every draw comes from a seeded
+# generator (per image: seed, epoch, index; per batch: seed, step, rank), so a resumed run repeats them.
+
+FILL = tuple(round(255 * m) for m in MEAN)                                  # uncovered pixels get the mean colour
+
+
+def _signed(v, g):
+    return -v if g.random() < 0.5 else v
+
+
+def _factor(m, inc, g):
+    """Color / Contrast / Brightness / Sharpness factor: 0.1 .. 1.9 growing with m, or (increasing) 1 +- 0.9 m"""
+    return max(0.1, 1.0 + _signed(0.9 * m, g)) if inc else 0.1 + 1.8 * m
+
+
+def _fill(im):
+    return FILL if len(im.getbands()) == 3 else round(sum(FILL) / 3)
+
+
+def _affine(im, coeffs):
+    return im.transform(im.size, Image.AFFINE, coeffs, resample=Image.BICUBIC, fillcolor=_fill(im))
+
+
+def _posterize(im, bits):
+    """keep the top `bits` bits; 0 bits (the top magnitude of the increasing variant) gives black, as older Pillow did"""
+    return ImageOps.posterize(im, bits) if bits > 0 else Image.new(im.mode, im.size)
+
+
+def _solarize_add(im, add, thresh=128):
+    return im.point([min(255, i + add) if i < thresh else i for i in range(256)] * len(im.getbands()))
+
+
+# RandAugment's 15 ops: name -> f(image, level m in [0, 1] = magnitude / 10, increasing, rng), each keeping size and mode.
+# Increasing (inc1): posterize keeps 4 .. 0 bits, solarize's threshold falls 256 .. 0, the enhancements move away from 1.
+RAND_OPS = {
+    "AutoContrast": lambda im, m, inc, g: ImageOps.autocontrast(im),
+    "Equalize": lambda im, m, inc, g: ImageOps.equalize(im),
+    "Invert": lambda im, m, inc, g: ImageOps.invert(im),
+    "Rotate": lambda im, m, inc, g: im.rotate(_signed(30 * m, g), resample=Image.BICUBIC, fillcolor=_fill(im)),
+    "Posterize": lambda im, m, inc, g: _posterize(im, 4 - int(4 * m) if inc else int(4 * m)),
+    "Solarize": lambda im, m, inc, g: ImageOps.solarize(im, 256 - int(256 * m) if inc else int(256 * m)),
+    "SolarizeAdd": lambda im, m, inc, g: _solarize_add(im, int(110 * m)),
+    "Color": lambda im, m, inc, g: ImageEnhance.Color(im).enhance(_factor(m, inc, g)),
+    "Contrast": lambda im, m, inc, g: ImageEnhance.Contrast(im).enhance(_factor(m, inc, g)),
+    "Brightness": lambda im, m, inc, g: ImageEnhance.Brightness(im).enhance(_factor(m, inc, g)),
+    "Sharpness": lambda im, m, inc, g: ImageEnhance.Sharpness(im).enhance(_factor(m, inc, g)),
+    "ShearX": lambda im, m, inc, g: _affine(im, (1, _signed(0.3 * m, g), 0, 0, 1, 0)),
+    "ShearY": lambda im, m, inc, g: _affine(im, (1, 0, 0, _signed(0.3 * m, g), 1, 0)),
+    "TranslateXRel": lambda im, m, inc, g: _affine(im, (1, 0, _signed(0.45 * m, g) * im.size[0], 0, 1, 0)),
+    "TranslateYRel": lambda im, m, inc, g: _affine(im, (1, 0, 0, 0, 1, _signed(0.45 * m, g) * im.size[1])),
+}
+
+
+class RandAugment:
+    """timm's RandAugment from a spec such as DeiT's 'rand-m9-mstd0.5-inc1': n ops (default 2) drawn with replacement
+    from RAND_OPS, each applied with probability p (0.5) at magnitude m (of 10; default 10). With mstd > 0 every op
+    draws its magnitude from N(m, mstd) (uniform on [0, m] when mstd > 100), clipped to [0, 10]. inc1: the variants
+    whose strength increases with the magnitude."""
+
+    def __init__(self, spec):
+        self.m, self.n, self.p, self.mstd, self.inc = 10.0, 2, 0.5, 0.0, False
+        head, *parts = spec.split("-")
+        hits = [re.fullmatch(r"(mstd|m|p)(\d+(?:\.\d+)?)|(inc|n)(\d+)", part) for part in parts]
+        if head != "rand" or not all(hits):
+            raise ValueError(f"--aa {spec!r} is not a RandAugment spec rand-m<magnitude>[-n<ops>][-p<prob>]"
+                             "[-mstd<std>][-inc<0|1>] (e.g. rand-m9-mstd0.5-inc1), 3augment or none")
+        for key, val in ([g for g in h.groups() if g is not None] for h in hits):
+            if key == "n":
+                self.n = int(val)
+            elif key == "inc":
+                self.inc = int(val) > 0
+            else:
+                setattr(self, key, float(val))
+
+    def __call__(self, im, g):
+        for name in g.choices(list(RAND_OPS), k=self.n):
+            if self.p < 1 and g.random() > self.p:
+                continue
+            m = g.uniform(0, self.m) if self.mstd > 100 else g.gauss(self.m, self.mstd) if self.mstd > 0 else self.m
+            im = RAND_OPS[name](im, min(max(m, 0.0), 10.0) / 10, self.inc, g)
+        return im
+
+
+class ThreeAugment:
+    """DeiT III's 3-Augment as Adventurer trains with it: one of grayscale, solarize (threshold 128) and Gaussian blur
+    (radius 0.1 .. 2), chosen uniformly, then colour jitter: brightness, contrast and saturation each scaled by
+    U(1 - jitter, 1 + jitter), in random order."""
+
+    def __init__(self, jitter=0.3):
+        self.jitter = jitter
+
+    def __call__(self, im, g):
+        k = g.randrange(3)
+        if k == 0:
+            im = ImageOps.grayscale(im).convert(im.mode)
+        elif k == 1:
+            im = ImageOps.solarize(im, 128)
+        else:
+            im = im.filter(ImageFilter.GaussianBlur(g.uniform(0.1, 2.0)))
+        for enhance in g.sample([ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color], 3):
+            im = enhance(im).enhance(g.uniform(1 - self.jitter, 1 + self.jitter))
+        return im
+
+
+def image_augment(spec):
+    """--aa -> ImageFolder's per-image augmentation (None for 'none'); ValueError for a bad spec"""
+    if spec in (None, "", "none"):
+        return None
+    return ThreeAugment() if spec == "3augment" else RandAugment(spec)
+
+
+def random_erase(x, prob, g, gen):
+    """timm's RandomErasing as DeiT uses it (mode 'pixel', one box), in place on a normalised batch (B, C, H, W): with
+    probability prob an image gets one box of 2 % .. 1/3 of its area, aspect ratio log-uniform in 0.3 .. 1/0.3, at a
+    uniform position, filled with N(0, 1) noise per pixel and channel (up to 10 draws for a box that fits).
+    g: random.Random for the boxes; gen: torch.Generator on x's device for the noise. -> [(top, left, h, w) or None]"""
+    B, _, H, W = x.shape
+    boxes = []
+    for _ in range(B):
+        box = None
+        if g.random() <= prob:
+            for _ in range(10):
+                area = g.uniform(0.02, 1 / 3) * H * W
+                aspect = math.exp(g.uniform(math.log(0.3), math.log(1 / 0.3)))
+                h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+                if h < H and w < W:
+                    box = (g.randint(0, H - h), g.randint(0, W - w), h, w)
+                    break
+        boxes.append(box)
+    if any(boxes):
+        noise = torch.randn(x.shape, generator=gen, device=x.device).to(x.dtype)
+        for b, box in enumerate(boxes):
+            if box:
+                t, l, h, w = box
+                x[b, :, t:t + h, l:l + w] = noise[b, :, t:t + h, l:l + w]
+    return boxes
+
+
+def mix_batch(x, y, num_classes, mixup, cutmix, switch_prob, smoothing, g):
+    """timm's Mixup in 'batch' mode (DeiT: mixup 0.8, cutmix 1.0, switch prob 0.5): image i is mixed with image B-1-i.
+    Cutmix (with probability switch_prob when both are on) draws lam ~ Beta(cutmix, cutmix) and pastes the partner's
+    box, sides int(sqrt(1 - lam) x the image's), centred at a uniform pixel and clipped at the borders; lam becomes the
+    share of pixels kept. Mixup blends whole images with lam ~ Beta(mixup, mixup). Targets: lam t(y) + (1 - lam)
+    t(partner), t = one-hot with label smoothing (off = smoothing / classes, on = 1 - smoothing + off).
+    -> (images, soft targets (B, classes), lam, cutmix box (y0, y1, x0, x1) or None)"""
+    use_cutmix = cutmix > 0 and (mixup <= 0 or g.random() < switch_prob)
+    alpha = cutmix if use_cutmix else mixup
+    lam, box = g.betavariate(alpha, alpha), None
+    if use_cutmix:
+        H, W = x.shape[-2:]
+        ch, cw = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
+        cy, cx = g.randrange(H), g.randrange(W)
+        box = y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch // 2, H), max(cx - cw // 2, 0), min(cx + cw // 2, W)
+        x[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)
+    else:
+        x = x * lam + x.flip(0) * (1 - lam)
+    off = smoothing / num_classes
+    t = torch.full((len(y), num_classes), off, device=y.device).scatter_(1, y[:, None], 1 - smoothing + off)
+    return x, lam * t + (1 - lam) * t.flip(0), lam, box
+
+
+def with_augmentation(ds, args):
+    """a stage's training set with that stage's per-image augmentation (image folders; the demo is not augmented)"""
+    if not isinstance(ds, ImageFolder):
+        return ds
+    ds = copy.copy(ds)
+    ds.augment, ds.hflip = image_augment(args.aa), args.hflip
+    return ds
+
+
+def batch_augment(args, n_classes, stage, rank):
+    """-> f(x, y, step) -> (x, y) for a normalised training batch: random erasing, then (labelled stages, where y
+    becomes soft targets) mixup / cutmix, from generators seeded by (seed, step, rank)"""
+    mix = stage != "distill" and (args.mixup > 0 or args.cutmix > 0)
+
+    def augment(x, y, step):
+        if args.erase_prob > 0:
+            key = hash((args.seed, step, rank, 1)) & (2**63 - 1)
+            random_erase(x, args.erase_prob, random.Random(key), torch.Generator(x.device).manual_seed(key))
+        if mix:
+            x, y, _, _ = mix_batch(x, y, n_classes, args.mixup, args.cutmix, args.mixup_switch_prob,
+                                   args.label_smoothing, random.Random(hash((args.seed, step, rank, 2))))
+        return x, y
+    return augment
 
 
 # ----------------------------------------------------------------------------------------------- distributed
@@ -769,6 +1097,57 @@ def warmup_steps(args, steps_per_epoch, total, ctx):
     return warmup
 
 
+def layer_id(name, depth):
+    """MAE / BEiT layer of a parameter: 0 = patch embedding, tokens, position embeddings; i + 1 = block i; depth + 1 =
+    the rest (final norm, class head, the distiller's MP head). Names may carry the distiller's 'student.' prefix."""
+    name = name.removeprefix("student.")
+    if name.startswith(("patch_embed", "cls_token", "reg_token", "mask_token", "pos_embed", "pos_cls", "norm_pre")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def param_groups(model, weight_decay, layer_decay=1.0, depth=0):
+    """AdamW groups: weight decay or not (no_decay_params), each with an 'lr_scale' applied on top of the schedule:
+    layer_decay ** (depth + 1 - layer_id), i.e. 1 for the head, layer_decay for the last block, the smallest for the
+    embeddings. Without layer decay: two groups, as before."""
+    decay, no_decay = no_decay_params(model)
+    if layer_decay == 1.0:
+        return [dict(params=decay, weight_decay=weight_decay, lr_scale=1.0),
+                dict(params=no_decay, weight_decay=0.0, lr_scale=1.0)]
+    wd_of = {id(p): weight_decay for p in decay} | {id(p): 0.0 for p in no_decay}
+    groups = {}
+    for n, p in model.named_parameters():
+        if id(p) in wd_of:
+            key = (layer_id(n, depth), wd_of[id(p)])
+            groups.setdefault(key, dict(params=[], weight_decay=key[1], lr_scale=layer_decay ** (depth + 1 - key[0])))
+            groups[key]["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+class EMA:
+    """Exponential moving average of a model's weights (DeiT / timm ModelEma), updated after every optimizer step:
+    w_ema = d w_ema + (1 - d) w with d = min(decay, (1 + t) / (10 + t)) at update t. The warm-up term (our choice, the
+    form TensorFlow's ExponentialMovingAverage uses) makes short runs average their recent weights rather than keep the
+    initial ones; it is below DeiT's 0.99996 only for the first 225k updates. Buffers are copied."""
+
+    def __init__(self, model, decay):
+        self.decay, self.updates = decay, 0
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model):
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
+        floats = [(e, w.to(e.dtype)) for e, w in pairs if e.is_floating_point()]
+        torch._foreach_lerp_([e for e, _ in floats], [w for _, w in floats], 1 - d)
+        for e, w in pairs:
+            if not e.is_floating_point():
+                e.copy_(w)
+
+
 def lr_at(step, total, warmup, peak, floor):
     """linear warm-up then cosine to floor, per step"""
     if step < warmup:
@@ -919,7 +1298,7 @@ def set_rng_state(states, ctx):
 # args whose change makes a checkpoint a different experiment (model and data): resuming with another value is an error
 FIXED_ARGS = ("stage", "teacher", "init", "teacher_preset", "teacher_opts", "student", "student_opts",
               "img_size", "stages", "am_scope", "target", "demo_train", "demo_teacher_train", "demo_seed", "pos_init",
-              "demo_task", "demo_pool", "distill_data")
+              "demo_task", "demo_pool", "distill_data", "layer_decay")              # (layer decay: the optimizer's groups)
 
 
 def check_resume(ck, path, args, cfg, ctx):
@@ -937,7 +1316,8 @@ def check_resume(ck, path, args, cfg, ctx):
     if old_gb != gb:
         raise UserError(f"cannot resume with another global batch ({old_gb} -> {gb}): keep --batch-size x processes")
     soft = [k for k in ("data", "epochs", "lr", "blr", "weight_decay", "warmup_epochs", "warmup_steps", "warmup_frac", "lam",
-                        "am_weight", "mask_ratio", "mask_kind", "threads")
+                        "am_weight", "mask_ratio", "mask_kind", "threads", "aa", "hflip", "erase_prob", "mixup", "cutmix",
+                        "repeated_aug", "ema_decay", "label_smoothing")
             if k in old and old[k] != getattr(args, k)]
     if soft and ctx.main:
         print(f"note: resuming with changed {soft}; the run no longer follows the original trajectory", file=sys.stderr)
@@ -1047,6 +1427,9 @@ class NonFinite(UserError):
 def build(args, stage, n_classes, ctx):
     """-> (model to save, module to train, loss(module, images, labels, step) -> dict with 'loss', teacher or None)"""
     torch.manual_seed(args.seed)                                            # same init on every rank
+    if stage == "teacher" and args.init:                                    # e.g. a higher-resolution stage
+        model = init_from(args.init, args, n_classes, kind="vit", verbose=ctx.main)
+        return model, model, supervised_loss(None, args), None
     if stage == "teacher":
         cfg = make_config(vl.TEACHER_PRESETS, args.teacher_preset, args.teacher_opts, "teacher",
                           img_size=args.img_size, num_classes=n_classes, drop_path=args.drop_path)
@@ -1062,7 +1445,7 @@ def build(args, stage, n_classes, ctx):
                 print(f"note: the teacher has no {n_classes}-class head: --kd-weight ignored", file=sys.stderr)
             teacher = None
         if args.init:
-            model = init_from(args.init, args, n_classes)
+            model = init_from(args.init, args, n_classes, verbose=ctx.main)
         else:
             torch.manual_seed(args.seed)                                    # the same start as a distilled student
             model = vl.VisionMamba(student_config(args, n_classes))
@@ -1076,7 +1459,15 @@ def build(args, stage, n_classes, ctx):
     if not args.teacher:
         raise UserError("--stage distill needs --teacher (a checkpoint, timm/CLIP file or timm:NAME)")
     teacher = load_teacher(args.teacher, args.img_size)
-    cfg = student_config(args, n_classes)
+    if args.init:                                                           # e.g. progressive resolution
+        student = init_from(args.init, args, n_classes, kind="vision_mamba", verbose=ctx.main)
+        cfg = student.cfg
+    else:
+        cfg = student_config(args, n_classes)
+        torch.manual_seed(args.seed)                                        # (loading the teacher drew numbers)
+        student = vl.VisionMamba(cfg)
+        if args.pos_init == "sincos":
+            sincos_pos_init_(student)
     if cfg.patch_size != teacher.cfg.patch_size:
         p = teacher.cfg.patch_size
         presets = sorted(k for k, v in vl.STUDENT_PRESETS.items() if v.patch_size == p)
@@ -1084,10 +1475,6 @@ def build(args, stage, n_classes, ctx):
                         f"position by position; add patch_size={p} to --student-opts"
                         + (f" or use --student {' / '.join(presets)}" if presets else ""))
     check_stages(args, cfg, teacher.cfg.depth)
-    torch.manual_seed(args.seed)                                            # (loading the teacher drew numbers)
-    student = vl.VisionMamba(cfg)
-    if args.pos_init == "sincos":
-        sincos_pos_init_(student)
     distiller = vl.Distiller(teacher, student, stages=args.stages, am_scope=args.am_scope, lam=args.lam,
                              am_weight=args.am_weight, target=args.target)
     for n, p in student.named_parameters():                                 # no labels: the class head is unused
@@ -1122,10 +1509,14 @@ def student_config(args, n_classes):
 
 
 def supervised_loss(teacher, args):
-    """cross-entropy with label smoothing; + soft logit distillation when a teacher is given"""
+    """cross-entropy with label smoothing, or against soft targets (B, classes) from mixup / cutmix, which carry the
+    smoothing already; + soft logit distillation when a teacher is given"""
     def loss(module, x, y, step):
         logits = module(x).logits.float()
-        ce = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
+        if y.is_floating_point():
+            ce = torch.sum(-y * F.log_softmax(logits, -1), -1).mean()
+        else:
+            ce = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
         if teacher is None:
             return dict(loss=ce)
         with torch.no_grad():
@@ -1136,17 +1527,30 @@ def supervised_loss(teacher, args):
     return loss
 
 
-def init_from(path, args, n_classes):
-    """a model from one of our checkpoints; a new class head when the class count differs"""
+def init_from(path, args, n_classes, kind=None, verbose=False):
+    """a model from one of our checkpoints (of `kind` when given), at --img-size: the patch-grid position embedding is
+    resampled (bicubic, class position kept apart) once when the checkpoint was trained at another resolution, and
+    learned at the new one from then on; a new class head when the class count differs"""
     ck = load_checkpoint(path)
     if "kind" not in ck or "config" not in ck:
         raise UserError(f"--init {path} is not a checkpoint written by train.py (no 'kind'/'config')")
+    if kind is not None and ck["kind"] != kind:
+        raise UserError(f"--init {path} holds a {ck['kind']} model; this stage trains a {kind}")
     cls, ccls = (vl.ViT, vl.ViTConfig) if ck["kind"] == "vit" else (vl.VisionMamba, vl.MambaConfig)
-    cfg = dataclasses.replace(ccls(**ck["config"]), num_classes=n_classes,
+    if args.drop_path is not None and "drop_path" not in {f.name for f in dataclasses.fields(ccls)}:
+        raise UserError(f"--drop-path: the {ck['kind']} model has no drop path")
+    cfg = dataclasses.replace(ccls(**ck["config"]), num_classes=n_classes, img_size=args.img_size,
                               **({"drop_path": args.drop_path} if args.drop_path is not None else {}))
-    check_resolution(args.img_size, cfg.patch_size, "student")
+    check_resolution(args.img_size, cfg.patch_size, "student" if ck["kind"] == "vision_mamba" else "teacher")
     model = cls(cfg)
-    state = ck["model"]
+    state = dict(ck["model"])
+    old_grid, grid = ck["config"]["img_size"] // cfg.patch_size, args.img_size // cfg.patch_size
+    if old_grid != grid:
+        pos = state["pos_embed"]                                            # ViT: class position first
+        n_cls = pos.shape[1] - old_grid * old_grid
+        state["pos_embed"] = torch.cat([pos[:, :n_cls], vl.resize_pos_embed(pos[:, n_cls:], (grid, grid))], 1)
+        if verbose:
+            print(f"--init {path}: position embeddings resized from {old_grid}x{old_grid} to {grid}x{grid} patches")
     if ck["config"].get("num_classes") != n_classes:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -1158,8 +1562,12 @@ def init_from(path, args, n_classes):
 
 def run_stage(args, stage, data, ctx):
     """Train one stage; -> path of its finished checkpoint. Resumes from OUT/NAME/last.pt."""
+    args = for_stage(args, stage)                                           # per-stage recipe values
     train_ds = data.teacher_train if stage == "teacher" else data.distill if stage == "distill" else data.train
-    classes = data.classes                                                  # distill reads images only, no labels
+    train_ds = with_augmentation(train_ds, args)                            # distill reads images only, no labels
+    if ctx.main and not isinstance(train_ds, ImageFolder) and (args.aa not in (None, "", "none")):
+        print(f"note: --aa {args.aa} and --hflip act on image folders (--data); the demo's images are used as they are")
+    classes = data.classes
     label = args.name or stage
     args.run_dir = os.path.join(args.out, label)
     ckpt_path = os.path.join(args.run_dir, "last.pt")
@@ -1183,12 +1591,15 @@ def run_stage(args, stage, data, ctx):
         saved.load_state_dict(ck["model"])
         if "extra" in ck:                                                   # distiller's MP head
             trained.load_state_dict({**trained.state_dict(), **{k: v for k, v in ck["extra"].items()}})
+    ema = EMA(saved, args.ema_decay) if args.ema_decay > 0 else None
+    if ema is not None and ck is not None and ck.get("ema"):
+        ema.model.load_state_dict(ck["ema"])
+        ema.updates = ck["ema_updates"]
+    augment = batch_augment(args, len(classes), stage, ctx.rank)
 
     world_batch = args.batch_size * ctx.world
     lr = args.lr if args.lr is not None else args.blr * world_batch / 512
-    decay, no_decay = no_decay_params(trained)
-    opt = torch.optim.AdamW([dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)],
-                            lr=lr, betas=(0.9, 0.999))
+    opt = torch.optim.AdamW(param_groups(trained, args.weight_decay, args.layer_decay, cfg.depth), lr=lr, betas=(0.9, 0.999))
     use_fp16 = args.amp == "fp16" and ctx.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)
     loader = make_loader(train_ds, args, ctx, train=True)
@@ -1256,7 +1667,8 @@ def run_stage(args, stage, data, ctx):
                     schedule=dict(total_steps=total, warmup_steps=warmup, peak_lr=lr, min_lr=args.min_lr),
                     step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, world=ctx.world, rng=rng,
                     args={k: v for k, v in vars(args).items()}, finished=finished, metrics=metrics or {},
-                    log=history, log_sums=log_sums, log_keys=keys))
+                    log=history, log_sums=log_sums, log_keys=keys,
+                    **(dict(ema=ema.model.state_dict(), ema_updates=ema.updates) if ema is not None else {})))
                 if live_log != log_path:                                    # this run's record replaces the old one
                     write_log(log_path, "".join(history), "w")
                     os.remove(live_log)
@@ -1278,11 +1690,14 @@ def run_stage(args, stage, data, ctx):
                 kind=kind_of(saved), config=dataclasses.asdict(cfg), model=saved.state_dict(), classes=list(classes),
                 stage=stage, step=step, args={k: v for k, v in vars(args).items()}, finished=False))
 
-    def validate(at_epoch):
+    def validate(at_epoch):                                                 # the model, and its EMA weights alongside
         res = evaluate(trained, val_loader, args, ctx, desc=f"{label} val")
-        log(dict(step=step, epoch=round(at_epoch, 4), val_top1=res["top1"], val_top5=res["top5"]))
+        if ema is not None:
+            res.update({f"ema_{k}": v for k, v in evaluate(ema.model, val_loader, args, ctx, desc=f"{label} EMA val").items()})
+        log(dict(step=step, epoch=round(at_epoch, 4), **{f"val_{k}": v for k, v in res.items()}))
         if ctx.main:
-            tqdm.write(f"{label} step {step}: val top-1 {res['top1']:.2f}  top-5 {res['top5']:.2f}")
+            tqdm.write(f"{label} step {step} (epoch {at_epoch:g}): val top-1 {res['top1']:.2f}  top-5 {res['top5']:.2f}"
+                       + (f"  (EMA: top-1 {res['ema_top1']:.2f}  top-5 {res['ema_top5']:.2f})" if ema else ""))
         return res
 
     if ctx.main:
@@ -1291,9 +1706,13 @@ def run_stage(args, stage, data, ctx):
               f"{'unlabelled ' if stage == 'distill' else ''}images, {steps_per_epoch} steps/epoch x {args.epochs} epochs, "
               f"global batch {world_batch}, lr {lr:.2e}, warm-up {warmup} of {total} steps, "
               f"{torch.get_num_threads()} thread(s) -> {args.run_dir}")
+        print(f"{label}: recipe {args.recipe}: aa {args.aa}, hflip {args.hflip}, erase {args.erase_prob}, "
+              + (f"mixup {args.mixup}, cutmix {args.cutmix}, smoothing {args.label_smoothing}, " if stage != "distill" else "")
+              + f"repeated aug x{args.repeated_aug}, EMA {args.ema_decay or 'off'}, layer decay {args.layer_decay}, "
+              f"drop path {getattr(cfg, 'drop_path', 'n/a')}, wd {args.weight_decay}, amp {args.amp}")
     if ck is None and 0 in save_steps:
         snapshot()
-    bad = BadImages(args.max_bad_frac)
+    bad = BadImages(args.max_bad_frac, args.repeated_aug)
     t0, n_img, metrics = time.time(), 0, {}
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -1318,9 +1737,10 @@ def run_stage(args, stage, data, ctx):
                 continue
             x = normalize(images, ctx.device)
             y = labels[0].to(ctx.device, non_blocking=True) if labels else None
+            x, y = augment(x, y, step)                                      # erasing, mixup / cutmix (not on distill)
             cur_lr = lr_at(step, total, warmup, lr, args.min_lr)
             for grp in opt.param_groups:
-                grp["lr"] = cur_lr
+                grp["lr"] = cur_lr * grp["lr_scale"]                        # layer-wise lr decay
             with autocast(args, ctx.device):
                 out = loss_fn(model, x, y, step)
             opt.zero_grad(set_to_none=True)
@@ -1332,6 +1752,8 @@ def run_stage(args, stage, data, ctx):
                                 f"grad norm {gnorm.item():.4g}); stopped, {kept()} (try a lower --lr or --amp none)")
             scaler.step(opt)
             scaler.update()
+            if ema is not None:
+                ema.update(saved)
             step += 1
             batch_in_epoch += 1
             n_img += len(images)
@@ -1461,12 +1883,15 @@ def main(argv=None):
         with together(ctx):                                                 # fail fast, before any stage trains
             check_args(args)
             torch.set_num_threads(args.threads)
+            if ctx.main:
+                print("\n".join(describe_recipe(args)))
             if args.workers > cores_per_process() and ctx.main:
                 print(f"warning: --workers {args.workers} on {cores_per_process()} CPU core(s) per process: the workers "
                       "compete with training for the cores", file=sys.stderr)
             data = get_data(args)
             if args.stage != "teacher":
-                student = student_config(args, len(data.classes))
+                student = student_config(for_stage(args, "distill" if args.stage == "all" else args.stage),
+                                         len(data.classes))
                 if args.stage == "all" and not args.teacher:                # the teacher it will train
                     check_stages(args, student, make_config(vl.TEACHER_PRESETS, args.teacher_preset, args.teacher_opts,
                                                             "teacher").depth)
