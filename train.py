@@ -177,9 +177,10 @@ def get_parser():
     g.add_argument("--blr", type=float, default=5e-4)
     g.add_argument("--min-lr", type=float, default=1e-6)
     g.add_argument("--warmup-epochs", type=float, help="linear warm-up length in epochs")
-    g.add_argument("--warmup-steps", type=int, help="... in steps (wins over --warmup-epochs / --warmup-frac)")
-    g.add_argument("--warmup-frac", type=float, help="... as a fraction of the stage's steps (used when neither "
-                   "--warmup-steps nor --warmup-epochs is given)")
+    g.add_argument("--warmup-steps", type=int, help="linear warm-up length in steps (wins over --warmup-epochs and "
+                   "--warmup-frac)")
+    g.add_argument("--warmup-frac", type=float, help="linear warm-up length as a fraction of the stage's steps (when "
+                   "neither --warmup-steps nor --warmup-epochs is given; the demo's default)")
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--clip-grad", type=float, default=1.0, help="max grad norm (0 = off)")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"], help="autocast; auto = bf16 on CUDA, none on CPU")
