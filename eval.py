@@ -8,7 +8,7 @@ Evaluate a checkpoint, or benchmark the teacher against the student.
     python eval.py --probe runs/demo/distill/last.pt              # linear probe of a frozen model (--random-init too)
     python eval.py --runs runs/results/pairs                      # tables over seeds (README "Results", results.sh)
 """
-import argparse, csv, json, os, sys, time
+import argparse, csv, json, os, re, sys, time
 import torch, torch.nn as nn, torch.nn.functional as F
 
 import train
@@ -763,7 +763,8 @@ def summarize_runs(root):
     if not top1 and not probes and teacher is None:
         raise train.UserError(f"--runs {root}: no finished <config>-s<seed>/<run> or teacher run in it")
     head = "| seeds | top-1 mean | std | min - max | per seed |\n|---|---|---|---|---|---|"
-    for i, run in enumerate(sorted(top1, key=lambda r: (r != "finetune", r))):
+    natural = lambda name: re.sub(r"\d+", lambda m: m.group().zfill(9), name)  # noqa: E731  (n300 before n1200)
+    for i, run in enumerate(sorted(top1, key=lambda r: (r != "finetune", natural(r)))):
         group = top1[run]
         labels = [c for c in group if c.startswith("labels")]                # labels-only baselines of this group
         best = max(labels, key=lambda c: sum(t for _, t in group[c]) / len(group[c])) if labels else None
@@ -771,14 +772,14 @@ def summarize_runs(root):
         print(("\n" if i else "") + f"| {run}: configuration {cols}\n|" + "---|" * (7 if best else 6))
         if teacher is not None and i == 0:
             print(f"| teacher (ViT) | 1 | {teacher:.1f} | | | |")
-        for config, res in group.items():
+        for config, res in sorted(group.items(), key=lambda kv: natural(kv[0])):
             print(f"| {config} | {seed_stats(res)} |" + (f" {paired_gap(res, group[best])} |" if best else ""))
     if teacher is not None and not top1:
         print(f"| configuration {head}\n| teacher (ViT) | 1 | {teacher:.1f} | | | |")
     long = {k: v for k, v in curves.items() if max(map(len, v)) > 1}
     if long:
         print("\n| learning curve: configuration / run | seeds | top-1 at step (mean over seeds) |\n|---|---|---|")
-        for (config, run), runs in long.items():
+        for (config, run), runs in sorted(long.items(), key=lambda kv: (natural(kv[0][1]), natural(kv[0][0]))):
             steps = sorted(set.intersection(*(set(c) for c in runs)))
             print(f"| {config} / {run} | {len(runs)} | "
                   + ", ".join(f"{s}: {sum(c[s] for c in runs) / len(runs):.1f}" for s in steps) + " |")

@@ -63,44 +63,48 @@ for task in $TASKS; do
 done
 run_jobs
 
-# 2. students. Longest chains first, so the lanes end together.
-for task in $TASKS; do
-  for s in $SEEDS5; do
-    if [ "$task" = pairs ]; then    # 300 labelled images: five seeds (the ablation's rows); 100 and 1,200: three
-      if [ "$s" -lt 3 ]; then ns="100 300 1200"; else ns="300"; fi
-    else                            # the relations task: three seeds
-      if [ "$s" -ge 3 ]; then continue; fi
-      ns="300 1200"
-    fi
-    chain="$(distill $task am+mp $s)"
-    for n in $ns; do chain+=" && $(finetune $task am+mp $s $n)"; done
-    job "$chain"
-    for n in $ns; do
-      job "$(labels_only $task labels_2000 $s $n ${LONG_EPOCHS[$n]})"
-      job "$(labels_only $task labels_700 $s $n ${SHORT_EPOCHS[$n]})"
-    done
-    if [ "$task" = pairs ] && [ "$s" -lt 3 ]; then job "$(labels_only $task labels_1300 $s 300 $EQ_EPOCHS_300)"; fi
-  done
-done
-# the paper's ablation, under the protocol of the label-efficiency gap (300 labelled images), pairs task
+# 2. students, in order of importance (a partial run already answers the first questions; ~LANES at a time)
+labels_pair() { # TASK SEED N: the labels-only student on N images, two schedule lengths
+  job "$(labels_only $1 labels_2000 $2 $3 ${LONG_EPOCHS[$3]})"
+  job "$(labels_only $1 labels_700 $2 $3 ${SHORT_EPOCHS[$3]})"
+}
+main_chain() { # TASK SEED N...: AM + MP distillation (snapshots, probes), then fine-tuning on each N
+  local chain
+  chain="$(distill $1 am+mp $2)"
+  for n in "${@:3}"; do chain+=" && $(finetune $1 am+mp $2 $n)"; done
+  job "$chain"
+}
+# the paper's ablation, under the protocol of the label-efficiency gap (300 labelled images), pairs task: the paper's
+# rows (supervised only, MP only, AM only, AM + MP; AM over visible / class / all tokens) five seeds, our sweeps three
 ablation() { # CONFIG SEEDS FLAGS
   for s in $2; do job "$(distill pairs $1 $s "${@:3}") && $(finetune pairs $1 $s 300)"; done
 }
 if [[ " $TASKS " == *" pairs "* ]]; then
+  for s in $SEEDS5; do           # (a) probes and (b) at 300 labels; the ablation's AM + MP and supervised rows
+    if [ "$s" -lt 3 ]; then main_chain pairs $s 100 300 1200; else main_chain pairs $s 300; fi
+    labels_pair pairs $s 300
+    if [ "$s" -lt 3 ]; then job "$(labels_only pairs labels_1300 $s 300 $EQ_EPOCHS_300)"; fi   # equal updates
+  done
   ablation mp_only "$SEEDS5" --am-weight 0
   ablation am_only "$SEEDS5" --lam 0
-  ablation am_cls "$SEEDS3" --am-scope cls
-  ablation am_all "$SEEDS3" --am-scope all
+  ablation am_cls "$SEEDS5" --am-scope cls
+  ablation am_all "$SEEDS5" --am-scope all
+  for s in $SEEDS3; do labels_pair pairs $s 100; labels_pair pairs $s 1200; done   # (b) at 100 and 1,200 labels
+fi
+if [[ " $TASKS " == *" relations "* ]]; then
+  for s in $SEEDS3; do
+    main_chain relations $s 300 1200
+    labels_pair relations $s 300
+    labels_pair relations $s 1200
+    job "$(distill relations am_only_nomask $s --lam 0 --mask-ratio 0) && $(finetune relations am_only_nomask $s 300)"
+  done
+fi
+if [[ " $TASKS " == *" pairs "* ]]; then
   ablation mask0.5 "$SEEDS3" --mask-ratio 0.5
   ablation mask0.9 "$SEEDS3" --mask-ratio 0.9
   ablation lam0.5 "$SEEDS3" --lam 0.5
   ablation lam2 "$SEEDS3" --lam 2
   ablation am_only_nomask "$SEEDS3" --lam 0 --mask-ratio 0
-fi
-if [[ " $TASKS " == *" relations "* ]]; then
-  for s in $SEEDS3; do
-    job "$(distill relations am_only_nomask $s --lam 0 --mask-ratio 0) && $(finetune relations am_only_nomask $s 300)"
-  done
 fi
 run_jobs
 

@@ -2182,8 +2182,8 @@ def test_distillation_reads_images_only(tmp_path):
     for i in range(5):
         Image.fromarray(np.full((20, 24, 3), 40 * i, np.uint8)).save(flat / f"{i}.png")
     root = write_tree(tmp_path / "d", corrupt=0)
-    args = train.parse_args(["--data", root, "--img-size", "16", "--batch-size", "2", "--workers", "0",
-                             "--distill-data", str(tmp_path / "unlabelled")])
+    args = train.for_stage(train.parse_args(["--data", root, "--img-size", "16", "--batch-size", "2", "--workers", "0",
+                                             "--distill-data", str(tmp_path / "unlabelled")]), "distill")
     ds = train.get_data(args).distill
     assert isinstance(ds, train.UnlabelledFolder) and len(ds) == 5
     batches = list(train.make_loader(ds, train.for_stage(args, "distill"), ctx, train=True))  # recipe values

@@ -273,9 +273,10 @@ def get_parser():
                    + d("blr"))
     g.add_argument("--min-lr", type=float, help="the lr the cosine schedule ends at" + d("min_lr"))
     g.add_argument("--warmup-epochs", type=float, help="linear warm-up length in epochs" + d("warmup_epochs"))
-    g.add_argument("--warmup-steps", type=int, help="... in steps (wins over --warmup-epochs / --warmup-frac)")
-    g.add_argument("--warmup-frac", type=float, help="... as a fraction of the stage's steps (used when neither "
-                   "--warmup-steps nor --warmup-epochs is set; one warm-up flag given unsets the others)"
+    g.add_argument("--warmup-steps", type=int, help="linear warm-up length in steps (wins over --warmup-epochs and "
+                   "--warmup-frac)")
+    g.add_argument("--warmup-frac", type=float, help="linear warm-up length as a fraction of the stage's steps (used "
+                   "when neither --warmup-steps nor --warmup-epochs is set; one warm-up flag given unsets the others)"
                    + d("warmup_frac"))
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay" + d("weight_decay"))
     g.add_argument("--clip-grad", type=float, help="max grad norm (0 = off)" + d("clip_grad"))
