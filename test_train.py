@@ -1,0 +1,1069 @@
+"""Tests of train.py: the pipeline in miniature, data, the recipe's augmentations, never losing work, bad input and
+faults, the demo's tasks and the results protocol. Every test here sees the scan dispatch a CPU user gets."""
+import dataclasses
+import errno
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import eval as evaluate_cli
+import train
+import vitlinearizer as vl
+from conftest import HERE, TINY_STUDENT, TINY_TEACHER, random_vit_state_dict, ZOO, TINY, run_train, tiny_teacher, one_error_line, write_tree
+
+pytestmark = pytest.mark.usefixtures("cpu_dispatch")   # the scan dispatch a CPU user gets (conftest)
+
+
+def log(path):
+    return [json.loads(l) for l in open(path)]
+
+
+@pytest.mark.parametrize("name", ["hf_siglip_vision", "timm_dinov2_reg4"])
+def test_train_distills_from_a_hub_folder_teacher(tmp_path, capsys, name):
+    """train.py --teacher with a Hub folder; SigLIP (no class token: the class slot is the mean patch token) and
+    DINOv2 with registers (left out of the tokens the losses see)."""
+    rc, _, err = run_train(capsys, "--stage", "distill", "--teacher", os.path.join(ZOO, name), "--out", tmp_path,
+                           *TINY, "--distill-epochs", 1)
+    assert rc == 0, err
+    rec = log(tmp_path / "distill" / "log.jsonl")
+    assert rec and all(math.isfinite(r["loss"]) and r["am"] > 0 and r["mp"] > 0 for r in rec if "loss" in r)
+
+
+def losses(path):
+    return {r["step"]: r["loss"] for r in log(path) if "loss" in r}
+
+
+def test_pipeline_in_miniature(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    stages = ["--teacher-epochs", 2, "--distill-epochs", 4, "--finetune-epochs", 1, "--supervised-epochs", 5]
+    rc, out, err = run_train(capsys, "--out", out_dir, *TINY, *stages)
+    assert rc == 0, err
+    for row in ("| teacher: ViT, labels | 64 | 8 |", "| student: distilled (16 steps on 64 unlabelled images) + fine-tuned | 64 | 4 |",
+                "| student: labels only, to convergence | 64 | 20 |", "| student: random initialisation | 0 | 0 | - | - |"):
+        assert row in out
+    assert len(json.load(open(out_dir / "results.json"))) == 4
+    d = losses(out_dir / "distill" / "log.jsonl")                                      # 16 steps of AM + MP
+    first, last = np.mean([d[s] for s in (1, 2, 3)]), np.mean([d[s] for s in (14, 15, 16)])
+    assert last < 0.9 * first, d
+    rec = log(out_dir / "distill" / "log.jsonl")[0]
+    assert {"step", "loss", "am", "mp", "lr", "img_per_s", "peak_mem_mb", "grad_norm"} <= set(rec)
+    ck = torch.load(out_dir / "finetune" / "last.pt", weights_only=True)               # tensors and plain values only
+    assert {"kind", "config", "model", "optimizer", "schedule", "scaler", "step", "epoch", "rng", "args"} <= set(ck)
+    assert ck["kind"] == "vision_mamba" and ck["finished"] and ck["step"] == 4
+    assert isinstance(vl.model_from_checkpoint(ck), vl.VisionMamba)
+    assert isinstance(vl.load_teacher(str(out_dir / "teacher" / "last.pt")), vl.ViT)
+    # eval.py on the demo's held-out set gives the accuracy the run measured at its end
+    capsys.readouterr()
+    assert evaluate_cli.main(["--ckpt", str(out_dir / "finetune" / "last.pt")]) == 0
+    assert f"top-1 {ck['metrics']['top1']:.2f}" in capsys.readouterr().out
+    # re-running the finished command trains nothing
+    rc, out, _ = run_train(capsys, "--out", out_dir, *TINY, *stages)
+    assert rc == 0 and "is finished" in out
+
+
+def test_demo_data_is_deterministic_and_relational():
+    a, b = train.RelationsDemo(50, 32, seed=3), train.RelationsDemo(50, 32, seed=3)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert a.images.shape == (50, 3, 32, 32) and a.images.dtype == torch.uint8
+    assert train.RelationsDemo(4, 48, seed=3).images.shape == (4, 3, 48, 48)           # any resolution
+    big = train.RelationsDemo(800, 16, seed=0)
+    assert set(big.labels.tolist()) == set(range(8)) and big.labels.bincount().min() > 60
+
+
+def test_image_folder_transforms(tmp_path):
+    root = write_tree(tmp_path / "d", corrupt=0)
+    classes, samples = train.list_split(root, "train")
+    assert classes == ["cat", "dog", "fox"] and len(samples) == 12
+    tr, ev = train.ImageFolder(samples, classes, 16, True), train.ImageFolder(samples, classes, 16, False)
+    for i in range(5):                                                                 # every mode -> RGB uint8
+        x, y, e = tr[(i, 123)]
+        assert x.shape == (3, 16, 16) and x.dtype == torch.uint8 and e is None
+        assert torch.equal(x, tr[(i, 123)][0])                                         # augmentation from the seed
+        assert torch.equal(ev[(i, None)][0], ev[(i, None)][0])
+    assert not all(torch.equal(tr[(0, s)][0], tr[(0, 123)][0]) for s in range(5))
+
+
+def test_image_folder_training_skips_a_corrupt_file(tmp_path, capsys):
+    root = write_tree(tmp_path / "d", corrupt=1)
+    rc, out, err = run_train(capsys, "--data", root, "--out", tmp_path / "r", "--stage", "teacher", "--epochs", 2,
+                       "--teacher-preset", "demo", "--teacher-opts", "dim=32,depth=2,heads=2", "--img-size", 16,
+                       "--batch-size", 13, "--workers", 1, "--log-every", 1, "--recipe", "none")
+    assert rc == 0, err
+    assert "skipped 1 unreadable image(s) of 13" in err and "bad0.JPEG" in err
+    assert [r["epoch"] for r in log(tmp_path / "r" / "teacher" / "log.jsonl") if "val_top1" in r] == [1, 2]
+
+
+def same_log(path):
+    """the log without the measured fields (speed and memory differ from run to run)"""
+    return [{k: v for k, v in r.items() if k not in ("img_per_s", "peak_mem_mb")} for r in log(path)]
+
+
+def test_resume_follows_the_uninterrupted_trajectory(tmp_path, capsys, monkeypatch):
+    teacher = tiny_teacher(tmp_path / "t.pt")
+    args = ["--stage", "distill", "--teacher", teacher, *TINY, "--epochs", 3, "--drop-path", 0.1, "--ckpt-every", 2,
+            "--log-every", 3]                                                                  # log windows span checkpoints
+    assert run_train(capsys, "--out", tmp_path / "a", *args)[0] == 0                           # uninterrupted: 12 steps
+    ref = same_log(tmp_path / "a" / "distill" / "log.jsonl")
+    assert [r["step"] for r in ref] == [3, 6, 9, 12]
+    # a clean stop after 5 steps (mid-epoch, mid log window), then the same command again: the same log, line for line
+    assert run_train(capsys, "--out", tmp_path / "b", *args, "--max-steps", 5)[0] == 0
+    assert run_train(capsys, "--out", tmp_path / "b", *args)[0] == 0
+    assert same_log(tmp_path / "b" / "distill" / "log.jsonl") == ref
+    # Ctrl-C between checkpoints (in the 10th step; the last checkpoint is at step 8): one line; the resumed run drops
+    # the log line of step 9 and redoes the work since step 8
+    real = train.lr_at
+
+    def crash(step, *a):
+        if step == 9:
+            raise KeyboardInterrupt
+        return real(step, *a)
+    monkeypatch.setattr(train, "lr_at", crash)
+    rc, _, err = run_train(capsys, "--out", tmp_path / "c", *args)
+    assert rc == 130 and err.strip().splitlines()[-1].startswith("interrupted: run the same command again")
+    assert [r["step"] for r in log(tmp_path / "c" / "distill" / "log.jsonl")] == [3, 6, 9]
+    monkeypatch.setattr(train, "lr_at", real)
+    rc, out, err = run_train(capsys, "--out", tmp_path / "c", *args)
+    assert rc == 0 and "resuming" in out and "at step 8" in out
+    assert same_log(tmp_path / "c" / "distill" / "log.jsonl") == ref
+
+
+def test_ddp_two_processes_gloo(tmp_path):
+    teacher = tiny_teacher(tmp_path / "t.pt")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(HERE, "train.py"), "--teacher", teacher, "--out", str(tmp_path / "r"), "--no-baseline",
+           *map(str, TINY), "--batch-size", "8", "--distill-epochs", "2", "--finetune-epochs", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("| student: distilled") == 1                                 # rank 0 alone prints / writes
+    ck = torch.load(tmp_path / "r" / "finetune" / "last.pt", weights_only=True)
+    assert ck["world"] == 2 and len(ck["rng"]) == 2 and ck["step"] == 4               # 64 images / (2 x 8) per step
+    assert len(losses(tmp_path / "r" / "distill" / "log.jsonl")) == 8
+    assert not list((tmp_path / "r").rglob("*.tmp*"))
+
+
+def bad_case(tmp_path, case):
+    if case == "missing folder":
+        return ["--data", tmp_path / "nope"], "no such folder"
+    if case == "empty folder":
+        os.makedirs(tmp_path / "e" / "train"), os.makedirs(tmp_path / "e" / "val")
+        return ["--data", tmp_path / "e"], "no class sub-folders"
+    if case == "empty class":
+        root = write_tree(tmp_path / "d", corrupt=0)
+        os.makedirs(os.path.join(root, "train", "emu"))
+        return ["--data", root], "has no images"
+    if case == "classes differ":
+        root = write_tree(tmp_path / "d", corrupt=0)
+        os.rename(os.path.join(root, "val", "fox"), os.path.join(root, "val", "owl"))
+        return ["--data", root], "only in train ['fox'], only in val ['owl']"
+    if case == "too many corrupt":
+        return ["--data", write_tree(tmp_path / "d", corrupt=4), "--max-bad-frac", "0.01", "--recipe", "none"], \
+            "could not be read"                                             # (repeated augmentation would see fewer)
+    if case == "bad teacher":
+        torch.save({"foo.weight": torch.zeros(2)}, tmp_path / "t.pt")
+        return ["--stage", "distill", "--teacher", tmp_path / "t.pt"], "could not load teacher"
+    if case == "resolution":
+        return ["--img-size", "18"], "not a multiple of the student patch size 4"
+    if case == "preset":
+        return ["--stage", "finetune", "--student", "huge"], "unknown student preset 'huge'"
+
+
+@pytest.mark.parametrize("case", ["missing folder", "empty folder", "empty class", "classes differ", "too many corrupt",
+                                  "bad teacher", "resolution", "preset"])
+def test_bad_input_gets_one_clear_line(tmp_path, capsys, case):
+    extra, msg = bad_case(tmp_path, case)
+    argv = [*TINY, "--out", tmp_path / "r", "--teacher-epochs", 1, "--batch-size", 4, *extra]
+    if "--data" in extra:
+        argv += ["--stage", "teacher", "--teacher-preset", "demo", "--epochs", 1, "--workers", 0]
+    rc, out, err = run_train(capsys, *argv)
+    assert rc == 2 and msg in one_error_line(err), err
+    assert not list((tmp_path / "r").rglob("*.pt"))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    args = ["--stage", "teacher", "--out", tmp_path / "r", *TINY, "--epochs", 2, "--ckpt-every", 1]
+    assert run_train(capsys, *args, "--max-steps", 2)[0] == 0
+    real = train.normalize
+    monkeypatch.setattr(train, "normalize", lambda x, device: real(x, device) * float("inf"))   # a diverged step
+    rc, out, err = run_train(capsys, *args)
+    assert rc == 2 and "non-finite" in one_error_line(err) and "last good checkpoint" in err
+    ck = torch.load(tmp_path / "r" / "teacher" / "last.pt", weights_only=True)
+    assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_resume_with_different_model_arguments_is_refused(tmp_path, capsys):
+    args = ["--stage", "teacher", "--out", tmp_path / "r", *TINY, "--epochs", 2]
+    assert run_train(capsys, *args, "--max-steps", 1)[0] == 0
+    rc, _, err = run_train(capsys, *args, "--teacher-opts", "dim=48,depth=2,heads=2")
+    assert rc == 2 and "different model arguments" in one_error_line(err) and "dim" in err
+    assert torch.load(tmp_path / "r" / "teacher" / "last.pt", weights_only=True)["step"] == 1
+
+
+def test_stage_all_checks_the_student_before_training_the_teacher(tmp_path, capsys):
+    rc, _, err = run_train(capsys, "--out", tmp_path / "r", *TINY, "--student", "huge")
+    assert rc == 2 and "unknown student preset 'huge'" in one_error_line(err)
+    assert not (tmp_path / "r" / "teacher").exists()
+
+
+def test_stage_teacher_uses_the_teacher_lr():
+    assert train.parse_args(["--stage", "teacher"]).lr == train.DEFAULTS["teacher_lr"].demo != train.DEFAULTS["lr"].demo
+    assert train.parse_args(["--stage", "teacher", "--lr", "2e-3"]).lr == 2e-3
+    assert train.parse_args(["--stage", "distill"]).lr == train.DEFAULTS["lr"].demo
+
+
+def rgb_image(h=20, w=24, seed=0, mode="RGB"):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_randaugment_ops_keep_size_and_mode(mode):
+    import random
+    im = rgb_image(mode=mode)
+    for name, op in train.RAND_OPS.items():
+        for m in (0.0, 0.37, 1.0):
+            for inc in (False, True):
+                out = op(im, m, inc, random.Random(0))
+                assert out.size == im.size and out.mode == im.mode, (name, m, inc)
+    out = train.ThreeAugment()(im.convert("RGB"), random.Random(0))
+    assert out.size == im.size and out.mode == "RGB"
+
+
+def test_randaugment_ops_compute_what_timm_documents():
+    """pixel ops against numpy written from the op definitions; translate by a whole number of pixels against a shift"""
+    import random
+    im = rgb_image()
+    a = np.asarray(im).astype(int)
+    op = lambda name, m, inc=True: np.asarray(train.RAND_OPS[name](im, m, inc, random.Random(0))).astype(int)
+    assert (op("Invert", 0.3) == 255 - a).all()
+    t = 256 - int(256 * 0.6)                                                           # solarize, increasing
+    assert (op("Solarize", 0.6) == np.where(a >= t, 255 - a, a)).all()
+    assert (op("Solarize", 0.6, False) == np.where(a >= int(256 * 0.6), 255 - a, a)).all()
+    bits = 4 - int(4 * 0.6)                                                            # posterize keeps the top bits
+    assert (op("Posterize", 0.6) == a & (0xFF << (8 - bits) & 0xFF)).all()
+    assert (op("Posterize", 1.0) == 0).all()                                            # 0 bits at the top magnitude
+    assert (op("SolarizeAdd", 0.5) == np.where(a < 128, np.minimum(255, a + 55), a)).all()
+    w = im.size[0]                                                                      # 24 px: 0.45 * 24 * m = 9 px
+    m = 9 / (0.45 * w)
+    shifted = op("TranslateXRel", m)
+    fill = np.array(train.FILL)
+    left = np.concatenate([a[:, 9:], np.broadcast_to(fill, (a.shape[0], 9, 3))], 1)    # content moves left
+    right = np.concatenate([np.broadcast_to(fill, (a.shape[0], 9, 3)), a[:, :-9]], 1)
+    assert (shifted == left).all() or (shifted == right).all()
+    e = np.asarray(train.RAND_OPS["Brightness"](im, 0.5, False, random.Random(0))).astype(int)   # factor 0.1 + 0.9
+    assert np.abs(e - np.clip(np.round(a * 1.0), 0, 255)).max() <= 1
+
+
+def test_randaugment_draws_ops_and_magnitudes_as_specified(monkeypatch):
+    import random
+    seen = []
+    monkeypatch.setattr(train, "RAND_OPS", {n: (lambda n: lambda im, m, inc, g: seen.append((n, m, inc)) or im)(n)
+                                            for n in train.RAND_OPS})
+    ra, g = train.RandAugment("rand-m9-mstd0.5-inc1"), random.Random(0)
+    for _ in range(4000):
+        ra(None, g)
+    names, ms, incs = zip(*seen)
+    assert all(incs) and abs(len(seen) / (4000 * 2) - 0.5) < 0.02                     # 2 ops per image, each p = 0.5
+    counts = np.bincount([list(train.RAND_OPS).index(n) for n in names], minlength=15)
+    assert len(counts) == 15 and counts.min() > 0.8 * len(seen) / 15                    # all 15, uniformly
+    ms = np.array(ms)
+    assert abs(ms.mean() - 0.9) < 0.005 and abs(ms[ms < 1].std() - 0.05) < 0.01 and ms.max() == 1.0   # N(9, .5) / 10, clipped
+    seen.clear()
+    fixed = train.RandAugment("rand-m5-n3-p1.0")
+    fixed(None, g)
+    assert [(m, inc) for _, m, inc in seen] == [(0.5, False)] * 3
+
+
+def test_randaugment_in_the_image_folder_is_seeded_per_sample_and_epoch(tmp_path):
+    root = write_tree(tmp_path / "d", corrupt=0)
+    classes, samples = train.list_split(root, "train")
+    ds = train.ImageFolder(samples, classes, 16, True, augment=train.image_augment("rand-m9-mstd0.5-inc1"))
+    plain = train.ImageFolder(samples, classes, 16, True)
+    sampler = train.BatchSampler(len(samples), 4, seed=3)
+    keys = {}
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        keys[epoch] = dict(k for batch in sampler for k in batch)                         # index -> augmentation seed
+    for i in keys[0]:
+        a = ds[(i, keys[0][i])][0]
+        assert torch.equal(a, ds[(i, keys[0][i])][0]) and a.shape == (3, 16, 16) and a.dtype == torch.uint8
+        if i in keys[1]:
+            assert not torch.equal(a, ds[(i, keys[1][i])][0])                           # another epoch: another draw
+    images = [ds[(0, s)][0] for s in range(12)]
+    assert len({x.numpy().tobytes() for x in images}) == 12                             # samples differ
+    assert sum(not torch.equal(ds[(0, s)][0], plain[(0, s)][0]) for s in range(12)) >= 6   # ops applied on top of crop
+
+
+def test_random_erasing_boxes_respect_the_area_and_aspect_bounds():
+    import random
+    B, H, W = 2000, 32, 40
+    x = torch.zeros(B, 3, H, W)
+    boxes = train.random_erase(x, 0.25, random.Random(0), torch.Generator().manual_seed(0))
+    erased = [b for b in boxes if b]
+    assert abs(len(erased) / B - 0.25) < 0.03
+    areas = []
+    for img, box in zip(x, boxes):
+        changed = (img != 0).any(0)
+        if box is None:
+            assert not changed.any()
+            continue
+        t, l, h, w = box
+        expect = torch.zeros(H, W, dtype=torch.bool)
+        expect[t:t + h, l:l + w] = True
+        assert torch.equal(changed, expect)                                             # one box, inside the image
+        slack = 0.5 * (h + w) + 0.25                                                    # sides are rounded
+        assert 0.02 * H * W - slack <= h * w <= H * W / 3 + slack and h < H and w < W
+        assert 0.3 * (1 - 1 / min(h, w)) ** 2 <= h / w <= (1 + 1 / min(h, w)) ** 2 / 0.3
+        areas.append(h * w / (H * W))
+    noise = x[x != 0]
+    assert abs(noise.mean()) < 0.02 and abs(noise.std() - 1) < 0.02                      # per-pixel N(0, 1)
+    assert 0.1 < np.mean(areas) < 0.25 and min(areas) < 0.05 and max(areas) > 0.28
+    y = torch.zeros(B, 3, H, W)
+    assert train.random_erase(y, 0.25, random.Random(0), torch.Generator().manual_seed(0)) == boxes and torch.equal(x, y)
+
+
+def test_cutmix_box_area_equals_its_label_weight():
+    import random
+    B, H, W, C = 6, 20, 28, 10
+    for seed in range(300):
+        x = torch.arange(B, dtype=torch.float32).view(B, 1, 1, 1).expand(B, 3, H, W).clone()   # image b is all b
+        y = torch.tensor([3, 1, 4, 1, 5, 9])
+        out, t, lam, box = train.mix_batch(x, y, C, 0.0, 1.0, 0.5, 0.0, random.Random(seed))
+        assert box is not None
+        for b in range(B):
+            from_partner = (out[b, 0] == B - 1 - b).float().mean().item()
+            assert from_partner == pytest.approx(1 - lam)                                # pasted share = partner weight
+            assert out[b, 0][(out[b, 0] != b) & (out[b, 0] != B - 1 - b)].numel() == 0
+            expect = torch.zeros(C)
+            expect[y[b]] += lam
+            expect[y[B - 1 - b]] += 1 - lam
+            assert torch.allclose(t[b], expect)
+
+
+def test_mixup_blends_images_and_targets_convexly_with_label_smoothing():
+    import random
+    B, C, s = 8, 5, 0.1
+    x = torch.randn(B, 3, 8, 8)
+    y = torch.randint(0, C, (B,))
+    kinds = []
+    for seed in range(400):
+        out, t, lam, box = train.mix_batch(x.clone(), y, C, 0.8, 1.0, 0.5, s, random.Random(seed))
+        kinds.append(box is not None)
+        assert 0 <= lam <= 1 and torch.allclose(t.sum(1), torch.ones(B)) and (t >= s / C - 1e-7).all()
+        smooth = F.one_hot(y, C).float() * (1 - s) + s / C                                  # independent smoothing
+        assert torch.allclose(t, lam * smooth + (1 - lam) * smooth.flip(0), atol=1e-6)
+        if box is None:
+            assert torch.allclose(out, lam * x + (1 - lam) * x.flip(0), atol=1e-6)
+    assert abs(np.mean(kinds) - 0.5) < 0.08                                                # switch probability 0.5
+    lams = [train.mix_batch(x.clone(), y, C, 0.8, 0.0, 0.5, s, random.Random(k))[2] for k in range(4000)]
+    assert abs(np.mean(lams) - 0.5) < 0.02 and abs(np.var(lams) - 1 / (4 * (2 * 0.8 + 1))) < 0.01   # Beta(.8, .8)
+
+
+def test_soft_target_loss_is_cross_entropy_with_smoothing():
+    args = train.parse_args([])
+    loss = train.supervised_loss(None, args)
+    model = lambda x: vl.Output(x, None, [])
+    logits, y = torch.randn(6, 5), torch.tensor([0, 4, 2, 2, 1, 3])
+    soft = F.one_hot(y, 5).float() * (1 - 0.1) + 0.1 / 5
+    assert torch.allclose(loss(model, logits, soft, 0)["loss"], F.cross_entropy(logits, y, label_smoothing=0.1))
+    assert torch.allclose(loss(model, logits, y, 0)["loss"], F.cross_entropy(logits, y, label_smoothing=0.1))
+
+
+def test_repeated_augmentation_sampler():
+    n, bs, world, r = 30, 4, 2, 3
+    batches = {}
+    for rank in range(world):
+        s = train.BatchSampler(n, bs, rank, world, seed=1, repeats=r)
+        s.set_epoch(2)
+        batches[rank] = list(s)
+    assert all(len(b) == n // (bs * world) == len(train.BatchSampler(n, bs, 0, world)) for b in batches.values())
+    stream = [k for step in zip(*batches.values()) for rank_batch in step for k in rank_batch]   # global order
+    idx = [i for i, _ in stream]
+    assert len(stream) == (n // (bs * world)) * bs * world
+    runs = [idx[k:k + r] for k in range(0, len(idx), r)]
+    assert all(len(set(run)) == 1 for run in runs)                                      # r copies in a row
+    assert len(set(idx)) == len(runs)                                                   # ... of distinct images
+    assert all(len({seed for i, seed in stream if i == j}) == r for j in idx[:-(len(idx) % r) or None])  # own seeds
+    s1 = train.BatchSampler(n, bs, 0, 1, seed=1)                                         # repeats 1: a permutation
+    assert sorted(i for b in s1 for i, _ in b) == sorted(set(i for b in s1 for i, _ in b))
+
+
+def test_ema_follows_the_formula_with_warm_up():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    ema = train.EMA(model, 0.9)
+    expect = {k: v.clone().float() for k, v in model.state_dict().items()}
+    for t in range(1, 40):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+            model[1].num_batches_tracked += 1
+        ema.update(model)
+        d = min(0.9, (1 + t) / (10 + t))
+        for k, v in model.state_dict().items():
+            expect[k] = d * expect[k] + (1 - d) * v.float() if v.is_floating_point() else v.clone()
+    for k, v in ema.model.state_dict().items():
+        assert torch.allclose(v.float(), expect[k].float(), atol=1e-5), k
+    assert not any(p.requires_grad for p in ema.model.parameters()) and ema.updates == 39
+
+
+@pytest.mark.parametrize("kind", ["vit", "mamba", "distiller"])
+def test_layer_wise_lr_decay_scales(kind):
+    vit = vl.ViT(vl.ViTConfig(img_size=16, patch_size=4, dim=32, depth=3, heads=2, num_classes=5, registers=2))
+    mamba = vl.VisionMamba(vl.MambaConfig(img_size=16, patch_size=4, dim=32, depth=3, d_state=4, num_classes=5))
+    model = {"vit": vit, "mamba": mamba, "distiller": vl.Distiller(vit, mamba, stages=3)}[kind]
+    groups = train.param_groups(model, 0.05, 0.5, depth=3)
+    scale = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in groups) == len(trainable) == len(scale)
+    for n, p in trainable:
+        name = n.removeprefix("student.")
+        want = (0.5 ** 4 if name.split(".")[0] in ("patch_embed", "cls_token", "reg_token", "pos_embed", "pos_cls", "mask_token")
+                else 0.5 ** (3 - int(name.split(".")[1])) if name.startswith("blocks.") else 1.0)
+        assert scale[id(p)][0] == want, n
+    decay, _ = train.no_decay_params(model)                                             # weight decay kept as before
+    assert {id(p) for p in decay} == {i for i, (_, wd) in scale.items() if wd == 0.05}
+    assert {g["lr_scale"] for g in train.param_groups(model, 0.05, 1.0, 3)} == {1.0}       # off: two groups, as before
+    assert len(train.param_groups(model, 0.05, 1.0, 3)) == 2
+
+
+@pytest.mark.parametrize("kind", ["vit", "vision_mamba"])
+def test_init_at_another_resolution_resizes_the_position_embedding_once(tmp_path, kind):
+    torch.manual_seed(0)
+    if kind == "vit":
+        cfg = vl.ViTConfig(img_size=16, patch_size=4, dim=32, depth=2, heads=2, num_classes=5)
+        model = vl.ViT(cfg)
+    else:
+        cfg = vl.MambaConfig(img_size=16, patch_size=4, dim=32, depth=2, d_state=4, num_classes=5, scan_backend="chunked")
+        model = vl.VisionMamba(cfg)
+    with torch.no_grad():
+        model.pos_embed.normal_()                                                       # a position table that matters
+    torch.save(dict(kind=kind, config=dataclasses.asdict(cfg), model=model.state_dict()), tmp_path / "c.pt")
+    args = train.parse_args(["--img-size", "32"])
+    args.drop_path = None
+    new = train.init_from(str(tmp_path / "c.pt"), args, 5, kind=kind)
+    assert new.cfg.img_size == 32 and new.pos_embed.shape[1] == (1 if kind == "vit" else 0) + 64
+    x = torch.randn(2, 3, 32, 32)
+    model.eval(), new.eval()
+    with torch.no_grad():                                                               # = the old model resampling
+        assert torch.allclose(new(x).logits, model(x).logits, atol=1e-5)                # on the fly at 32 px
+    with pytest.raises(train.UserError, match="holds a"):
+        train.init_from(str(tmp_path / "c.pt"), args, 5, kind="vit" if kind != "vit" else "vision_mamba")
+
+
+def test_recipes_defaults_precedence_and_printout():
+    demo = train.parse_args([])
+    assert demo.recipe == "none" and demo.mixup == 0 and demo.aa == "none" and demo.repeated_aug == 1
+    a = train.parse_args(["--data", "d"])
+    assert a.recipe == "deit" and (a.mixup, a.cutmix, a.label_smoothing, a.blr, a.weight_decay) == (0.8, 1.0, 0.1, 5e-4, 0.05)
+    fin, dis = train.for_stage(a, "finetune"), train.for_stage(a, "distill")
+    assert (fin.aa, fin.erase_prob, fin.repeated_aug, fin.ema_decay, fin.drop_path) == ("rand-m9-mstd0.5-inc1", 0.25, 3, 0.99996, 0.1)
+    assert (dis.aa, dis.erase_prob, dis.repeated_aug, dis.ema_decay, dis.drop_path) == ("none", 0.0, 1, 0.0, None)
+    assert train.for_stage(a, "teacher").drop_path == 0.1
+    b = train.parse_args(["--data", "d", "--mixup", "0.2", "--aa", "none", "--hflip", "0.5", "--batch-size", "8"])
+    assert b.mixup == 0.2 and b.aa == "none" and b.cutmix == 1.0                        # command line > recipe
+    text = "\n".join(train.describe_recipe(b))
+    assert "recipe deit (default)" in text and "mixup=0.2 (recipe: 0.8)" in text and "hflip=0.5 (recipe: 0.5)" in text
+    assert "cutmix=1.0" in text.split("the command line changed")[0] and "batch_size=8" in text.split("from the command line")[1]
+    c = train.parse_args(["--data", "d", "--recipe", "adventurer-ft", "--stage", "finetune"])
+    assert (c.lr, c.min_lr, c.img_size, c.finetune_epochs, c.weight_decay, c.amp) == (1e-5, 1e-5, 224, 20, 0.1, "bf16")
+    assert train.for_stage(c, "finetune").drop_path == 0.6 and c.repeated_aug == 1
+    d = train.parse_args(["--data", "d", "--recipe", "adventurer-128"])
+    assert (d.img_size, d.aa["finetune"], d.erase_prob, d.label_smoothing) == (128, "3augment", 0.0, 0.0)
+    assert train.parse_args(["--data", "d", "--recipe", "mae-ft"]).layer_decay == 0.75
+    assert train.parse_args(["--data", "d", "--recipe", "none"]).mixup == 0
+    assert "not public" in train.get_parser().format_help().replace("\n", " ").replace("  ", " ")
+
+
+@pytest.mark.parametrize("flags, msg", [(["--aa", "rand-x9"], "is not a RandAugment spec"),
+                                        (["--erase-prob", "1.5"], "--erase-prob 1.5: must be between 0 and 1"),
+                                        (["--repeated-aug", "0"], "--repeated-aug 0"),
+                                        (["--layer-decay", "0"], "--layer-decay 0.0"),
+                                        (["--ema-decay", "1"], "--ema-decay 1.0"),
+                                        (["--mixup", "-1"], "--mixup -1.0")])
+def test_bad_recipe_flags_get_one_clear_line(tmp_path, capsys, flags, msg):
+    rc, _, err = run_train(capsys, *TINY, "--out", tmp_path / "r", *flags)
+    assert rc == 2 and msg in one_error_line(err)
+    assert not (tmp_path / "r").exists()
+
+
+AUG = ["--aa", "rand-m9-mstd0.5-inc1", "--erase-prob", "0.5", "--mixup", "0.8", "--cutmix", "1.0",
+       "--repeated-aug", "3", "--ema-decay", "0.99", "--layer-decay", "0.75"]
+
+
+def test_resume_with_every_augmentation_and_ema_follows_the_uninterrupted_run(tmp_path, capsys):
+    root = write_tree(tmp_path / "d", n=6, corrupt=0)
+    args = ["--data", root, "--stage", "finetune", *TINY, "--batch-size", 4, "--epochs", 2, "--workers", 0, "--threads", 1,
+            "--student-opts", "dim=32,depth=2,d_state=4,scan_backend=chunked", "--ckpt-every", 2, *AUG]
+    assert run_train(capsys, "--out", tmp_path / "a", *args)[0] == 0
+    ref = losses(tmp_path / "a" / "finetune" / "log.jsonl")
+    assert len(ref) == 8                                                                # 18 images // 4 x 2 epochs
+    assert run_train(capsys, "--out", tmp_path / "b", *args, "--max-steps", 3)[0] == 0
+    rc, out, _ = run_train(capsys, "--out", tmp_path / "b", *args)
+    assert rc == 0 and "resuming" in out
+    assert losses(tmp_path / "b" / "finetune" / "log.jsonl") == ref
+    a, b = (torch.load(tmp_path / r / "finetune" / "last.pt", weights_only=True) for r in "ab")
+    assert a["ema_updates"] == b["ema_updates"] == 8
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])               # EMA restored on resume
+    assert not all(torch.equal(a["ema"][k], a["model"][k]) for k in a["ema"])
+    assert {"ema_top1", "ema_top5", "top1"} <= set(a["metrics"])
+    groups = a["optimizer"]["param_groups"]                                              # layer decay in the schedule
+    assert {round(g["lr"] / g["lr_scale"], 12) for g in groups} == {round(groups[0]["lr"] / groups[0]["lr_scale"], 12)}
+    assert min(g["lr_scale"] for g in groups) == 0.75 ** 3
+
+
+def write_digits(root, size=32, n=None, val_frac=0.25, seed=0):
+    """scikit-learn's 1,797 handwritten digits (8 x 8, 17 grey levels, 10 classes) as an ImageNet-layout folder of real
+    files: upscaled to size x size (bicubic), saved in turn as grayscale JPEG, RGB PNG, palette PNG and CMYK JPEG,
+    split at random into val (val_frac) and train. n: only the first n of a seeded shuffle."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    order = np.random.default_rng(seed).permutation(len(digits.target))[:n]
+    n_val = round(val_frac * len(order))
+    formats = [("L", "jpg"), ("RGB", "png"), ("P", "png"), ("CMYK", "jpg")]
+    for k, i in enumerate(order):
+        folder = os.path.join(root, "val" if k < n_val else "train", str(digits.target[i]))
+        os.makedirs(folder, exist_ok=True)
+        im = Image.fromarray((digits.images[i] * 255 / 16).round().astype(np.uint8)).resize((size, size), Image.BICUBIC)
+        mode, ext = formats[k % len(formats)]
+        im.convert(mode).save(os.path.join(folder, f"{i}.{ext}"))
+    return str(root)
+
+
+def test_digits_folder_teacher_distill_finetune_with_every_augmentation(tmp_path, capsys):
+    """real files (JPEG / PNG / palette / CMYK) through train.py's command line with every augmentation on, then eval.py"""
+    root = write_digits(tmp_path / "digits", size=16, n=400)
+    modes = {Image.open(p).mode for p in (tmp_path / "digits").rglob("*.*")}
+    assert modes == {"L", "RGB", "P", "CMYK"}
+    common = ["--data", root, "--out", tmp_path / "r", "--img-size", 16, "--batch-size", 32, "--workers", 1,
+              "--threads", 1, "--log-every", 1, "--warmup-epochs", 0.5, "--stages", 2, *AUG]
+    rc, out, err = run_train(capsys, *common, "--stage", "teacher", "--teacher-preset", "demo", "--epochs", 3,
+                             "--teacher-opts", "dim=32,depth=2,heads=2", "--lr", "2e-3")
+    assert rc == 0, err
+    assert "recipe deit (default)" in out and "mixup=0.8 (recipe: 0.8)" in out
+    teacher = str(tmp_path / "r" / "teacher" / "last.pt")
+    student = ["--student", "demo", "--student-opts", "dim=32,depth=2,d_state=4,scan_backend=chunked", "--lr", "2e-3"]
+    rc, out, err = run_train(capsys, *common, "--stage", "distill", "--teacher", teacher, "--epochs", 1, *student)
+    assert rc == 0, err
+    rc, out, err = run_train(capsys, *common, "--stage", "finetune", "--init", tmp_path / "r" / "distill" / "last.pt",
+                             "--epochs", 2, *student)
+    assert rc == 0, err
+    ck = torch.load(tmp_path / "r" / "finetune" / "last.pt", weights_only=True)
+    assert ck["finished"] and ck["classes"] == [str(c) for c in range(10)]
+    assert (ck["args"]["aa"], ck["args"]["repeated_aug"], ck["args"]["erase_prob"]) == ("rand-m9-mstd0.5-inc1", 3, 0.5)
+    tk = torch.load(teacher, weights_only=True)
+    for stage in ("teacher", "distill", "finetune"):
+        assert all(math.isfinite(v) for v in losses(tmp_path / "r" / stage / "log.jsonl").values())
+    capsys.readouterr()                                                                  # eval.py on the val folder
+    assert evaluate_cli.main(["--ckpt", str(tmp_path / "r" / "finetune" / "last.pt"), "--data", root]) == 0
+    assert f"top-1 {ck['metrics']['top1']:.2f}" in capsys.readouterr().out
+    assert evaluate_cli.main(["--ckpt", teacher, "--data", root, "--ema"]) == 0
+    assert f"top-1 {tk['metrics']['ema_top1']:.2f}" in capsys.readouterr().out
+    assert evaluate_cli.main(["--ckpt", teacher, "--data", root, "--img-size", "32", "--crop-ratio", "1.0"]) == 0
+    assert "32 px" in capsys.readouterr().out
+
+
+def test_progressive_resolution_from_the_command_line(tmp_path, capsys):
+    """a 16 px student continues at 32 px (--init, position embeddings resized), then eval.py runs it at 64 px"""
+    common = [*TINY, "--stage", "finetune", "--epochs", 1, "--batch-size", 32]
+    assert run_train(capsys, "--out", tmp_path / "r", *common, "--name", "s16")[0] == 0
+    rc, out, err = run_train(capsys, "--out", tmp_path / "r", *common, "--name", "s32", "--img-size", 32,
+                             "--init", tmp_path / "r" / "s16" / "last.pt", "--drop-path", 0.2)
+    assert rc == 0, err
+    assert "position embeddings resized from 4x4 to 8x8 patches" in out
+    ck = torch.load(tmp_path / "r" / "s32" / "last.pt", weights_only=True)
+    assert ck["config"]["img_size"] == 32 and ck["config"]["drop_path"] == 0.2 and ck["model"]["pos_embed"].shape[1] == 64
+    capsys.readouterr()
+    assert evaluate_cli.main(["--ckpt", str(tmp_path / "r" / "s32" / "last.pt"), "--img-size", "64"]) == 0
+    assert "64 px" in capsys.readouterr().out
+    assert evaluate_cli.main(["--ckpt", str(tmp_path / "r" / "s32" / "last.pt"), "--img-size", "30"]) == 2
+    assert "not a multiple of the model patch size 4" in one_error_line(capsys.readouterr().err)
+    assert evaluate_cli.main(["--ckpt", str(tmp_path / "r" / "s32" / "last.pt"), "--crop-ratio", "0"]) == 2
+    assert "--crop-ratio 0.0: must be > 0 and <= 1" in one_error_line(capsys.readouterr().err)
+
+
+SHORT = [*TINY, "--teacher-epochs", 1, "--distill-epochs", 1, "--finetune-epochs", 1]   # stage all in a few seconds
+
+
+BAD_TRAIN_FLAGS = [  # (extra argv, words the error line must contain)
+    (["--img-size", 0], "--img-size 0"), (["--img-size", -8], "--img-size -8"), (["--batch-size", 0], "--batch-size 0"),
+    (["--ckpt-every", 0], "--ckpt-every 0"), (["--log-every", 0], "--log-every 0"), (["--workers", -1], "--workers -1"),
+    (["--mask-ratio", 1.5], "--mask-ratio 1.5"), (["--stages", 0], "--stages 0"),
+    (["--stages", 3], "use 1 <= --stages <= 2"), (["--lr", -1], "--lr -1"),
+    (["--stage", "teacher", "--epochs", 0], "--epochs 0"), (["--stage", "teacher", "--epochs", -2], "--epochs -2"),
+    (["--lr", "nan"], "--lr nan"), (["--blr", "inf"], "--blr inf"), (["--teacher-lr", 0], "--teacher-lr 0"),
+    (["--min-lr", -1], "--min-lr -1"), (["--min-lr", 1], "--min-lr 1.0 is above --lr"),
+    (["--warmup-epochs", -1], "--warmup-epochs -1"), (["--weight-decay", -0.1], "--weight-decay -0.1"),
+    (["--clip-grad", -1], "--clip-grad -1"), (["--lam", -1], "--lam -1"), (["--am-weight", -1], "--am-weight -1"),
+    (["--lam", 0, "--am-weight", 0], "no distillation loss"), (["--label-smoothing", 1], "--label-smoothing 1"),
+    (["--kd-weight", 2], "--kd-weight 2"), (["--kd-temp", 0], "--kd-temp 0"), (["--drop-path", 1], "--drop-path 1"),
+    (["--max-bad-frac", 1.5], "--max-bad-frac 1.5"), (["--eval-every", -1], "--eval-every -1"),
+    (["--max-steps", 0], "--max-steps 0"), (["--threads", 0], "--threads 0"), (["--seed", -1], "--seed -1"),
+    (["--demo-seed", -1], "--demo-seed -1"), (["--demo-train", 0], "--demo-train 0"), (["--demo-val", 0], "--demo-val 0"),
+    (["--demo-teacher-train", -1], "--demo-teacher-train -1"), (["--teacher-epochs", 0], "--teacher-epochs 0"),
+    (["--distill-epochs", 0], "--distill-epochs 0"), (["--finetune-epochs", -1], "--finetune-epochs -1"),
+    (["--epochs", 2], "--epochs (stage all:"), (["--name", "x"], "--name applies to a single --stage"),
+    (["--init", "x.pt"], "--init starts a single --stage (teacher, distill or finetune)"),
+    (["--stage", "finetune", "--kd-weight", 0.5], "--kd-weight needs --teacher"),
+    (["--fresh", "--resume", "x.pt"], "--fresh starts over and --resume x.pt continues"),
+    (["--student-opts", "dim=-4"], "--student-opts dim=-4: must be a whole number > 0"),
+    (["--student-opts", "dim=abc"], "--student-opts dim='abc': must be a whole number > 0"),
+    (["--student-opts", "bidirectional=maybe"], "must be one of fused, alternate"),
+    (["--student-opts", "dimm=3"], "student config has no field(s) ['dimm']"),
+    (["--teacher-opts", "dim=32,depth=2,heads=3"], "dim 32 is not a multiple of heads 3"),
+]
+
+
+@pytest.mark.parametrize("extra,words", BAD_TRAIN_FLAGS, ids=[" ".join(map(str, e)) for e, _ in BAD_TRAIN_FLAGS])
+def test_bad_train_flags_get_one_line_and_write_nothing(tmp_path, capsys, extra, words):
+    rc, out, err = run_train(capsys, *SHORT, "--out", tmp_path / "r", *extra)
+    assert rc == 2 and words in one_error_line(err), err
+    assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("log.jsonl"))
+
+
+def bad_file(tmp_path, kind):
+    """a file argument that is not what the flag needs"""
+    path = tmp_path / "f.pt"
+    if kind == "missing":
+        return path, "no such file"
+    if kind == "folder":
+        path.mkdir()
+        return path, "is a folder"
+    if kind == "empty":
+        path.write_bytes(b"")
+        return path, "is empty (0 bytes)"
+    if kind == "text":
+        path.write_text("not a checkpoint\n")
+        return path, "could not"
+    if kind == "student":                                   # a checkpoint of another model
+        torch.save(dict(kind="vision_mamba", config=dataclasses.asdict(TINY_STUDENT),
+                        model=vl.VisionMamba(TINY_STUDENT).state_dict()), path)
+        return path, "VisionMamba"
+    if kind == "incomplete teacher":                        # a timm file that lost a tensor
+        torch.save({k: v for k, v in random_vit_state_dict().items() if k != "pos_embed"}, path)
+        return path, "has no 'pos_embed'"
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder", "empty", "text", "student", "incomplete teacher"])
+@pytest.mark.parametrize("flag", ["--teacher", "--init", "--resume", "eval --ckpt"])
+def test_bad_file_arguments_get_one_line(tmp_path, capsys, flag, kind):
+    path, words = bad_file(tmp_path, kind)
+    if flag == "eval --ckpt":
+        capsys.readouterr()
+        rc, err = evaluate_cli.main(["--ckpt", str(path)]), capsys.readouterr().err
+    else:
+        stage = {"--teacher": "distill", "--init": "finetune", "--resume": "teacher"}[flag]
+        rc, _, err = run_train(capsys, *TINY, "--stage", stage, "--epochs", 1, "--out", tmp_path / "r", flag, path)
+    if flag in ("--init", "--resume") and kind in ("student", "incomplete teacher"):
+        words = "not a checkpoint written by train.py" if flag == "--init" else "not a training checkpoint of train.py"
+        if kind == "student" and flag == "--init":                                     # a fine start for a student
+            assert rc == 0, err
+            return
+    if flag == "eval --ckpt" and kind == "student":
+        words = "was not trained on the demo"
+    if flag in ("--teacher", "eval --ckpt") and kind == "folder":                     # a teacher may be a Hub folder
+        words = "holds none of"
+    assert rc == 2 and words in one_error_line(err), err
+    assert "KeyError" not in err and not list((tmp_path / "r").rglob("*.pt"))
+
+
+def test_unreadable_files_and_folders_get_one_line(tmp_path, capsys):
+    teacher = tiny_teacher(tmp_path / "t.pt")
+    os.chmod(teacher, 0)
+    (tmp_path / "file").write_text("x")
+    cases = [(["--stage", "distill", "--teacher", teacher], "cannot read it (Permission denied)"),
+             (["--out", tmp_path / "file"], "is a file: give a folder"),
+             (["--out", tmp_path / "file" / "sub"], "cannot write there"),
+             (["--data", tmp_path / "file"], "--data " + str(tmp_path / "file") + ": not a folder")]
+    root = os.geteuid() == 0
+    for extra, words in cases:
+        if root and "Permission" in words:
+            for folder in (tmp_path, tmp_path.parent, tmp_path.parent.parent):
+                os.chmod(folder, 0o755)
+            os.seteuid(65534)                                   # root reads anything: test as an ordinary user
+        try:
+            rc, _, err = run_train(capsys, *TINY, "--out", tmp_path / "r", *extra) if "--out" not in extra else \
+                run_train(capsys, *TINY, *extra)
+        finally:
+            if root:
+                os.seteuid(0)
+        assert rc == 2 and words in one_error_line(err), err
+    for argv, words in ((["--ckpt", str(tmp_path / "t.pt"), "--data", str(tmp_path / "file")], "not a folder"),
+                        (["--runs", str(tmp_path / "file")], "--runs " + str(tmp_path / "file") + ": not a folder"),
+                        (["--bench", "--out", str(tmp_path / "file")], "is a file: give a folder")):
+        capsys.readouterr()
+        assert evaluate_cli.main(argv) == 2 and words in one_error_line(capsys.readouterr().err)
+
+
+def test_fresh_keeps_the_old_record_until_the_new_run_has_a_checkpoint(tmp_path, capsys, monkeypatch):
+    root = tmp_path / "ablation"
+    args = ["--stage", "finetune", *TINY, "--epochs", 1, "--out", root / "cfg-s0"]
+    assert run_train(capsys, *args)[0] == 0
+    run_dir = root / "cfg-s0" / "finetune"
+    before = (run_dir / "log.jsonl").read_bytes(), (run_dir / "last.pt").read_bytes()
+    top1 = evaluate_cli.final_top1(run_dir)
+    assert top1 is not None
+    real = train.lr_at
+
+    def die_at_step_1(step, *a):
+        if step == 1:
+            raise MemoryError("killed")
+        return real(step, *a)
+    monkeypatch.setattr(train, "lr_at", die_at_step_1)
+    with pytest.raises(MemoryError):                                                  # a fresh run dies at step 1
+        run_train(capsys, *args, "--fresh", "--seed", 1)
+    assert ((run_dir / "log.jsonl").read_bytes(), (run_dir / "last.pt").read_bytes()) == before
+    assert evaluate_cli.main(["--runs", str(root)]) == 0 and f"| cfg | 1 | {top1:.1f} |" in capsys.readouterr().out
+    monkeypatch.setattr(train, "lr_at", real)
+    assert run_train(capsys, *args, "--fresh", "--seed", 1)[0] == 0                    # its replacement exists: swapped
+    assert (run_dir / "log.jsonl").read_bytes() != before[0] and not list(run_dir.glob("log.jsonl.*"))
+    assert torch.load(run_dir / "last.pt", weights_only=True)["args"]["seed"] == 1
+
+
+def test_a_batch_with_no_readable_image_is_skipped_and_counted(tmp_path, capsys):
+    root = write_tree(tmp_path / "d", corrupt=1)                                       # 12 good images, 1 bad one
+    rc, out, err = run_train(capsys, "--data", root, "--out", tmp_path / "r", "--stage", "teacher", "--epochs", 1,
+                             "--teacher-preset", "demo", "--teacher-opts", "dim=32,depth=2,heads=2", "--img-size", 16,
+                             "--batch-size", 1, "--workers", 0, "--log-every", 1, "--max-bad-frac", 0.5, "--recipe", "none")
+    assert rc == 0, err
+    assert "skipped 1 unreadable image(s) of 13" in err and "1 batch(es) with no readable image skipped" in err
+    ck = torch.load(tmp_path / "r" / "teacher" / "last.pt", weights_only=True)
+    assert ck["finished"] and ck["step"] == 12                                         # 13 batches, 12 updates
+
+
+def test_an_error_on_one_rank_stops_every_rank_with_one_line(tmp_path):
+    wrapper = tmp_path / "rank1_fails.py"                                              # rank 1 alone finds too many bad images
+    wrapper.write_text(f"""import os, sys
+sys.path.insert(0, {HERE!r})
+import train
+if os.environ["RANK"] == "1":
+    real = train.BadImages.add
+    def add(self, n_good, errors):
+        real(self, n_good, errors)
+        if self.seen > 8:
+            raise train.UserError("40 of 50 images could not be read (more than --max-bad-frac 0.01); first: x.JPEG")
+    train.BadImages.add = add
+sys.exit(train.main())
+""")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(wrapper),
+           "--stage", "teacher", "--out", str(tmp_path / "r"), *map(str, TINY), "--batch-size", "4", "--epochs", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    lines = [l for l in p.stderr.splitlines() if l.startswith("error")]
+    assert p.returncode != 0 and lines == ["error: 40 of 50 images could not be read (more than --max-bad-frac 0.01); "
+                                           "first: x.JPEG (rank 1)"], p.stderr[-3000:]
+    assert 'train.py", line' not in p.stderr and "gloo" not in p.stderr.lower(), p.stderr[-3000:]   # no worker traceback
+    assert not list((tmp_path / "r").rglob("*.tmp*"))
+
+
+def full_disk_save(real, fail_at):
+    """torch.save that fails like a full disk from its fail_at-th call on: part of the file written, then ENOSPC
+    (torch raises OSError through a Python file object, a RuntimeError of its own when it opens the path itself)"""
+    calls = []
+
+    def save(obj, f, *a, **kw):
+        calls.append(f)
+        if len(calls) < fail_at:
+            return real(obj, f, *a, **kw)
+        if isinstance(f, (str, os.PathLike)):
+            with open(f, "wb") as out:
+                out.write(b"PK\x03\x04" + b"\0" * 1000)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        f.write(b"PK\x03\x04" + b"\0" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return save
+
+
+def test_a_full_disk_says_so_in_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch, "save", full_disk_save(torch.save, fail_at=3))
+    rc, _, err = run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 2, "--ckpt-every", 1, "--out", tmp_path / "r")
+    assert rc == 2 and "disk full while writing" in one_error_line(err), err
+    run_dir = tmp_path / "r" / "teacher"
+    assert torch.load(run_dir / "last.pt", weights_only=True)["step"] == 2             # the 2nd checkpoint, intact
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "last.pt", "log.jsonl"]   # no partial file
+    # a log line that the full disk cuts off half-way is cut off again: the log stays valid JSON lines
+    before = (run_dir / "log.jsonl").read_text()
+
+    class HalfWritten:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            self.f.write(text[:len(text) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+    monkeypatch.setattr(train, "open", lambda path, mode="r": HalfWritten(open(path, mode)), raising=False)
+    with pytest.raises(train.UserError, match="disk full while writing"):
+        train.write_log(str(run_dir / "log.jsonl"), json.dumps({"step": 99, "loss": 1.0}) + "\n", "a")
+    assert (run_dir / "log.jsonl").read_text() == before
+
+
+def test_partial_files_of_a_killed_write_are_removed(tmp_path, capsys):
+    run_dir = tmp_path / "r" / "teacher"
+    run_dir.mkdir(parents=True)
+    (run_dir / "last.pt.tmp4242").write_bytes(b"PK\x03\x04" + b"\0" * 1000)          # kill -9 during a write
+    rc, _, err = run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 1, "--out", tmp_path / "r")
+    assert rc == 0 and "removed" in err and "last.pt.tmp4242" in err
+    assert not list(run_dir.glob("*.tmp*"))
+
+
+def test_checkpoints_are_fsynced_before_the_rename(tmp_path, monkeypatch):
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", str(src)))
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    train.save_checkpoint(str(tmp_path / "last.pt"), {"w": torch.ones(3)})
+    tmp = str(tmp_path / f"last.pt.tmp{os.getpid()}")
+    assert events.index(("fsync", tmp)) < events.index(("rename", tmp)) < events.index(("fsync", str(tmp_path)))
+    assert torch.equal(torch.load(tmp_path / "last.pt", weights_only=True)["w"], torch.ones(3))
+
+
+def test_a_second_run_on_the_same_folder_gets_one_line(tmp_path, capsys):
+    import fcntl
+    run_dir = tmp_path / "r" / "teacher"
+    run_dir.mkdir(parents=True)
+    with open(run_dir / ".lock", "w") as held:                                        # another run holds the folder
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("pid 4242 on otherhost\n")
+        held.flush()
+        rc, _, err = run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 1, "--out", tmp_path / "r")
+        assert rc == 2 and "in use by another run (pid 4242 on otherhost)" in one_error_line(err)
+        assert not (run_dir / "log.jsonl").exists() and not (run_dir / "last.pt").exists()
+    rc, _, err = run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 1, "--out", tmp_path / "r")
+    assert rc == 0, err                                                                # released: the folder is free
+
+
+def test_misleading_messages_name_the_right_thing(tmp_path, capsys, monkeypatch):
+    # --resume FILE with another model names FILE, not this run's folder
+    assert run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 2, "--max-steps", 1, "--out", tmp_path / "a")[0] == 0
+    other = tmp_path / "a" / "teacher" / "last.pt"
+    rc, _, err = run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 2, "--out", tmp_path / "b",
+                           "--resume", other, "--teacher-opts", "dim=48,depth=2,heads=2")
+    assert rc == 2 and f"cannot resume {other} with different model arguments" in one_error_line(err)
+    rc, _, err = run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 2, "--out", tmp_path / "a", "--batch-size", 8)
+    assert rc == 2 and "cannot resume with another global batch (16 -> 8)" in one_error_line(err)
+    # a non-finite loss before any checkpoint: no "kept the last good checkpoint"
+    real = train.normalize
+    monkeypatch.setattr(train, "normalize", lambda x, device: real(x, device) * float("inf"))
+    rc, _, err = run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 1, "--out", tmp_path / "c")
+    line = one_error_line(err)
+    assert rc == 2 and "no checkpoint of this run was written yet" in line and "kept" not in line
+    monkeypatch.setattr(train, "normalize", real)
+    # patch sizes that differ: the message names the student options that match the teacher
+    rc, _, err = run_train(capsys, "--stage", "distill", "--teacher", tiny_teacher(tmp_path / "t.pt"), *TINY,
+                           "--student", "tiny", "--out", tmp_path / "d")
+    assert rc == 2 and "add patch_size=4 to --student-opts or use --student demo" in one_error_line(err)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")                  # torch's own note on --workers 3
+def test_threads_and_workers_are_chosen_on_purpose(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)   # a 2-core box
+    assert train.parse_args([]).threads == train.DEMO_THREADS == 1                    # the demo: fixed, reproducible
+    assert train.parse_args(["--threads", "3"]).threads == 3
+    data = train.parse_args(["--data", str(tmp_path)])
+    assert (data.threads, data.workers) == (2, 2)                                     # --data: the cores; 2 workers, not 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")                                       # two torchrun processes share them
+    data = train.parse_args(["--data", str(tmp_path)])
+    assert (data.threads, data.workers) == (1, 1)
+    assert train.parse_args(["--data", str(tmp_path), "--workers", "6"]).workers == 6  # given: kept (with a warning)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    before = torch.get_num_threads()
+    try:
+        rc, out, err = run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 1, "--out", tmp_path / "r",
+                                 "--threads", 2, "--workers", 3)
+        assert rc == 0 and "2 thread(s)" in out and torch.get_num_threads() == 2
+        assert "warning: --workers 3 on 2 CPU core(s)" in err
+        assert evaluate_cli.main(["--ckpt", str(tmp_path / "r" / "teacher" / "last.pt")]) == 0
+        assert torch.get_num_threads() == train.DEMO_THREADS                           # eval on the demo set: fixed too
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_warm_up_longer_than_the_run_is_reported(tmp_path, capsys):
+    root = write_tree(tmp_path / "d", corrupt=0)
+    rc, _, err = run_train(capsys, "--data", root, "--out", tmp_path / "r", "--stage", "teacher", "--epochs", 2,
+                           "--teacher-preset", "demo", "--teacher-opts", "dim=32,depth=2,heads=2", "--img-size", 16,
+                           "--batch-size", 4, "--workers", 0)                      # --data: 5 warm-up epochs by default
+    assert rc == 0 and "warning: the warm-up (15 steps, --warmup-epochs 5) is not shorter than the run (6 steps)" in err
+
+
+def test_linear_probe_separable_features_and_shuffled_labels():
+    """Linearly separable by construction -> ~100 %; the same features with shuffled labels -> chance on held-out data."""
+    g = torch.Generator().manual_seed(0)
+    n, d, classes = 1200, 64, 8
+    w = torch.randn(d, classes, generator=g, dtype=torch.float64)                   # labels = argmax of a linear map,
+    x, xv = (torch.randn(4 * n, d, generator=g, dtype=torch.float64) for _ in range(2))  # kept where it has a margin
+    x, xv = (v[(v @ w).topk(2).values.diff().abs().squeeze(1) > 2][:n] for v in (x, xv))
+    y, yv = (x @ w).argmax(1), (xv @ w).argmax(1)
+    res = train.linear_probe(100 * x + 3, y, 100 * xv + 3, yv, classes)                # scale / shift: standardised
+    assert res["top1"] >= 95 and res["train_top1"] == 100
+    shuffled = y[torch.randperm(n, generator=g)]
+    res = train.linear_probe(x, shuffled, xv, yv, classes)
+    assert res["top1"] < 100 / classes + 5, res                                        # chance: 12.5 %
+    again = train.linear_probe(x, shuffled, xv, yv, classes)
+    assert again == res                                                                 # one fixed, deterministic recipe
+
+
+def test_distillation_reads_images_only(tmp_path):
+    """The distill stage's loader yields (images, errors) only: demo pool, the demo's labelled images with labels
+    dropped, and any folder of images (no class folders) with --distill-data."""
+    args = train.parse_args([*TINY])
+    data = train.get_data(args)
+    ctx = train.Ctx()
+    for pool in (64, 0):
+        args.demo_pool = pool
+        ds = train.Data(args).distill
+        assert isinstance(ds, train.UnlabelledImages) and not hasattr(ds, "labels") and len(ds) == 64
+        for batch in train.make_loader(ds, args, ctx, train=True):
+            assert len(batch) == 2 and batch[0].shape == (16, 3, 16, 16) and batch[0].dtype == torch.uint8
+    assert torch.equal(train.Data(args).distill.images, data.train.images)            # pool 0: the students' images
+    args.demo_pool = 64
+    pool = train.Data(args).distill.images
+    assert not any(torch.equal(pool[i], data.train.images[j]) for i in range(8) for j in range(64))  # fresh images
+    assert torch.equal(pool, train.demo_images(64, 16, args.demo_seed + 3, args.demo_task))  # deterministic
+    chunked = train.demo_images(64, 16, 3, "pairs", chunk=24)                         # made 24 at a time
+    assert len(chunked) == 64 and torch.equal(chunked[24:48], train.RelationsDemo(24, 16, seed=[3, 24], pairs=2,
+                                                                                 distractors=0).images)
+    flat = tmp_path / "unlabelled" / "deep"
+    flat.mkdir(parents=True)
+    for i in range(5):
+        Image.fromarray(np.full((20, 24, 3), 40 * i, np.uint8)).save(flat / f"{i}.png")
+    root = write_tree(tmp_path / "d", corrupt=0)
+    args = train.for_stage(train.parse_args(["--data", root, "--img-size", "16", "--batch-size", "2", "--workers", "0",
+                                             "--distill-data", str(tmp_path / "unlabelled")]), "distill")
+    ds = train.get_data(args).distill
+    assert isinstance(ds, train.UnlabelledFolder) and len(ds) == 5
+    batches = list(train.make_loader(ds, train.for_stage(args, "distill"), ctx, train=True))  # recipe values
+    assert len(batches) == 2 and all(len(b) == 2 and b[0].shape == (2, 3, 16, 16) for b in batches)
+    args.distill_data = None                                                           # default: DIR/train, unlabelled
+    assert len(train.get_data(args).distill) == 12
+    args.distill_data = str(tmp_path / "nope")
+    with pytest.raises(train.UserError, match="no such folder"):
+        train.get_data(args)
+
+
+def test_warmup_in_steps_epochs_or_fraction():
+    def warmup(*argv, steps_per_epoch=1000, epochs=1):
+        return train.warmup_steps(train.parse_args(list(argv)), steps_per_epoch, epochs * steps_per_epoch, train.Ctx())
+    assert warmup() == round(train.DEFAULTS["warmup_frac"].demo * 1000) < 500         # demo: a fraction of the run
+    assert warmup("--warmup-frac", "0.1", epochs=3) == 300
+    assert warmup("--warmup-steps", "7") == 7
+    assert warmup("--warmup-epochs", "0.5") == 500                                     # explicit: no mode default
+    assert warmup("--warmup-steps", "7", "--warmup-epochs", "0.5") == 7
+    root = "/nonexistent"                                                              # --data defaults: 5 epochs
+    assert warmup("--data", root, steps_per_epoch=10, epochs=100) == 50
+    assert warmup("--data", root, "--warmup-frac", "0.2", steps_per_epoch=10, epochs=100) == 200
+    lrs = [train.lr_at(s, 100, 10, 1.0, 0.0) for s in range(100)]
+    assert lrs[0] == 0.1 and lrs[9] == 1.0 and lrs[10] == 1.0 and lrs[99] < 0.01 and lrs == sorted(lrs[:10]) + lrs[10:]
+
+
+def sector_of(vec):
+    """direction class (8 sectors, y grows down) of image-plane vectors"""
+    return np.round(np.degrees(np.arctan2(-vec[..., 1], vec[..., 0])) / 45).astype(int) % 8
+
+
+def test_demo_tasks_deterministic_and_every_pair_points_the_labels_way():
+    for task, kw in train.DEMO_TASKS.items():
+        a, b = train.RelationsDemo(300, 32, seed=5, **kw), train.RelationsDemo(300, 32, seed=5, **kw)
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+        assert not torch.equal(a.images, train.RelationsDemo(300, 32, seed=6, **kw).images)
+        for p in range(kw["pairs"]):                                                   # independent of the sampler
+            assert (sector_of(a.centers[:, 2 * p + 1] - a.centers[:, 2 * p]) == a.labels.numpy()).all()
+        red = (a.images[:, 0] > 170) & (a.images[:, 1] < 90) & (a.images[:, 2] < 90)   # the red square is painted there
+        i = np.arange(300)
+        assert red[i, (a.centers[:, 0, 1] * 32).astype(int), (a.centers[:, 0, 0] * 32).astype(int)].all()
+    pairs = train.RelationsDemo(200, 32, seed=0, **train.DEMO_TASKS["pairs"])
+    yellow = pairs.centers[:, 2]
+    assert ((pairs.images[np.arange(200), :, (yellow[:, 1] * 32).astype(int), (yellow[:, 0] * 32).astype(int)].float()
+             - torch.tensor([.95, .85, .1]) * 255).abs() < 40).all()
+
+
+def test_pairs_task_keeps_a_whole_pair_visible_under_heavy_masking():
+    """The claim the README makes for the demo task: with 75 % of the patches masked, at least one pair keeps a visible
+    patch on both its squares in most images (pairs), far more often than the one-pair relations task."""
+    rel = train.RelationsDemo(1000, 32, seed=0, **train.DEMO_TASKS["relations"])
+    pairs = train.RelationsDemo(1000, 32, seed=0, **train.DEMO_TASKS["pairs"])
+    assert rel.visible_pair_fraction(4, 0.0) == pairs.visible_pair_fraction(4, 0.0) == 1.0
+    assert pairs.visible_pair_fraction(4, 1.0) == 0.0
+    f_rel, f_pairs = rel.visible_pair_fraction(4, 0.75), pairs.visible_pair_fraction(4, 0.75)
+    assert f_pairs > 0.8 and f_rel < 0.7, (f_rel, f_pairs)
+    # independent count for one image and one mask: patches under each square, by brute force over pixels
+    mask = vl.sample_mask(1, (8, 8), 0.75, generator=torch.Generator().manual_seed(0))[0].view(8, 8).numpy()
+    c, h = pairs.centers[0], pairs.half[0]
+    seen = []
+    for j in range(4):
+        pix = [(y, x) for y in range(32) for x in range(32)
+               if abs((x + 0.5) / 32 - c[j, 0]) < h and abs((y + 0.5) / 32 - c[j, 1]) < h]
+        seen.append(any(not mask[y // 4, x // 4] for y, x in pix))
+    one = train.RelationsDemo(1, 32, seed=0)                                            # the method on that same mask
+    one.centers, one.half, one.pairs, one.labels = pairs.centers[:1], pairs.half[:1], 2, pairs.labels[:1]
+    assert one.visible_pair_fraction(4, 0.75, repeats=1) == float((seen[0] and seen[1]) or (seen[2] and seen[3]))
+
+
+def test_learning_curve_every_n_steps(tmp_path, capsys):
+    rc, _, err = run_train(capsys, "--stage", "finetune", "--out", tmp_path / "r", *TINY, "--epochs", 3,
+                           "--eval-every-steps", 5)
+    assert rc == 0, err
+    curve = [(r["step"], r["val_top1"]) for r in log(tmp_path / "r" / "finetune" / "log.jsonl") if "val_top1" in r]
+    assert [s for s, _ in curve] == [5, 10, 12]                                        # 4 steps/epoch x 3, then the end
+    assert evaluate_cli.val_curve(tmp_path / "r" / "finetune") == curve
+
+
+def test_help_shows_every_default_for_both_modes():
+    """--help is true: every flag's default comes from train.DEFAULTS, and each flag's help names the value that
+    parse_args gives it on the demo and in a --data run (recipe deit); no help says None"""
+    parser = train.get_parser()
+    flags = {a.dest: a for a in parser._actions if a.dest != "help"}
+    assert set(flags) == set(train.DEFAULTS)
+    assert "None" not in parser.format_help()
+    runs = {"demo": vars(train.parse_args([])), "data": vars(train.parse_args(["--data", "d"]))}
+    computed = {"threads", "workers", "out"}                                # from the CPU cores, --data's name
+    for k, action in flags.items():
+        text = " ".join(action.help.split())
+        words = re.split(r"[\s/()]+", text[text.rfind("(default:"):])
+        for mode, values in runs.items():
+            v = values[k]
+            skip = k in computed or k in values["given"] or mode == "data" and k.startswith("demo_")
+            if skip or v is None or v is False:
+                continue
+            for x in (v.values() if isinstance(v, dict) else [v]):         # a recipe's per-stage values
+                want = "empty" if x == "" else "the" if x is None else f"{x:g}" if isinstance(x, float) else str(x)
+                assert want in words, (k, mode, want, text)                 # (None: "the preset's")
+
+
+def test_init_from_with_another_class_count_keeps_every_other_tensor(tmp_path):
+    cfg = vl.MambaConfig(img_size=16, patch_size=4, dim=16, depth=2, d_state=4, num_classes=5, scan_backend="chunked")
+    torch.manual_seed(0)
+    old = vl.VisionMamba(cfg)
+    torch.save(dict(kind="vision_mamba", config=dataclasses.asdict(cfg), model=old.state_dict()), tmp_path / "c.pt")
+    args = train.parse_args(["--img-size", "16"])
+    new = train.init_from(str(tmp_path / "c.pt"), args, 3)
+    assert new.cfg.num_classes == 3 and new.head.weight.shape == (3, 16)
+    assert vl.model_kind(new) == "vision_mamba" and vl.model_kind(vl.ViT(TINY_TEACHER)) == "vit"
+    for k, v in old.state_dict().items():
+        if not k.startswith("head."):
+            assert torch.equal(new.state_dict()[k], v), k
+    ours = vl.model_from_checkpoint(torch.load(tmp_path / "c.pt", weights_only=True), num_classes=0)
+    assert ours.head is None and torch.equal(ours.pos_embed, old.pos_embed)
