@@ -30,15 +30,18 @@ TINY_TEACHER = vl.ViTConfig(img_size=16, patch_size=4, dim=32, depth=4, heads=2,
 def random_vit_state_dict(dim=32, depth=2, patch=4, grid=4, classes=7, seed=0):
     """A timm-named ViT state dict with random weights (so LayerNorm / biases are not at their init values)."""
     g = torch.Generator().manual_seed(seed)
-    sd = {"cls_token": torch.randn(1, 1, dim, generator=g), "pos_embed": torch.randn(1, 1 + grid * grid, dim, generator=g),
+    sd = {"cls_token": torch.randn(1, 1, dim, generator=g),
+          "pos_embed": torch.randn(1, 1 + grid * grid, dim, generator=g),
           "patch_embed.proj.weight": torch.randn(dim, 3, patch, patch, generator=g) * 0.1,
-          "patch_embed.proj.bias": torch.randn(dim, generator=g), "norm.weight": 1 + 0.1 * torch.randn(dim, generator=g),
-          "norm.bias": torch.randn(dim, generator=g), "head.weight": torch.randn(classes, dim, generator=g),
-          "head.bias": torch.randn(classes, generator=g)}
-    shapes = {"norm1.weight": (dim,), "norm1.bias": (dim,), "attn.qkv.weight": (3 * dim, dim), "attn.qkv.bias": (3 * dim,),
-              "attn.proj.weight": (dim, dim), "attn.proj.bias": (dim,), "norm2.weight": (dim,), "norm2.bias": (dim,),
-              "mlp.fc1.weight": (4 * dim, dim), "mlp.fc1.bias": (4 * dim,), "mlp.fc2.weight": (dim, 4 * dim),
-              "mlp.fc2.bias": (dim,)}
+          "patch_embed.proj.bias": torch.randn(dim, generator=g),
+          "norm.weight": 1 + 0.1 * torch.randn(dim, generator=g), "norm.bias": torch.randn(dim, generator=g),
+          "head.weight": torch.randn(classes, dim, generator=g), "head.bias": torch.randn(classes, generator=g)}
+    shapes = {"norm1.weight": (dim,), "norm1.bias": (dim,),
+              "attn.qkv.weight": (3 * dim, dim), "attn.qkv.bias": (3 * dim,),
+              "attn.proj.weight": (dim, dim), "attn.proj.bias": (dim,),
+              "norm2.weight": (dim,), "norm2.bias": (dim,),
+              "mlp.fc1.weight": (4 * dim, dim), "mlp.fc1.bias": (4 * dim,),
+              "mlp.fc2.weight": (dim, 4 * dim), "mlp.fc2.bias": (dim,)}
     for i in range(depth):
         for k, s in shapes.items():
             w = torch.randn(*s, generator=g) * (0.1 if len(s) == 2 else 1.0)
@@ -55,8 +58,8 @@ def cpu_dispatch(monkeypatch):
     monkeypatch.setattr(sk, "_INTERPRET", False)
 
 
-TINY = ["--img-size", "16", "--batch-size", "16", "--demo-train", "64", "--demo-teacher-train", "64", "--demo-val", "32",
-        "--demo-pool", "64", "--demo-probe", "32",
+TINY = ["--img-size", "16", "--batch-size", "16", "--demo-train", "64", "--demo-teacher-train", "64",
+        "--demo-val", "32", "--demo-pool", "64", "--demo-probe", "32",
         "--stages", "2",
         "--teacher-opts", "dim=32,depth=2,heads=2", "--student-opts", "dim=32,depth=2,d_state=4,scan_backend=chunked",
         "--log-every", "1", "--lr", "2e-3", "--warmup-epochs", "0.5"]

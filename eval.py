@@ -54,7 +54,8 @@ def accuracy(args):
     else:
         raise train.UserError(f"{args.ckpt} was not trained on the demo: give --data DIR (DIR/val/<class>/*)")
     if ck.get("classes") and list(ck["classes"]) != list(classes):
-        raise train.UserError(f"the checkpoint's {len(ck['classes'])} classes differ from the {len(classes)} class folders")
+        raise train.UserError(f"the checkpoint's {len(ck['classes'])} classes differ from the {len(classes)} "
+                              "class folders")
     if model.cfg.num_classes != len(classes):
         raise train.UserError(f"the model has {model.cfg.num_classes} outputs but the set has {len(classes)} classes")
     ctx = train.Ctx(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -157,9 +158,12 @@ def peak_mb(device, fn):
 
 def bench_models(args, csv_path):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    models = {"teacher": vl.ViT(train.make_config(vl.TEACHER_PRESETS, args.teacher_preset, args.teacher_opts, "teacher")),
-              "student": vl.VisionMamba(train.make_config(vl.STUDENT_PRESETS, args.student, args.student_opts, "student"))}
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+           else torch.autocast("cpu", enabled=False))
+    models = {"teacher": vl.ViT(train.make_config(vl.TEACHER_PRESETS, args.teacher_preset, args.teacher_opts,
+                                                  "teacher")),
+              "student": vl.VisionMamba(train.make_config(vl.STUDENT_PRESETS, args.student, args.student_opts,
+                                                          "student"))}
     rows, slow = [], set()
     for res in int_list(args.resolutions, "--resolutions"):
         for bs in int_list(args.batch_sizes, "--batch-sizes"):
@@ -178,11 +182,12 @@ def bench_models(args, csv_path):
                         model(x)
                 try:
                     t0 = time.perf_counter()
-                    mem = peak_mb(device, fwd)                                          # also the first warm-up
-                    if time.perf_counter() - t0 > args.max_seconds:                     # CPU: larger ones would take ages
+                    mem = peak_mb(device, fwd)                                        # also the first warm-up
+                    if time.perf_counter() - t0 > args.max_seconds:                   # CPU: larger ones would take ages
                         slow.add(name)
                     sec = timed(fwd, args.warmup, args.repeats, device)
-                    row.update(img_s=f"{bs / sec:.1f}", latency_ms=f"{1000 * sec:.1f}", peak_mb="n/a" if mem is None else f"{mem:.0f}")
+                    row.update(img_s=f"{bs / sec:.1f}", latency_ms=f"{1000 * sec:.1f}",
+                               peak_mb="n/a" if mem is None else f"{mem:.0f}")
                     if res in (224, 448) and bs == max(int_list(args.batch_sizes, "--batch-sizes")):
                         row["train_mem_mb"] = train_step_mem(model, x, device, amp)
                     if name == "student":
@@ -196,11 +201,13 @@ def bench_models(args, csv_path):
                     row["img_s"] = "OOM"
                     torch.cuda.empty_cache()
                 model.cpu()
-    cols = ["model", "preset", "res", "batch", "img_s", "latency_ms", "vs_teacher", "peak_mb", "train_mem_mb", "time_split"]
+    cols = ["model", "preset", "res", "batch", "img_s", "latency_ms", "vs_teacher", "peak_mb", "train_mem_mb",
+            "time_split"]
     print(f"\n{device.type.upper()} {torch.cuda.get_device_name() if device.type == 'cuda' else ''}, "
           f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, {torch.get_num_threads()} CPU threads, warm-up "
-          f"{args.warmup}, repeats {args.repeats}; vs_teacher = teacher latency / student latency (> 1: student faster); "
-          f"time_split = the student's forward by part; train_mem_mb: {'peak' if device.type == 'cuda' else 'saved activations + 4 x parameters'}\n")
+          f"{args.warmup}, repeats {args.repeats}; vs_teacher = teacher latency / student latency "
+          f"(> 1: student faster); time_split = the student's forward by part; train_mem_mb: "
+          f"{'peak' if device.type == 'cuda' else 'saved activations + 4 x parameters'}\n")
     print_table(cols, rows)
     write_csv(csv_path, cols, rows)
     print(f"\nwrote {csv_path}" + plot(rows, csv_path.rsplit(".", 1)[0] + ".png"))
@@ -322,20 +329,23 @@ def bench_scan(args, csv_path):
     impls = {"baseline (per-step slicing)": scan_baseline,
              "ours: selective_scan_ref": lambda *a: scan_kernel.selective_scan_ref(*a, delta_softplus=True),
              "ours: chunked (CPU path)": lambda *a: scan_kernel.selective_scan_chunked(*a, delta_softplus=True)}
-    if device.type == "cuda":                                                           # never timed under the interpreter
+    if device.type == "cuda":                                                        # never timed under the interpreter
         impls["ours: triton"] = lambda *a: scan_kernel.selective_scan(*a, delta_softplus=True, backend="triton")
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
     rows = []
     for (b, d, n, L) in shapes:
         for dt in dtypes:
             g = torch.Generator(device).manual_seed(0)
-            r = lambda *s: torch.randn(*s, device=device, generator=g)
+
+            def r(*s):
+                return torch.randn(*s, device=device, generator=g)
             u, delta, z, B, C = (r(b, d, L).to(dt), (0.5 * r(b, d, L)).to(dt), r(b, d, L).to(dt),
                                  r(b, n, L).to(dt), r(b, n, L).to(dt))
             A, D, dbias = -torch.rand(d, n, device=device, generator=g) - 0.5, r(d), r(d) - 3
             es = dt.itemsize
-            unavoidable = {"fwd": es * (4 * b * d * L + 2 * b * n * L) + 4 * (d * n + 2 * d),   # read u,delta,z,B,C; write y
-                           "fwd+bwd": es * (11 * b * d * L + 6 * b * n * L) + 8 * (d * n + 2 * d)}
+            unavoidable = {
+                "fwd": es * (4 * b * d * L + 2 * b * n * L) + 4 * (d * n + 2 * d),      # read u,delta,z,B,C; write y
+                "fwd+bwd": es * (11 * b * d * L + 6 * b * n * L) + 8 * (d * n + 2 * d)}
             base = {}
             for mode in ("fwd", "fwd+bwd"):
                 ins = [t.clone().requires_grad_(mode == "fwd+bwd") for t in (u, delta, A, B, C, D, z, dbias)]
@@ -402,7 +412,9 @@ def scan_inputs(batch, dim, N, L, dtype, layout, directions, device, seed=0):
     directions 2: u, delta, A, B, C, D, delta_bias stacked on a leading axis of 2 (bidirectional_selective_scan)."""
     g = torch.Generator(device).manual_seed(seed)
     lead = (2,) if directions == 2 else ()
-    rand = lambda *shape: torch.randn(shape, device=device, generator=g)  # noqa: E731
+
+    def rand(*shape):
+        return torch.randn(shape, device=device, generator=g)
 
     def act(lead, rows, scale=1.0, shift=0.0):
         if layout == "L-contiguous":
@@ -415,7 +427,8 @@ def scan_inputs(batch, dim, N, L, dtype, layout, directions, device, seed=0):
 def scan_check(x, reverse, directions, backend="triton"):
     """-> (error, name): the largest error of the scan's output, last state (single direction) and every gradient
     against the fp64 reference on the same (rounded) inputs, max |got - ref| / (1 + max |ref|) (relative for large
-    tensors, absolute for tiny ones such as dA at L = 1, which is exactly 0), and which tensor it was. On CUDA the allocator's free memory is filled with NaN first, so an unwritten output shows."""
+    tensors, absolute for tiny ones such as dA at L = 1, which is exactly 0), and which tensor it was. On CUDA the
+    allocator's free memory is filled with NaN first, so an unwritten output shows."""
     names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
     device = x["u"].device
     w = torch.randn(x["u"].shape[-3:], device=device, dtype=torch.float64)
@@ -450,9 +463,14 @@ def scan_bytes(batch, dim, N, L, itemsize, directions, backward):
 def bidirectional_three_ways(ins, backend="auto"):
     """{name: fn() -> out}: the fused launch, two single-direction launches (reverse=True, no copies), and Vim's own
     way (two launches, the backward direction on flipped copies of its inputs and z, its output flipped back)"""
-    pick = lambda k: {n: (v if n == "z" else v[k]) for n, v in ins.items()}  # noqa: E731
-    flip = lambda d: {n: (v.flip(-1) if n in ("u", "delta", "B", "C", "z") else v) for n, v in d.items()}  # noqa: E731
-    scan = lambda d, **kw: scan_kernel.selective_scan(**d, delta_softplus=True, backend=backend, **kw)  # noqa: E731
+    def pick(k):
+        return {n: (v if n == "z" else v[k]) for n, v in ins.items()}
+
+    def flip(d):
+        return {n: (v.flip(-1) if n in ("u", "delta", "B", "C", "z") else v) for n, v in d.items()}
+
+    def scan(d, **kw):
+        return scan_kernel.selective_scan(**d, delta_softplus=True, backend=backend, **kw)
     return {"fused bidirectional": lambda: scan_kernel.bidirectional_selective_scan(**ins, delta_softplus=True,
                                                                                     backend=backend),
             "two launches, reverse=True": lambda: scan(pick(0)) + scan(pick(1), reverse=True),
@@ -646,7 +664,8 @@ def gpu_report(args):
     """One command on a CUDA machine: the Triton scan against the reference, its speed, and student vs teacher.
     Returns the failed correctness rows (exit code 1 if any)."""
     if not torch.cuda.is_available():
-        raise train.UserError("--gpu-report needs a CUDA GPU; on a CPU the tests check the kernel under the interpreter")
+        raise train.UserError("--gpu-report needs a CUDA GPU; on a CPU the tests check the kernel under the "
+                              "interpreter")
     import triton
     device, t0 = torch.device("cuda"), time.perf_counter()
     torch.manual_seed(0)
@@ -763,12 +782,15 @@ def summarize_runs(root):
     if not top1 and not probes and teacher is None:
         raise train.UserError(f"--runs {root}: no finished <config>-s<seed>/<run> or teacher run in it")
     head = "| seeds | top-1 mean | std | min - max | per seed |\n|---|---|---|---|---|---|"
-    natural = lambda name: re.sub(r"\d+", lambda m: m.group().zfill(9), name)  # noqa: E731  (n300 before n1200)
+
+    def natural(name):                                                       # n300 before n1200
+        return re.sub(r"\d+", lambda m: m.group().zfill(9), name)
     for i, run in enumerate(sorted(top1, key=lambda r: (r != "finetune", natural(r)))):
         group = top1[run]
         labels = [c for c in group if c.startswith("labels")]                # labels-only baselines of this group
         best = max(labels, key=lambda c: sum(t for _, t in group[c]) / len(group[c])) if labels else None
-        cols = "| seeds | top-1 mean | std | min - max | per seed |" + (f" minus {best}, paired by seed |" if best else "")
+        cols = ("| seeds | top-1 mean | std | min - max | per seed |"
+                + (f" minus {best}, paired by seed |" if best else ""))
         print(("\n" if i else "") + f"| {run}: configuration {cols}\n|" + "---|" * (7 if best else 6))
         if teacher is not None and i == 0:
             print(f"| teacher (ViT) | 1 | {teacher:.1f} | | | |")
@@ -785,7 +807,9 @@ def summarize_runs(root):
                   + ", ".join(f"{s}: {sum(c[s] for c in runs) / len(runs):.1f}" for s in steps) + " |")
     if probes:
         print(f"\n| linear probe: configuration / checkpoint {head}")
-        step = lambda k: int(k[2][4:-3]) if k[2].startswith("step") and k[2][4:-3].isdigit() else 1 << 60  # noqa: E731
+
+        def step(k):
+            return int(k[2][4:-3]) if k[2].startswith("step") and k[2][4:-3].isdigit() else 1 << 60
         for key in sorted(probes, key=lambda k: (k[0], k[1], step(k), k[2])):
             print(f"| {key[0]} / {key[1]}/{key[2]} | {seed_stats(probes[key])} |")
     return top1
@@ -810,7 +834,8 @@ def check_args(args):
     for flag, value, least in (("--img-size", args.img_size, 1), ("--batch-size", args.batch_size, 1),
                                ("--workers", args.workers, 0), ("--warmup", args.warmup, 0),
                                ("--repeats", args.repeats, 1), ("--threads", args.threads, 1),
-                               ("--probe-train", args.probe_train, 0), ("--random-init-seed", args.random_init_seed, 0)):
+                               ("--probe-train", args.probe_train, 0),
+                               ("--random-init-seed", args.random_init_seed, 0)):
         if value is not None and value < least:
             raise train.UserError(f"{flag} {value}: must be a whole number >= {least}")
     if not 0 < args.max_seconds < float("inf"):
@@ -836,9 +861,11 @@ def check_args(args):
 
 def main(argv=None):
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", help="checkpoint to evaluate (train.py's, or a teacher file / timm:NAME)")
-    p.add_argument("--data", help="ImageNet-layout folder; its val/ split is evaluated (default: the demo's held-out set)")
+    p.add_argument("--data", help="ImageNet-layout folder; its val/ split is evaluated (default: the demo's "
+                   "held-out set)")
     p.add_argument("--img-size", type=int, help="default: the checkpoint's training resolution; any multiple of the "
                    "patch size works (position embeddings resampled), e.g. 448 for a 224 px model")
     p.add_argument("--crop-ratio", type=float, default=0.875, help="--data: resize to img-size / ratio, centre crop "
@@ -862,14 +889,15 @@ def main(argv=None):
     p.add_argument("--scan-shapes", help="'b,dim,N,L;...' (default: a GPU or a CPU set)")
     p.add_argument("--warmup", type=int, default=5 if cuda else 1)
     p.add_argument("--repeats", type=int, default=20 if cuda else 3)
-    p.add_argument("--max-seconds", type=float, default=30.0, help="bench: skip larger inputs once one call takes longer")
+    p.add_argument("--max-seconds", type=float, default=30.0,
+                   help="bench: skip larger inputs once one call takes longer")
     p.add_argument("--out", default=".", help="folder for bench.csv / bench.png / bench_scan.csv")
     p.add_argument("--runs", help="folder of <config>-s<seed> runs: print their top-1 over seeds")
-    p.add_argument("--probe", nargs="+", metavar="CKPT", help="linear probe of frozen checkpoints: multinomial logistic "
-                   "regression on [class token, mean patch token] of the final tokens; features standardised; weights "
-                   f"from zero; full-batch L-BFGS, fp64, L2 {train.PROBE_L2:g}, at most {train.PROBE_ITERS} iterations; "
-                   "trained on the demo's probe set (or DIR/train with --data), measured on the held-out set (DIR/val); "
-                   "results also go to <ckpt folder>/probe.json")
+    p.add_argument("--probe", nargs="+", metavar="CKPT", help="linear probe of frozen checkpoints: multinomial "
+                   "logistic regression on [class token, mean patch token] of the final tokens; features standardised; "
+                   f"weights from zero; full-batch L-BFGS, fp64, L2 {train.PROBE_L2:g}, at most {train.PROBE_ITERS} "
+                   "iterations; trained on the demo's probe set (or DIR/train with --data), measured on the held-out "
+                   "set (DIR/val); results also go to <ckpt folder>/probe.json")
     p.add_argument("--probe-train", type=int, default=0, help="probe: training images (demo: default the run's "
                    "--demo-probe; --data: 0 = the whole train split)")
     p.add_argument("--random-init", action="store_true", help="probe: the checkpoint's architecture at its training "

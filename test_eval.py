@@ -45,7 +45,8 @@ def test_bench_and_bench_scan_run_small(tmp_path, capsys):
     assert evaluate_cli.main(["--bench-scan", "--scan-shapes", "2,8,4,9", "--warmup", "0", "--repeats", "1",
                               "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "baseline (per-step slicing)" in out and "selective_scan_ref" in out and "chunked" in out and "fwd+bwd" in out
+    assert ("baseline (per-step slicing)" in out and "selective_scan_ref" in out and "chunked" in out
+            and "fwd+bwd" in out)
 
 
 def test_student_time_split_restores_the_model():
@@ -98,7 +99,8 @@ def test_runs_table_over_seeds(tmp_path, capsys):
         for seed, v in enumerate(values):
             (tmp_path / f"{config}-s{seed}" / "finetune").mkdir(parents=True)
             (tmp_path / f"{config}-s{seed}" / "finetune" / "log.jsonl").write_text(
-                json.dumps({"step": 1, "loss": 2.0}) + "\n" + json.dumps({"step": 9, "val_top1": v, "val_top5": 99}) + "\n")
+                json.dumps({"step": 1, "loss": 2.0}) + "\n"
+                + json.dumps({"step": 9, "val_top1": v, "val_top5": 99}) + "\n")
     (tmp_path / "mp_only-s0" / "distill").mkdir(parents=True)                # unfinished: no finetune yet
     assert evaluate_cli.main(["--runs", str(tmp_path)]) == 0
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in capsys.readouterr().out.splitlines()[2:]}
@@ -145,9 +147,10 @@ def test_gpu_report_parts_run_small_on_cpu(monkeypatch):
 
 
 BAD_EVAL_FLAGS = [(["--batch-size", 0], "--batch-size 0"), (["--workers", -1], "--workers -1"),
-                  (["--img-size", 0], "--img-size 0"), (["--repeats", 0], "--repeats 0"), (["--warmup", -1], "--warmup -1"),
-                  (["--max-seconds", 0], "--max-seconds 0"), (["--max-seconds", "nan"], "--max-seconds nan"),
-                  (["--threads", 0], "--threads 0"), (["--resolutions", "224,abc"], "--resolutions '224,abc'"),
+                  (["--img-size", 0], "--img-size 0"), (["--repeats", 0], "--repeats 0"),
+                  (["--warmup", -1], "--warmup -1"), (["--max-seconds", 0], "--max-seconds 0"),
+                  (["--max-seconds", "nan"], "--max-seconds nan"), (["--threads", 0], "--threads 0"),
+                  (["--resolutions", "224,abc"], "--resolutions '224,abc'"),
                   (["--resolutions", 0], "--resolutions '0'"), (["--batch-sizes", "0"], "--batch-sizes '0'"),
                   (["--scan-shapes", "1,2"], "b,dim,N,L")]
 
@@ -165,7 +168,8 @@ def test_bad_eval_flags_get_one_line(tmp_path, capsys, extra, words):
 
 def test_eval_warns_about_a_distillation_checkpoint(tmp_path, capsys):
     teacher = tiny_teacher(tmp_path / "t.pt")
-    assert run_train(capsys, "--stage", "distill", "--teacher", teacher, *TINY, "--epochs", 1, "--out", tmp_path / "r")[0] == 0
+    assert run_train(capsys, "--stage", "distill", "--teacher", teacher, *TINY, "--epochs", 1,
+                     "--out", tmp_path / "r")[0] == 0
     assert evaluate_cli.main(["--ckpt", str(tmp_path / "r" / "distill" / "last.pt")]) == 0
     err = capsys.readouterr().err
     assert "warning:" in err and "class head was never trained" in err and "--stage finetune --init" in err
@@ -238,7 +242,8 @@ def test_runs_tables_curves_and_probes_on_hand_made_logs(tmp_path, capsys):
         (run_dir / "log.jsonl").write_text("".join(json.dumps(dict(step=s, val_top1=v)) + "\n" for s, v in vals))
         if probe:
             (run_dir / "probe.json").write_text(json.dumps({k: dict(top1=v, train_top1=99) for k, v in probe.items()}))
-    for s, (ft, lab, p0, p9) in enumerate([(80.0, 60.0, 20.0, 70.0), (84.0, 62.0, 22.0, 74.0), (83.0, 55.0, 21.0, 72.5)]):
+    for s, (ft, lab, p0, p9) in enumerate([(80.0, 60.0, 20.0, 70.0), (84.0, 62.0, 22.0, 74.0),
+                                           (83.0, 55.0, 21.0, 72.5)]):
         write(tmp_path / f"am+mp-s{s}" / "n300", [(100, ft)])
         write(tmp_path / f"labels-s{s}" / "n300", [(100, lab - 10), (200, lab)])
         (tmp_path / f"am+mp-s{s}" / "distill").mkdir()
@@ -246,12 +251,14 @@ def test_runs_tables_curves_and_probes_on_hand_made_logs(tmp_path, capsys):
             {"step9.pt": dict(top1=p9), "step0.pt": dict(top1=p0)}))
     assert evaluate_cli.main(["--runs", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]] for l in out.splitlines() if l.startswith("| ")}
+    rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]]
+            for l in out.splitlines() if l.startswith("| ")}
     assert rows["am+mp"][:3] == ["3", f"{statistics.mean([80, 84, 83]):.1f}", f"{statistics.stdev([80, 84, 83]):.1f}"]
     assert rows["am+mp"][4] == "s0: 80.0, s1: 84.0, s2: 83.0"
     gaps = [80 - 60, 84 - 62, 83 - 55]                                                 # paired with the labels-only run
     assert rows["am+mp"][5] == f"+{statistics.mean(gaps):.1f} ({statistics.stdev(gaps):.1f}), 3 seeds"
     assert rows["labels"][:2] == ["3", f"{statistics.mean([60, 62, 55]):.1f}"]           # the last validation counts
-    assert rows["labels / n300"] == ["3", f"100: {statistics.mean([50, 52, 45]):.1f}, 200: {statistics.mean([60, 62, 55]):.1f}"]
+    assert rows["labels / n300"] == ["3", f"100: {statistics.mean([50, 52, 45]):.1f}, "
+                                          f"200: {statistics.mean([60, 62, 55]):.1f}"]
     assert rows["am+mp / distill/step0.pt"][:2] == ["3", "21.0"] and rows["am+mp / distill/step9.pt"][1] == "72.2"
     assert out.index("distill/step0.pt") < out.index("distill/step9.pt")               # probe rows in step order

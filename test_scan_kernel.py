@@ -43,7 +43,9 @@ def make_inputs(batch, dim, N, L, D=True, z=True, bias=True, softplus=True, stri
     """Random scan inputs; strided=True gives u, delta, z as transposed (batch, L, dim) tensors and
     B, C as transposed slices of one (batch, L, R + 2N) projection, as in the Mamba block."""
     g = torch.Generator().manual_seed(seed)
-    rn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+
+    def rn(*s):
+        return torch.randn(*s, generator=g)
     delta = rn(batch, L, dim) * 0.5 - 1.0 if softplus else torch.rand(batch, L, dim, generator=g) * 0.5 + 0.05
     x = dict(u=rn(batch, L, dim), delta=delta, A=-torch.exp(rn(dim, N) * 0.5),
              D=rn(dim) if D else None, z=rn(batch, L, dim) if z else None,
@@ -104,7 +106,9 @@ def test_reference_reverse_is_flip_scan_flip():
 @pytest.mark.parametrize("reverse", [False, True])
 def test_reference_gradcheck(reverse):
     x = leaves(make_inputs(1, 2, 2, 3, seed=3), torch.float64)
-    fn = lambda *a: selective_scan_ref(*a, delta_softplus=True, return_last_state=True, reverse=reverse)  # noqa: E731
+
+    def fn(*a):
+        return selective_scan_ref(*a, delta_softplus=True, return_last_state=True, reverse=reverse)
     assert torch.autograd.gradcheck(fn, [x[k] for k in NAMES])
 
 
@@ -138,7 +142,8 @@ def test_chunked_matches_reference(L, reverse):
     """Outputs, last state and every gradient (incl. through the last state), fp64, across chunk boundaries."""
     x = leaves(make_inputs(2, 5, 3, L, seed=L), torch.float64)
     g = torch.Generator().manual_seed(5)
-    w_out, w_last = torch.randn(2, 5, L, generator=g, dtype=torch.float64), torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
+    w_out, w_last = (torch.randn(2, 5, L, generator=g, dtype=torch.float64),
+                     torch.randn(2, 5, 3, generator=g, dtype=torch.float64))
     res = []
     for backend in ("chunked", "reference"):
         out, last = selective_scan(**x, delta_softplus=True, reverse=reverse, return_last_state=True, backend=backend)
@@ -150,7 +155,9 @@ def test_chunked_matches_reference(L, reverse):
 
 def test_chunked_gradcheck():
     x = leaves(make_inputs(1, 2, 2, sk.CHUNK + 2, seed=3), torch.float64)
-    fn = lambda *a: sk.selective_scan_chunked(*a, delta_softplus=True, return_last_state=True, reverse=True)  # noqa: E731
+
+    def fn(*a):
+        return sk.selective_scan_chunked(*a, delta_softplus=True, return_last_state=True, reverse=True)
     assert torch.autograd.gradcheck(fn, [x[k] for k in NAMES])
 
 
@@ -249,7 +256,9 @@ def test_auto_is_chunked_on_cpu(monkeypatch):
 def make_bidir(batch, dim, N, L, seed):
     """Stacked inputs as the Vim block makes them: strided views of (2, batch, L, .) tensors."""
     g = torch.Generator().manual_seed(seed)
-    rn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+
+    def rn(*s):
+        return torch.randn(*s, generator=g)
     x_dbl = rn(2, batch, L, 3 + 2 * N)
     return dict(u=rn(2, batch, L, dim).transpose(-1, -2), delta=(rn(2, batch, L, dim) * 0.5 - 1).transpose(-1, -2),
                 A=-torch.exp(rn(2, dim, N) * 0.5), B=x_dbl[..., 3:3 + N].transpose(-1, -2),
@@ -259,7 +268,8 @@ def make_bidir(batch, dim, N, L, seed):
 
 def flipped_reference(u, delta, A, B, C, D, z, delta_bias):
     """Vim v2 written the plain way: the backward direction scans explicitly flipped inputs."""
-    fl = lambda t: t.flip(-1)  # noqa: E731
+    def fl(t):
+        return t.flip(-1)
     y_f = selective_scan_ref(u[0], delta[0], A[0], B[0], C[0], D[0], None, delta_bias[0], True)
     y_b = fl(selective_scan_ref(fl(u[1]), fl(delta[1]), A[1], fl(B[1]), fl(C[1]), D[1], None, delta_bias[1], True))
     return (y_f + y_b) * F.silu(z)
@@ -279,7 +289,8 @@ def test_bidirectional_matches_flipped_reference(L, dim, N, batch):
 
 def test_bad_shapes_and_backend():
     x = make_inputs(2, 4, 16, 7)
-    with pytest.raises(ValueError, match=r"^selective_scan: B must be \(batch, N, L\) = \(2, 16, 7\), got \(2, 16, 8\)$"):
+    with pytest.raises(ValueError,
+                       match=r"^selective_scan: B must be \(batch, N, L\) = \(2, 16, 7\), got \(2, 16, 8\)$"):
         selective_scan(**{**x, "B": torch.randn(2, 16, 8)})
     with pytest.raises(ValueError, match=r"D must be \(dim\) = \(4,\), got \(5,\)"):
         selective_scan_ref(**{**x, "D": torch.randn(5)})

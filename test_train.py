@@ -19,7 +19,8 @@ from PIL import Image
 import eval as evaluate_cli
 import train
 import vitlinearizer as vl
-from conftest import HERE, TINY_STUDENT, TINY_TEACHER, random_vit_state_dict, ZOO, TINY, run_train, tiny_teacher, one_error_line, write_tree
+from conftest import (HERE, TINY_STUDENT, TINY_TEACHER, random_vit_state_dict, ZOO, TINY, run_train, tiny_teacher,
+                      one_error_line, write_tree)
 
 pytestmark = pytest.mark.usefixtures("cpu_dispatch")   # the scan dispatch a CPU user gets (conftest)
 
@@ -48,8 +49,10 @@ def test_pipeline_in_miniature(tmp_path, capsys):
     stages = ["--teacher-epochs", 2, "--distill-epochs", 4, "--finetune-epochs", 1, "--supervised-epochs", 5]
     rc, out, err = run_train(capsys, "--out", out_dir, *TINY, *stages)
     assert rc == 0, err
-    for row in ("| teacher: ViT, labels | 64 | 8 |", "| student: distilled (16 steps on 64 unlabelled images) + fine-tuned | 64 | 4 |",
-                "| student: labels only, to convergence | 64 | 20 |", "| student: random initialisation | 0 | 0 | - | - |"):
+    for row in ("| teacher: ViT, labels | 64 | 8 |",
+                "| student: distilled (16 steps on 64 unlabelled images) + fine-tuned | 64 | 4 |",
+                "| student: labels only, to convergence | 64 | 20 |",
+                "| student: random initialisation | 0 | 0 | - | - |"):
         assert row in out
     assert len(json.load(open(out_dir / "results.json"))) == 4
     d = losses(out_dir / "distill" / "log.jsonl")                                      # 16 steps of AM + MP
@@ -111,8 +114,8 @@ def same_log(path):
 def test_resume_follows_the_uninterrupted_trajectory(tmp_path, capsys, monkeypatch):
     teacher = tiny_teacher(tmp_path / "t.pt")
     args = ["--stage", "distill", "--teacher", teacher, *TINY, "--epochs", 3, "--drop-path", 0.1, "--ckpt-every", 2,
-            "--log-every", 3]                                                                  # log windows span checkpoints
-    assert run_train(capsys, "--out", tmp_path / "a", *args)[0] == 0                           # uninterrupted: 12 steps
+            "--log-every", 3]                                                          # log windows span checkpoints
+    assert run_train(capsys, "--out", tmp_path / "a", *args)[0] == 0                   # uninterrupted: 12 steps
     ref = same_log(tmp_path / "a" / "distill" / "log.jsonl")
     assert [r["step"] for r in ref] == [3, 6, 9, 12]
     # a clean stop after 5 steps (mid-epoch, mid log window), then the same command again: the same log, line for line
@@ -156,7 +159,8 @@ def bad_case(tmp_path, case):
     if case == "missing folder":
         return ["--data", tmp_path / "nope"], "no such folder"
     if case == "empty folder":
-        os.makedirs(tmp_path / "e" / "train"), os.makedirs(tmp_path / "e" / "val")
+        os.makedirs(tmp_path / "e" / "train")
+        os.makedirs(tmp_path / "e" / "val")
         return ["--data", tmp_path / "e"], "no class sub-folders"
     if case == "empty class":
         root = write_tree(tmp_path / "d", corrupt=0)
@@ -243,7 +247,9 @@ def test_randaugment_ops_compute_what_timm_documents():
     import random
     im = rgb_image()
     a = np.asarray(im).astype(int)
-    op = lambda name, m, inc=True: np.asarray(train.RAND_OPS[name](im, m, inc, random.Random(0))).astype(int)
+
+    def op(name, m, inc=True):
+        return np.asarray(train.RAND_OPS[name](im, m, inc, random.Random(0))).astype(int)
     assert (op("Invert", 0.3) == 255 - a).all()
     t = 256 - int(256 * 0.6)                                                           # solarize, increasing
     assert (op("Solarize", 0.6) == np.where(a >= t, 255 - a, a)).all()
@@ -276,7 +282,8 @@ def test_randaugment_draws_ops_and_magnitudes_as_specified(monkeypatch):
     counts = np.bincount([list(train.RAND_OPS).index(n) for n in names], minlength=15)
     assert len(counts) == 15 and counts.min() > 0.8 * len(seen) / 15                    # all 15, uniformly
     ms = np.array(ms)
-    assert abs(ms.mean() - 0.9) < 0.005 and abs(ms[ms < 1].std() - 0.05) < 0.01 and ms.max() == 1.0   # N(9, .5) / 10, clipped
+    assert (abs(ms.mean() - 0.9) < 0.005 and abs(ms[ms < 1].std() - 0.05) < 0.01
+            and ms.max() == 1.0)                                                       # N(9, .5) / 10, clipped
     seen.clear()
     fixed = train.RandAugment("rand-m5-n3-p1.0")
     fixed(None, g)
@@ -328,7 +335,8 @@ def test_random_erasing_boxes_respect_the_area_and_aspect_bounds():
     assert abs(noise.mean()) < 0.02 and abs(noise.std() - 1) < 0.02                      # per-pixel N(0, 1)
     assert 0.1 < np.mean(areas) < 0.25 and min(areas) < 0.05 and max(areas) > 0.28
     y = torch.zeros(B, 3, H, W)
-    assert train.random_erase(y, 0.25, random.Random(0), torch.Generator().manual_seed(0)) == boxes and torch.equal(x, y)
+    assert (train.random_erase(y, 0.25, random.Random(0), torch.Generator().manual_seed(0)) == boxes
+            and torch.equal(x, y))
 
 
 def test_cutmix_box_area_equals_its_label_weight():
@@ -371,7 +379,9 @@ def test_mixup_blends_images_and_targets_convexly_with_label_smoothing():
 def test_soft_target_loss_is_cross_entropy_with_smoothing():
     args = train.parse_args([])
     loss = train.supervised_loss(None, args)
-    model = lambda x: vl.Output(x, None, [])
+
+    def model(x):
+        return vl.Output(x, None, [])
     logits, y = torch.randn(6, 5), torch.tensor([0, 4, 2, 2, 1, 3])
     soft = F.one_hot(y, 5).float() * (1 - 0.1) + 0.1 / 5
     assert torch.allclose(loss(model, logits, soft, 0)["loss"], F.cross_entropy(logits, y, label_smoothing=0.1))
@@ -427,7 +437,8 @@ def test_layer_wise_lr_decay_scales(kind):
     assert sum(len(g["params"]) for g in groups) == len(trainable) == len(scale)
     for n, p in trainable:
         name = n.removeprefix("student.")
-        want = (0.5 ** 4 if name.split(".")[0] in ("patch_embed", "cls_token", "reg_token", "pos_embed", "pos_cls", "mask_token")
+        want = (0.5 ** 4
+                if name.split(".")[0] in ("patch_embed", "cls_token", "reg_token", "pos_embed", "pos_cls", "mask_token")
                 else 0.5 ** (3 - int(name.split(".")[1])) if name.startswith("blocks.") else 1.0)
         assert scale[id(p)][0] == want, n
     decay, _ = train.no_decay_params(model)                                             # weight decay kept as before
@@ -443,7 +454,8 @@ def test_init_at_another_resolution_resizes_the_position_embedding_once(tmp_path
         cfg = vl.ViTConfig(img_size=16, patch_size=4, dim=32, depth=2, heads=2, num_classes=5)
         model = vl.ViT(cfg)
     else:
-        cfg = vl.MambaConfig(img_size=16, patch_size=4, dim=32, depth=2, d_state=4, num_classes=5, scan_backend="chunked")
+        cfg = vl.MambaConfig(img_size=16, patch_size=4, dim=32, depth=2, d_state=4, num_classes=5,
+                             scan_backend="chunked")
         model = vl.VisionMamba(cfg)
     with torch.no_grad():
         model.pos_embed.normal_()                                                       # a position table that matters
@@ -453,7 +465,8 @@ def test_init_at_another_resolution_resizes_the_position_embedding_once(tmp_path
     new = train.init_from(str(tmp_path / "c.pt"), args, 5, kind=kind)
     assert new.cfg.img_size == 32 and new.pos_embed.shape[1] == (1 if kind == "vit" else 0) + 64
     x = torch.randn(2, 3, 32, 32)
-    model.eval(), new.eval()
+    model.eval()
+    new.eval()
     with torch.no_grad():                                                               # = the old model resampling
         assert torch.allclose(new(x).logits, model(x).logits, atol=1e-5)                # on the fly at 32 px
     with pytest.raises(train.UserError, match="holds a"):
@@ -464,16 +477,19 @@ def test_recipes_defaults_precedence_and_printout():
     demo = train.parse_args([])
     assert demo.recipe == "none" and demo.mixup == 0 and demo.aa == "none" and demo.repeated_aug == 1
     a = train.parse_args(["--data", "d"])
-    assert a.recipe == "deit" and (a.mixup, a.cutmix, a.label_smoothing, a.blr, a.weight_decay) == (0.8, 1.0, 0.1, 5e-4, 0.05)
+    assert (a.recipe == "deit"
+            and (a.mixup, a.cutmix, a.label_smoothing, a.blr, a.weight_decay) == (0.8, 1.0, 0.1, 5e-4, 0.05))
     fin, dis = train.for_stage(a, "finetune"), train.for_stage(a, "distill")
-    assert (fin.aa, fin.erase_prob, fin.repeated_aug, fin.ema_decay, fin.drop_path) == ("rand-m9-mstd0.5-inc1", 0.25, 3, 0.99996, 0.1)
+    assert ((fin.aa, fin.erase_prob, fin.repeated_aug, fin.ema_decay, fin.drop_path)
+            == ("rand-m9-mstd0.5-inc1", 0.25, 3, 0.99996, 0.1))
     assert (dis.aa, dis.erase_prob, dis.repeated_aug, dis.ema_decay, dis.drop_path) == ("none", 0.0, 1, 0.0, None)
     assert train.for_stage(a, "teacher").drop_path == 0.1
     b = train.parse_args(["--data", "d", "--mixup", "0.2", "--aa", "none", "--hflip", "0.5", "--batch-size", "8"])
     assert b.mixup == 0.2 and b.aa == "none" and b.cutmix == 1.0                        # command line > recipe
     text = "\n".join(train.describe_recipe(b))
     assert "recipe deit (default)" in text and "mixup=0.2 (recipe: 0.8)" in text and "hflip=0.5 (recipe: 0.5)" in text
-    assert "cutmix=1.0" in text.split("the command line changed")[0] and "batch_size=8" in text.split("from the command line")[1]
+    assert ("cutmix=1.0" in text.split("the command line changed")[0]
+            and "batch_size=8" in text.split("from the command line")[1])
     c = train.parse_args(["--data", "d", "--recipe", "adventurer-ft", "--stage", "finetune"])
     assert (c.lr, c.min_lr, c.img_size, c.finetune_epochs, c.weight_decay, c.amp) == (1e-5, 1e-5, 224, 20, 0.1, "bf16")
     assert train.for_stage(c, "finetune").drop_path == 0.6 and c.repeated_aug == 1
@@ -502,8 +518,8 @@ AUG = ["--aa", "rand-m9-mstd0.5-inc1", "--erase-prob", "0.5", "--mixup", "0.8", 
 
 def test_resume_with_every_augmentation_and_ema_follows_the_uninterrupted_run(tmp_path, capsys):
     root = write_tree(tmp_path / "d", n=6, corrupt=0)
-    args = ["--data", root, "--stage", "finetune", *TINY, "--batch-size", 4, "--epochs", 2, "--workers", 0, "--threads", 1,
-            "--student-opts", "dim=32,depth=2,d_state=4,scan_backend=chunked", "--ckpt-every", 2, *AUG]
+    args = ["--data", root, "--stage", "finetune", *TINY, "--batch-size", 4, "--epochs", 2, "--workers", 0,
+            "--threads", 1, "--student-opts", "dim=32,depth=2,d_state=4,scan_backend=chunked", "--ckpt-every", 2, *AUG]
     assert run_train(capsys, "--out", tmp_path / "a", *args)[0] == 0
     ref = losses(tmp_path / "a" / "finetune" / "log.jsonl")
     assert len(ref) == 8                                                                # 18 images // 4 x 2 epochs
@@ -540,7 +556,8 @@ def write_digits(root, size=32, n=None, val_frac=0.25, seed=0):
 
 
 def test_digits_folder_teacher_distill_finetune_with_every_augmentation(tmp_path, capsys):
-    """real files (JPEG / PNG / palette / CMYK) through train.py's command line with every augmentation on, then eval.py"""
+    """real files (JPEG / PNG / palette / CMYK) through train.py's command line with every augmentation on, then
+    eval.py"""
     root = write_digits(tmp_path / "digits", size=16, n=400)
     modes = {Image.open(p).mode for p in (tmp_path / "digits").rglob("*.*")}
     assert modes == {"L", "RGB", "P", "CMYK"}
@@ -581,7 +598,8 @@ def test_progressive_resolution_from_the_command_line(tmp_path, capsys):
     assert rc == 0, err
     assert "position embeddings resized from 4x4 to 8x8 patches" in out
     ck = torch.load(tmp_path / "r" / "s32" / "last.pt", weights_only=True)
-    assert ck["config"]["img_size"] == 32 and ck["config"]["drop_path"] == 0.2 and ck["model"]["pos_embed"].shape[1] == 64
+    assert (ck["config"]["img_size"] == 32 and ck["config"]["drop_path"] == 0.2
+            and ck["model"]["pos_embed"].shape[1] == 64)
     capsys.readouterr()
     assert evaluate_cli.main(["--ckpt", str(tmp_path / "r" / "s32" / "last.pt"), "--img-size", "64"]) == 0
     assert "64 px" in capsys.readouterr().out
@@ -608,8 +626,9 @@ BAD_TRAIN_FLAGS = [  # (extra argv, words the error line must contain)
     (["--kd-weight", 2], "--kd-weight 2"), (["--kd-temp", 0], "--kd-temp 0"), (["--drop-path", 1], "--drop-path 1"),
     (["--max-bad-frac", 1.5], "--max-bad-frac 1.5"), (["--eval-every", -1], "--eval-every -1"),
     (["--max-steps", 0], "--max-steps 0"), (["--threads", 0], "--threads 0"), (["--seed", -1], "--seed -1"),
-    (["--demo-seed", -1], "--demo-seed -1"), (["--demo-train", 0], "--demo-train 0"), (["--demo-val", 0], "--demo-val 0"),
-    (["--demo-teacher-train", -1], "--demo-teacher-train -1"), (["--teacher-epochs", 0], "--teacher-epochs 0"),
+    (["--demo-seed", -1], "--demo-seed -1"), (["--demo-train", 0], "--demo-train 0"),
+    (["--demo-val", 0], "--demo-val 0"), (["--demo-teacher-train", -1], "--demo-teacher-train -1"),
+    (["--teacher-epochs", 0], "--teacher-epochs 0"),
     (["--distill-epochs", 0], "--distill-epochs 0"), (["--finetune-epochs", -1], "--finetune-epochs -1"),
     (["--epochs", 2], "--epochs (stage all:"), (["--name", "x"], "--name applies to a single --stage"),
     (["--init", "x.pt"], "--init starts a single --stage (teacher, distill or finetune)"),
@@ -733,7 +752,8 @@ def test_a_batch_with_no_readable_image_is_skipped_and_counted(tmp_path, capsys)
     root = write_tree(tmp_path / "d", corrupt=1)                                       # 12 good images, 1 bad one
     rc, out, err = run_train(capsys, "--data", root, "--out", tmp_path / "r", "--stage", "teacher", "--epochs", 1,
                              "--teacher-preset", "demo", "--teacher-opts", "dim=32,depth=2,heads=2", "--img-size", 16,
-                             "--batch-size", 1, "--workers", 0, "--log-every", 1, "--max-bad-frac", 0.5, "--recipe", "none")
+                             "--batch-size", 1, "--workers", 0, "--log-every", 1, "--max-bad-frac", 0.5,
+                             "--recipe", "none")
     assert rc == 0, err
     assert "skipped 1 unreadable image(s) of 13" in err and "1 batch(es) with no readable image skipped" in err
     ck = torch.load(tmp_path / "r" / "teacher" / "last.pt", weights_only=True)
@@ -741,7 +761,7 @@ def test_a_batch_with_no_readable_image_is_skipped_and_counted(tmp_path, capsys)
 
 
 def test_an_error_on_one_rank_stops_every_rank_with_one_line(tmp_path):
-    wrapper = tmp_path / "rank1_fails.py"                                              # rank 1 alone finds too many bad images
+    wrapper = tmp_path / "rank1_fails.py"                                   # rank 1 alone finds too many bad images
     wrapper.write_text(f"""import os, sys
 sys.path.insert(0, {HERE!r})
 import train
@@ -761,7 +781,8 @@ sys.exit(train.main())
     lines = [l for l in p.stderr.splitlines() if l.startswith("error")]
     assert p.returncode != 0 and lines == ["error: 40 of 50 images could not be read (more than --max-bad-frac 0.01); "
                                            "first: x.JPEG (rank 1)"], p.stderr[-3000:]
-    assert 'train.py", line' not in p.stderr and "gloo" not in p.stderr.lower(), p.stderr[-3000:]   # no worker traceback
+    # no worker traceback
+    assert 'train.py", line' not in p.stderr and "gloo" not in p.stderr.lower(), p.stderr[-3000:]
     assert not list((tmp_path / "r").rglob("*.tmp*"))
 
 
@@ -785,7 +806,8 @@ def full_disk_save(real, fail_at):
 
 def test_a_full_disk_says_so_in_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch, "save", full_disk_save(torch.save, fail_at=3))
-    rc, _, err = run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 2, "--ckpt-every", 1, "--out", tmp_path / "r")
+    rc, _, err = run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 2, "--ckpt-every", 1,
+                           "--out", tmp_path / "r")
     assert rc == 2 and "disk full while writing" in one_error_line(err), err
     run_dir = tmp_path / "r" / "teacher"
     assert torch.load(run_dir / "last.pt", weights_only=True)["step"] == 2             # the 2nd checkpoint, intact
@@ -857,12 +879,14 @@ def test_a_second_run_on_the_same_folder_gets_one_line(tmp_path, capsys):
 
 def test_misleading_messages_name_the_right_thing(tmp_path, capsys, monkeypatch):
     # --resume FILE with another model names FILE, not this run's folder
-    assert run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 2, "--max-steps", 1, "--out", tmp_path / "a")[0] == 0
+    assert run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 2, "--max-steps", 1,
+                     "--out", tmp_path / "a")[0] == 0
     other = tmp_path / "a" / "teacher" / "last.pt"
     rc, _, err = run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 2, "--out", tmp_path / "b",
                            "--resume", other, "--teacher-opts", "dim=48,depth=2,heads=2")
     assert rc == 2 and f"cannot resume {other} with different model arguments" in one_error_line(err)
-    rc, _, err = run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 2, "--out", tmp_path / "a", "--batch-size", 8)
+    rc, _, err = run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 2, "--out", tmp_path / "a",
+                           "--batch-size", 8)
     assert rc == 2 and "cannot resume with another global batch (16 -> 8)" in one_error_line(err)
     # a non-finite loss before any checkpoint: no "kept the last good checkpoint"
     real = train.normalize
@@ -882,9 +906,11 @@ def test_threads_and_workers_are_chosen_on_purpose(tmp_path, capsys, monkeypatch
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)   # a 2-core box
     assert train.parse_args([]).threads == train.DEMO_THREADS == 1                    # the demo: fixed, reproducible
     assert train.parse_args(["--threads", "3"]).threads == 3
+    # --data: the cores; 2 workers, not 8
     data = train.parse_args(["--data", str(tmp_path)])
-    assert (data.threads, data.workers) == (2, 2)                                     # --data: the cores; 2 workers, not 8
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")                                       # two torchrun processes share them
+    assert (data.threads, data.workers) == (2, 2)
+    # two torchrun processes share them
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     data = train.parse_args(["--data", str(tmp_path)])
     assert (data.threads, data.workers) == (1, 1)
     assert train.parse_args(["--data", str(tmp_path), "--workers", "6"]).workers == 6  # given: kept (with a warning)
@@ -910,7 +936,8 @@ def test_a_warm_up_longer_than_the_run_is_reported(tmp_path, capsys):
 
 
 def test_linear_probe_separable_features_and_shuffled_labels():
-    """Linearly separable by construction -> ~100 %; the same features with shuffled labels -> chance on held-out data."""
+    """Linearly separable by construction -> ~100 %; the same features with shuffled labels -> chance on held-out
+    data."""
     g = torch.Generator().manual_seed(0)
     n, d, classes = 1200, 64, 8
     w = torch.randn(d, classes, generator=g, dtype=torch.float64)                   # labels = argmax of a linear map,
@@ -923,7 +950,7 @@ def test_linear_probe_separable_features_and_shuffled_labels():
     res = train.linear_probe(x, shuffled, xv, yv, classes)
     assert res["top1"] < 100 / classes + 5, res                                        # chance: 12.5 %
     again = train.linear_probe(x, shuffled, xv, yv, classes)
-    assert again == res                                                                 # one fixed, deterministic recipe
+    assert again == res                                                                # one fixed, deterministic recipe
 
 
 def test_distillation_reads_images_only(tmp_path):

@@ -20,7 +20,8 @@ from conftest import TINY_STUDENT, TINY_TEACHER, random_vit_state_dict, ZOO, TIN
 def timm_reference_forward(sd, images, heads, eps=1e-6, act=F.gelu):
     """The timm ViT forward written out by hand: explicit softmax attention, exact-erf GELU (or the given act)."""
     p = sd["patch_embed.proj.weight"].shape[-1]
-    x = F.conv2d(images, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=p).flatten(2).transpose(1, 2)
+    x = (F.conv2d(images, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=p)
+         .flatten(2).transpose(1, 2))
     x = torch.cat([sd["cls_token"].expand(len(x), -1, -1), x], 1) + sd["pos_embed"]
     B, L, D = x.shape
     if "norm_pre.weight" in sd:                                                        # timm's CLIP ViTs
@@ -73,7 +74,9 @@ def test_teacher_from_timm_clip_state_dict_matches_reference(tmp_path):
     cfg = teacher.cfg
     assert (cfg.act, cfg.eps, cfg.patch_bias, cfg.norm_pre) == ("gelu", 1e-5, False, True)
     torch.testing.assert_close(teacher(images).tokens, tokens, atol=1e-4, rtol=1e-4)
-    quick_gelu = lambda x: x * torch.sigmoid(1.702 * x)                                # noqa: E731
+
+    def quick_gelu(x):
+        return x * torch.sigmoid(1.702 * x)
     tokens, _, _ = timm_reference_forward(sd, images, heads=1, eps=1e-5, act=quick_gelu)
     teacher = vl.load_teacher(str(tmp_path / "clip_timm.pth"), act="quick_gelu")
     torch.testing.assert_close(teacher(images).tokens, tokens, atol=1e-4, rtol=1e-4)
@@ -136,7 +139,8 @@ def test_teacher_from_openai_clip_matches_reference(tmp_path, torchscript):
     else:
         torch.save(clip.state_dict(), path)
     teacher = vl.load_teacher(str(path))
-    assert (teacher.cfg.act, teacher.cfg.norm_pre, teacher.cfg.heads, teacher.cfg.num_classes) == ("quick_gelu", True, 1, 0)
+    assert (teacher.cfg.act, teacher.cfg.norm_pre,
+            teacher.cfg.heads, teacher.cfg.num_classes) == ("quick_gelu", True, 1, 0)
     with torch.no_grad():
         want = clip(images)
     out = teacher(images)
@@ -326,7 +330,8 @@ def test_hub_folders_bad_configs_and_unknown_layouts_get_one_clear_error(tmp_pat
     with pytest.raises(ValueError, match=r"does not fit ViT: unexpected: blocks\.0\.attn\.q_bias"):
         vl.load_teacher(str(tmp_path / "beit_like.pth"), heads=2)
     torch.save({"visual.conv1.weight": torch.zeros(8, 3, 4, 4)}, tmp_path / "clip_part.pth")
-    with pytest.raises(ValueError, match="looks like an OpenAI CLIP / open_clip checkpoint but has no 'class_embedding'"):
+    with pytest.raises(ValueError,
+                       match="looks like an OpenAI CLIP / open_clip checkpoint but has no 'class_embedding'"):
         vl.load_teacher(str(tmp_path / "clip_part.pth"))
 
 
@@ -398,7 +403,8 @@ def test_student_token_order_class_first_at_any_resolution():
         images = torch.randn(2, 3, size, size)
         out = student(images)
         grid = size // 4
-        patches = F.conv2d(images, student.patch_embed.weight, student.patch_embed.bias, stride=4).flatten(2).transpose(1, 2)
+        patches = (F.conv2d(images, student.patch_embed.weight, student.patch_embed.bias, stride=4)
+                   .flatten(2).transpose(1, 2))
         patches = patches + vl.resize_pos_embed(student.pos_embed, (grid, grid))
         want = torch.cat([(student.cls_token + student.pos_cls).expand(2, -1, -1), patches], 1)
         torch.testing.assert_close(out.tokens, student.norm(want))
@@ -522,7 +528,8 @@ def test_stage_indices():
 
 
 def paper_activation_matching(t_feats, s_feats, mask):
-    """The paper's L_act (vitlinearizer.py's docstring) written out with loops over images, stages and visible tokens."""
+    """The paper's L_act (vitlinearizer.py's docstring) written out with loops over images, stages and visible
+    tokens."""
     total = 0.0
     for b in range(mask.shape[0]):
         visible = [0] + [1 + i for i in range(mask.shape[1]) if not mask[b, i]]
@@ -530,7 +537,8 @@ def paper_activation_matching(t_feats, s_feats, mask):
             def maps(f):
                 rows = []
                 for i in visible:
-                    row = torch.stack([torch.dot(f[b, i], f[b, j]) / (f[b, i].norm() * f[b, j].norm()) for j in visible])
+                    row = torch.stack([torch.dot(f[b, i], f[b, j]) / (f[b, i].norm() * f[b, j].norm())
+                                       for j in visible])
                     rows.append(row / row.norm())
                 return rows
             total += sum(1 - torch.dot(a, c) for a, c in zip(maps(ft), maps(fs))) / (len(t_feats) * len(visible))
