@@ -725,19 +725,30 @@ def gpu_report(args):
 
 # ----------------------------------------------------------------------------------------------- ablation table
 
-def val_curve(run_dir):
-    """[(step, top-1)] of the validations in RUN_DIR/log.jsonl (the last one is the run's result)"""
+def read_log(run_dir):
+    """the records of RUN_DIR/log.jsonl, [] when there is none"""
     path = os.path.join(run_dir, "log.jsonl")
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [(rec["step"], rec["val_top1"]) for rec in map(json.loads, f) if "val_top1" in rec]
+        return [json.loads(line) for line in f]
+
+
+def val_curve(run_dir):
+    """[(step, top-1)] of the validations in RUN_DIR/log.jsonl (the last one is the run's result)"""
+    return [(rec["step"], rec["val_top1"]) for rec in read_log(run_dir) if "val_top1" in rec]
+
+
+def is_finished(run_dir):
+    """True once the run has saved its finished checkpoint (its log's last record says so)"""
+    records = read_log(run_dir)
+    return bool(records) and records[-1].get("finished", False)
 
 
 def final_top1(run_dir):
-    """top-1 of the last validation in RUN_DIR/log.jsonl, None while the run has none"""
+    """top-1 of the last validation in RUN_DIR/log.jsonl, None until the run has finished"""
     curve = val_curve(run_dir)
-    return curve[-1][1] if curve else None
+    return curve[-1][1] if curve and is_finished(run_dir) else None
 
 
 def seed_stats(res):
@@ -763,7 +774,7 @@ def summarize_runs(root):
     linear probes in their probe.json files (eval.py --probe). ROOT/teacher (a single run) is listed too."""
     if not os.path.isdir(root):
         raise train.UserError(f"--runs {root}: no such folder")
-    top1, curves, probes = {}, {}, {}
+    top1, curves, probes, unfinished = {}, {}, {}, []
     for name in sorted(os.listdir(root)):
         config, _, seed = name.rpartition("-s")
         if not (config and seed.isdigit() and os.path.isdir(os.path.join(root, name))):
@@ -771,7 +782,9 @@ def summarize_runs(root):
         for run in sorted(os.listdir(os.path.join(root, name))):
             run_dir = os.path.join(root, name, run)
             curve = val_curve(run_dir)
-            if curve:
+            if curve and not is_finished(run_dir):                           # stopped or still running: not counted
+                unfinished.append(f"{name}/{run} (step {read_log(run_dir)[-1]['step']})")
+            elif curve:
                 top1.setdefault(run, {}).setdefault(config, []).append((int(seed), curve[-1][1]))
                 curves.setdefault((config, run), []).append(dict(curve))
             probe_file = os.path.join(run_dir, "probe.json")
@@ -812,6 +825,8 @@ def summarize_runs(root):
             return int(k[2][4:-3]) if k[2].startswith("step") and k[2][4:-3].isdigit() else 1 << 60
         for key in sorted(probes, key=lambda k: (k[0], k[1], step(k), k[2])):
             print(f"| {key[0]} / {key[1]}/{key[2]} | {seed_stats(probes[key])} |")
+    if unfinished:
+        print(f"\nunfinished, not counted: {', '.join(unfinished)}")
     return top1
 
 
