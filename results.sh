@@ -63,10 +63,10 @@ for task in $TASKS; do
 done
 run_jobs
 
-# 2. students, in order of importance (a partial run already answers the first questions; ~LANES at a time)
-labels_pair() { # TASK SEED N: the labels-only student on N images, two schedule lengths
-  job "$(labels_only $1 labels_2000 $2 $3 ${LONG_EPOCHS[$3]})"
+# 2. students, in order of importance: a partial run already answers the first questions (LANES chains at a time)
+labels_pair() { # TASK SEED N: the labels-only student on N images, the ~700-step schedule, then the ~2,000-step one
   job "$(labels_only $1 labels_700 $2 $3 ${SHORT_EPOCHS[$3]})"
+  job "$(labels_only $1 labels_2000 $2 $3 ${LONG_EPOCHS[$3]})"
 }
 main_chain() { # TASK SEED N...: AM + MP distillation (snapshots, probes), then fine-tuning on each N
   local chain
@@ -74,37 +74,38 @@ main_chain() { # TASK SEED N...: AM + MP distillation (snapshots, probes), then 
   for n in "${@:3}"; do chain+=" && $(finetune $1 am+mp $2 $n)"; done
   job "$chain"
 }
-# the paper's ablation, under the protocol of the label-efficiency gap (300 labelled images), pairs task: the paper's
-# rows (supervised only, MP only, AM only, AM + MP; AM over visible / class / all tokens) five seeds, our sweeps three
-ablation() { # CONFIG SEEDS FLAGS
-  for s in $2; do job "$(distill pairs $1 $s "${@:3}") && $(finetune pairs $1 $s 300)"; done
+# the paper's ablation under the protocol of the label-efficiency gap (300 labelled images): one chain per row and seed
+ablation() { # CONFIG SEED FLAGS
+  job "$(distill pairs $1 $2 "${@:3}") && $(finetune pairs $1 $2 300)"
 }
 if [[ " $TASKS " == *" pairs "* ]]; then
-  for s in $SEEDS5; do           # (a) probes and (b) at 300 labels; the ablation's AM + MP and supervised rows
+  for s in $SEEDS5; do           # (a) the probe curve, (b) label efficiency at 300 labels, equal updates
     if [ "$s" -lt 3 ]; then main_chain pairs $s 100 300 1200; else main_chain pairs $s 300; fi
     labels_pair pairs $s 300
-    if [ "$s" -lt 3 ]; then job "$(labels_only pairs labels_1300 $s 300 $EQ_EPOCHS_300)"; fi   # equal updates
+    if [ "$s" -lt 3 ]; then job "$(labels_only pairs labels_1300 $s 300 $EQ_EPOCHS_300)"; fi
   done
-  ablation mp_only "$SEEDS5" --am-weight 0
-  ablation am_only "$SEEDS5" --lam 0
-  ablation am_cls "$SEEDS5" --am-scope cls
-  ablation am_all "$SEEDS5" --am-scope all
-  for s in $SEEDS3; do labels_pair pairs $s 100; labels_pair pairs $s 1200; done   # (b) at 100 and 1,200 labels
+  for s in $SEEDS5; do ablation mp_only $s --am-weight 0; ablation am_only $s --lam 0; done    # (c) the paper's rows
+  for s in $SEEDS3; do                                                                         # (b) at 100 and 1,200
+    job "$(labels_only pairs labels_700 $s 100 ${SHORT_EPOCHS[100]})"
+    job "$(labels_only pairs labels_700 $s 1200 ${SHORT_EPOCHS[1200]})"
+  done
+  for s in $SEEDS5; do ablation am_cls $s --am-scope cls; ablation am_all $s --am-scope all; done  # (c) AM's scope
+  for s in $SEEDS3; do                                                                         # (b) longer baselines
+    job "$(labels_only pairs labels_2000 $s 100 ${LONG_EPOCHS[100]})"
+    job "$(labels_only pairs labels_2000 $s 1200 ${LONG_EPOCHS[1200]})"
+  done
+  for s in $SEEDS3; do                                                                         # (c) our sweeps
+    ablation mask0.5 $s --mask-ratio 0.5; ablation mask0.9 $s --mask-ratio 0.9
+    ablation lam0.5 $s --lam 0.5; ablation lam2 $s --lam 2; ablation am_only_nomask $s --lam 0 --mask-ratio 0
+  done
 fi
-if [[ " $TASKS " == *" relations "* ]]; then
+if [[ " $TASKS " == *" relations "* ]]; then  # the harder task: the label survives 75 % masking in 62 % of the images
   for s in $SEEDS3; do
     main_chain relations $s 300 1200
     labels_pair relations $s 300
     labels_pair relations $s 1200
     job "$(distill relations am_only_nomask $s --lam 0 --mask-ratio 0) && $(finetune relations am_only_nomask $s 300)"
   done
-fi
-if [[ " $TASKS " == *" pairs "* ]]; then
-  ablation mask0.5 "$SEEDS3" --mask-ratio 0.5
-  ablation mask0.9 "$SEEDS3" --mask-ratio 0.9
-  ablation lam0.5 "$SEEDS3" --lam 0.5
-  ablation lam2 "$SEEDS3" --lam 2
-  ablation am_only_nomask "$SEEDS3" --lam 0 --mask-ratio 0
 fi
 run_jobs
 

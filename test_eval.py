@@ -100,11 +100,16 @@ def test_runs_table_over_seeds(tmp_path, capsys):
             (tmp_path / f"{config}-s{seed}" / "finetune").mkdir(parents=True)
             (tmp_path / f"{config}-s{seed}" / "finetune" / "log.jsonl").write_text(
                 json.dumps({"step": 1, "loss": 2.0}) + "\n"
-                + json.dumps({"step": 9, "val_top1": v, "val_top5": 99}) + "\n")
-    (tmp_path / "mp_only-s0" / "distill").mkdir(parents=True)                # unfinished: no finetune yet
+                + json.dumps({"step": 9, "val_top1": v, "val_top5": 99}) + "\n"
+                + json.dumps({"step": 9, "finished": True}) + "\n")
+    (tmp_path / "mp_only-s0" / "distill").mkdir(parents=True)                # no finetune yet
+    (tmp_path / "am_only-s0" / "finetune").mkdir(parents=True)               # validated, then stopped: not counted
+    (tmp_path / "am_only-s0" / "finetune" / "log.jsonl").write_text(json.dumps({"step": 4, "val_top1": 99.0}) + "\n")
     assert evaluate_cli.main(["--runs", str(tmp_path)]) == 0
-    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in capsys.readouterr().out.splitlines()[2:]}
+    out = capsys.readouterr().out.splitlines()
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out[2:] if line.startswith("|")}
     assert set(rows) == {"am+mp", "labels_only"}
+    assert out[-1] == "unfinished, not counted: am_only-s0/finetune (step 4)"
     for config, values in top1.items():
         seeds, mean, std = (c.strip() for c in rows[config][:3])
         assert (int(seeds), float(mean), float(std)) == (len(values), round(statistics.mean(values), 1),
@@ -239,7 +244,8 @@ def test_runs_tables_curves_and_probes_on_hand_made_logs(tmp_path, capsys):
 
     def write(run_dir, vals, probe=None):
         run_dir.mkdir(parents=True)
-        (run_dir / "log.jsonl").write_text("".join(json.dumps(dict(step=s, val_top1=v)) + "\n" for s, v in vals))
+        (run_dir / "log.jsonl").write_text("".join(json.dumps(dict(step=s, val_top1=v)) + "\n" for s, v in vals)
+                                           + json.dumps(dict(step=vals[-1][0], finished=True)) + "\n")
         if probe:
             (run_dir / "probe.json").write_text(json.dumps({k: dict(top1=v, train_top1=99) for k, v in probe.items()}))
     for s, (ft, lab, p0, p9) in enumerate([(80.0, 60.0, 20.0, 70.0), (84.0, 62.0, 22.0, 74.0),

@@ -40,6 +40,15 @@ def test_train_distills_from_a_hub_folder_teacher(tmp_path, capsys, name):
     assert rec and all(math.isfinite(r["loss"]) and r["am"] > 0 and r["mp"] > 0 for r in rec if "loss" in r)
 
 
+def test_demo_table_with_a_hub_folder_teacher(tmp_path, capsys):
+    """python train.py --teacher FOLDER (every stage, then the table): the teacher is read as given, not as a
+    checkpoint of this project; its row says where it came from"""
+    folder = os.path.join(ZOO, "hf_vit_classifier")
+    rc, out, err = run_train(capsys, "--teacher", folder, "--out", tmp_path, *TINY, "--no-baseline")
+    assert rc == 0, err
+    assert f"| teacher: {folder} | - | - |" in out and "| student: distilled" in out
+
+
 def losses(path):
     return {r["step"]: r["loss"] for r in log(path) if "loss" in r}
 
@@ -117,9 +126,10 @@ def test_resume_follows_the_uninterrupted_trajectory(tmp_path, capsys, monkeypat
             "--log-every", 3]                                                          # log windows span checkpoints
     assert run_train(capsys, "--out", tmp_path / "a", *args)[0] == 0                   # uninterrupted: 12 steps
     ref = same_log(tmp_path / "a" / "distill" / "log.jsonl")
-    assert [r["step"] for r in ref] == [3, 6, 9, 12]
+    assert [r["step"] for r in ref] == [3, 6, 9, 12, 12] and ref[-1] == dict(step=12, finished=True)
     # a clean stop after 5 steps (mid-epoch, mid log window), then the same command again: the same log, line for line
     assert run_train(capsys, "--out", tmp_path / "b", *args, "--max-steps", 5)[0] == 0
+    assert not any(r.get("finished") for r in log(tmp_path / "b" / "distill" / "log.jsonl"))
     assert run_train(capsys, "--out", tmp_path / "b", *args)[0] == 0
     assert same_log(tmp_path / "b" / "distill" / "log.jsonl") == ref
     # Ctrl-C between checkpoints (in the 10th step; the last checkpoint is at step 8): one line; the resumed run drops
