@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -221,6 +222,27 @@ def test_resume_with_different_model_arguments_is_refused(tmp_path, capsys):
     rc, _, err = run_train(capsys, *args, "--teacher-opts", "dim=48,depth=2,heads=2")
     assert rc == 2 and "different model arguments" in one_error_line(err) and "dim" in err
     assert torch.load(tmp_path / "r" / "teacher" / "last.pt", weights_only=True)["step"] == 1
+
+
+def test_resume_takes_the_same_teacher_by_another_path_and_an_older_optimizer_state(tmp_path, capsys, monkeypatch):
+    """the teacher given relative, then absolute, is the same file: the run resumes; and a checkpoint of an older
+    train.py, whose optimizer groups have no 'lr_scale', resumes with this run's scales"""
+    tiny_teacher(tmp_path / "t.pt")
+    monkeypatch.chdir(tmp_path)
+    args = ["--stage", "distill", "--out", tmp_path / "r", *TINY, "--epochs", 2]
+    assert run_train(capsys, *args, "--teacher", "t.pt", "--max-steps", 2)[0] == 0
+    path = tmp_path / "r" / "distill" / "last.pt"
+    ck = torch.load(path, weights_only=True)
+    for group in ck["optimizer"]["param_groups"]:
+        del group["lr_scale"]
+    torch.save(ck, path)
+    rc, out, err = run_train(capsys, *args, "--teacher", tmp_path / "t.pt")
+    assert rc == 0 and "at step 2" in out, err
+    assert torch.load(path, weights_only=True)["finished"]
+    assert run_train(capsys, *args, "--teacher", "t.pt", "--fresh", "--max-steps", 1)[0] == 0
+    shutil.copy(tmp_path / "t.pt", tmp_path / "t2.pt")
+    rc, _, err = run_train(capsys, *args, "--teacher", "t2.pt")                 # another file: refused
+    assert rc == 2 and "different model arguments" in one_error_line(err)
 
 
 def test_stage_all_checks_the_student_before_training_the_teacher(tmp_path, capsys):

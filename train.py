@@ -1271,6 +1271,7 @@ def set_rng_state(states, ctx):
 FIXED_ARGS = ("stage", "teacher", "init", "teacher_preset", "teacher_opts", "student", "student_opts",
               "img_size", "stages", "am_scope", "target", "demo_train", "demo_teacher_train", "demo_seed", "pos_init",
               "layer_decay", "demo_task", "demo_pool", "distill_data")   # (layer_decay: the optimizer's groups)
+PATH_ARGS = ("teacher", "init", "distill_data")
 
 
 def check_resume(ck, path, args, cfg, ctx):
@@ -1278,8 +1279,12 @@ def check_resume(ck, path, args, cfg, ctx):
         raise UserError(f"{path} is not a training checkpoint of train.py (no optimizer state or step): "
                         "--resume takes an OUT/NAME/last.pt")
     old = ck["args"]
+
+    def same(k, a, b):                  # a file given by another spelling (relative / absolute) is the same file
+        paths = k in PATH_ARGS and isinstance(a, str) and isinstance(b, str) and not a.startswith("timm:")
+        return a == b or paths and os.path.realpath(a) == os.path.realpath(b)
     diff = [f"{k}: {old.get(k)!r} -> {getattr(args, k)!r}" for k in FIXED_ARGS
-            if k in old and old[k] != getattr(args, k)]
+            if k in old and not same(k, old[k], getattr(args, k))]
     diff += [f"config.{k}: {v!r} -> {dataclasses.asdict(cfg).get(k)!r}" for k, v in ck["config"].items()
              if dataclasses.asdict(cfg).get(k) != v]
     if diff:
@@ -2034,7 +2039,10 @@ def print_start(run, args, ctx, n_images):
 
 def restore(run, ck, path, ctx):
     """a run where its checkpoint ck (read from path) left it: optimizer, loss scaler, step, RNG states, the log"""
-    run.opt.load_state_dict(ck["optimizer"])
+    scales = [group["lr_scale"] for group in run.opt.param_groups]         # from this run's arguments: a checkpoint
+    run.opt.load_state_dict(ck["optimizer"])                                # of an older train.py may lack them
+    for group, scale in zip(run.opt.param_groups, scales):
+        group["lr_scale"] = scale
     if ck.get("scaler"):
         run.scaler.load_state_dict(ck["scaler"])
     run.step, run.epoch, run.batch_in_epoch = ck["step"], ck["epoch"], ck["batch_in_epoch"]
