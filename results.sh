@@ -34,7 +34,10 @@ run_jobs() {                                # each line is one chain of commands
   xargs -P "$LANES" -d '\n' -I{} bash -c '{}' < "$jobs_file"
   : > "$jobs_file"
 }
-teacher() { echo "$PY train.py --stage teacher --demo-task $1 --seed $2 --epochs 5 --lr 1.5e-3 --out $R/$1/teacher-s$2 $COMMON"; }
+train() {   # RUN_DIR TRAIN_ARGS...: train.py, unless RUN_DIR's log already says finished (no Python start-up)
+  echo "{ grep -qs '\"finished\": true' $1/log.jsonl || $PY train.py ${*:2}; }"
+}
+teacher() { echo "$(train $R/$1/teacher-s$2/teacher --stage teacher --demo-task $1 --seed $2 --epochs 5 --lr 1.5e-3 --out $R/$1/teacher-s$2 $COMMON)"; }
 probe() {   # probe.json gets one entry per checkpoint; skipped when last.pt is already in it
   echo "{ grep -qs '\"last.pt\"' $1/probe.json || $PY eval.py --probe ${*:2} $1/last.pt; }"
 }
@@ -44,16 +47,16 @@ distill() { # TASK CONFIG SEED [distillation flags]; snapshots and their probes 
     save="--save-steps $SNAPSHOTS"
     snaps=$(for s in ${SNAPSHOTS//,/ }; do printf '%s ' "$dir/distill/step$s.pt"; done)
   fi
-  echo "$PY train.py --stage distill --demo-task $1 --seed $3 --teacher $R/$1/teacher-s$3/teacher/last.pt $D_FLAGS" \
-       "$save --out $dir $COMMON ${*:4} && $(probe $dir/distill $snaps)"
+  echo "$(train $dir/distill --stage distill --demo-task $1 --seed $3 --teacher $R/$1/teacher-s$3/teacher/last.pt \
+          $D_FLAGS $save --out $dir $COMMON ${*:4}) && $(probe $dir/distill $snaps)"
 }
 finetune() { # TASK CONFIG SEED N: the distilled student of CONFIG fine-tuned on N labelled images
-  echo "$PY train.py --stage finetune --demo-task $1 --seed $3 --init $R/$1/$2-s$3/distill/last.pt --demo-train $4" \
-       "--epochs ${FT_EPOCHS[$4]} --lr $FT_LR --eval-every-steps 100 --out $R/$1/$2-s$3 --name n$4 $COMMON"
+  train $R/$1/$2-s$3/n$4 --stage finetune --demo-task $1 --seed $3 --init $R/$1/$2-s$3/distill/last.pt --demo-train $4 \
+        --epochs ${FT_EPOCHS[$4]} --lr $FT_LR --eval-every-steps 100 --out $R/$1/$2-s$3 --name n$4 $COMMON
 }
 labels_only() { # TASK NAME SEED N EPOCHS: the same student, labels only, on the same N images
-  echo "$PY train.py --stage finetune --demo-task $1 --seed $3 --demo-train $4 --epochs $5 --lr 4e-3 --eval-every-steps 250" \
-       "--out $R/$1/$2-s$3 --name n$4 $COMMON"
+  train $R/$1/$2-s$3/n$4 --stage finetune --demo-task $1 --seed $3 --demo-train $4 --epochs $5 --lr 4e-3 \
+        --eval-every-steps 250 --out $R/$1/$2-s$3 --name n$4 $COMMON
 }
 
 # 1. teachers: one per seed, so the seed spread includes the teacher's
@@ -94,10 +97,9 @@ if [[ " $TASKS " == *" pairs "* ]]; then
     job "$(labels_only pairs labels_2000 $s 100 ${LONG_EPOCHS[100]})"
     job "$(labels_only pairs labels_2000 $s 1200 ${LONG_EPOCHS[1200]})"
   done
-  for s in $SEEDS3; do                                                                         # (c) our sweeps
-    ablation mask0.5 $s --mask-ratio 0.5; ablation mask0.9 $s --mask-ratio 0.9
-    ablation lam0.5 $s --lam 0.5; ablation lam2 $s --lam 2; ablation am_only_nomask $s --lam 0 --mask-ratio 0
-  done
+  for s in $SEEDS3; do ablation am_only_nomask $s --lam 0 --mask-ratio 0; done                 # (c) our sweeps
+  for s in $SEEDS3; do ablation mask0.9 $s --mask-ratio 0.9; ablation mask0.5 $s --mask-ratio 0.5; done
+  for s in $SEEDS3; do ablation lam0.5 $s --lam 0.5; ablation lam2 $s --lam 2; done
 fi
 if [[ " $TASKS " == *" relations "* ]]; then  # the harder task: the label survives 75 % masking in 62 % of the images
   for s in $SEEDS3; do
