@@ -85,7 +85,7 @@ if [[ " $TASKS " == *" pairs "* ]]; then
   for s in $SEEDS5; do           # (a) the probe curve, (b) label efficiency at 300 labels, equal updates
     if [ "$s" -lt 3 ]; then main_chain pairs $s 100 300 1200; else main_chain pairs $s 300; fi
     labels_pair pairs $s 300
-    if [ "$s" -lt 3 ]; then job "$(labels_only pairs labels_1300 $s 300 $EQ_EPOCHS_300)"; fi
+    job "$(labels_only pairs labels_1300 $s 300 $EQ_EPOCHS_300)"                              # equal updates
   done
   for s in $SEEDS5; do ablation mp_only $s --am-weight 0; ablation am_only $s --lam 0; done    # (c) the paper's rows
   for s in $SEEDS3; do                                                                         # (b) at 100 and 1,200
