@@ -725,30 +725,27 @@ def gpu_report(args):
 
 # ----------------------------------------------------------------------------------------------- ablation table
 
-def read_log(run_dir):
-    """the records of RUN_DIR/log.jsonl, [] when there is none"""
+def run_log(run_dir):
+    """RUN_DIR/log.jsonl, read once: its validations [(step, top-1)] (the last one is the run's result), whether the
+    run has saved its finished checkpoint (the last record says so) and the step of its last record (None: no log)"""
     path = os.path.join(run_dir, "log.jsonl")
     if not os.path.exists(path):
-        return []
+        return [], False, None
     with open(path) as f:
-        return [json.loads(line) for line in f]
+        records = [json.loads(line) for line in f]
+    curve = [(rec["step"], rec["val_top1"]) for rec in records if "val_top1" in rec]
+    return curve, bool(records) and records[-1].get("finished", False), records[-1]["step"] if records else None
 
 
 def val_curve(run_dir):
-    """[(step, top-1)] of the validations in RUN_DIR/log.jsonl (the last one is the run's result)"""
-    return [(rec["step"], rec["val_top1"]) for rec in read_log(run_dir) if "val_top1" in rec]
-
-
-def is_finished(run_dir):
-    """True once the run has saved its finished checkpoint (its log's last record says so)"""
-    records = read_log(run_dir)
-    return bool(records) and records[-1].get("finished", False)
+    """[(step, top-1)] of the validations in RUN_DIR/log.jsonl"""
+    return run_log(run_dir)[0]
 
 
 def final_top1(run_dir):
     """top-1 of the last validation in RUN_DIR/log.jsonl, None until the run has finished"""
-    curve = val_curve(run_dir)
-    return curve[-1][1] if curve and is_finished(run_dir) else None
+    curve, finished, _ = run_log(run_dir)
+    return curve[-1][1] if curve and finished else None
 
 
 def seed_stats(res):
@@ -781,9 +778,9 @@ def summarize_runs(root):
             continue
         for run in sorted(os.listdir(os.path.join(root, name))):
             run_dir = os.path.join(root, name, run)
-            curve = val_curve(run_dir)
-            if curve and not is_finished(run_dir):                           # stopped or still running: not counted
-                unfinished.append(f"{name}/{run} (step {read_log(run_dir)[-1]['step']})")
+            curve, finished, last_step = run_log(run_dir)
+            if curve and not finished:                                       # stopped or still running: not counted
+                unfinished.append(f"{name}/{run} (step {last_step})")
             elif curve:
                 top1.setdefault(run, {}).setdefault(config, []).append((int(seed), curve[-1][1]))
                 curves.setdefault((config, run), []).append(dict(curve))

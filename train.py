@@ -2113,7 +2113,7 @@ def run_all(args, data, ctx):
             return
     val = make_loader(data.val, args, ctx, train=False)
 
-    def load(path):                      # a checkpoint of this run, or --teacher as given (any format load_teacher reads)
+    def load(path):                         # a checkpoint of this run, or --teacher as given (any format it reads)
         if path == args.teacher:
             return {}, load_teacher(path, args.img_size)
         ck = load_checkpoint(path)
@@ -2138,9 +2138,9 @@ def run_all(args, data, ctx):
     def steps(ds, epochs):                                                  # optimizer steps of `epochs` epochs on ds
         return f"{epochs * (len(ds) // (args.batch_size * ctx.world)):,}"
     n, n_t, n_d = f"{len(data.train):,}", f"{len(data.teacher_train):,}", f"{len(data.distill):,}"
-    rows = [("teacher: ViT, labels", n_t, steps(data.teacher_train, args.teacher_epochs)) if args.teacher is None
-            else (f"teacher: {args.teacher}", "-", "-")]
-    rows = [(*rows[0], accuracy(teacher), probes["teacher"]),
+    teacher_row = (("teacher: ViT, labels", n_t, steps(data.teacher_train, args.teacher_epochs)) if args.teacher is None
+                   else (f"teacher: {args.teacher}", "-", "-"))                # trained here, or given as --teacher
+    rows = [(*teacher_row, accuracy(teacher), probes["teacher"]),
             (f"student: distilled ({steps(data.distill, args.distill_epochs)} steps on {n_d} unlabelled images) "
              "+ fine-tuned", n, steps(data.train, args.finetune_epochs), accuracy(tuned), probes["distilled"])]
     if not args.no_baseline:
