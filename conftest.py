@@ -24,6 +24,10 @@ TINY_STUDENT = vl.MambaConfig(img_size=16, patch_size=4, dim=16, depth=4, d_stat
                               scan_backend="reference")
 
 
+TINY_ADVENTURER = vl.AdventurerConfig(img_size=16, patch_size=4, dim=16, depth=4, d_state=4, headdim=8, num_classes=5,
+                                      chunk_size=5, scan_backend="chunked")
+
+
 TINY_TEACHER = vl.ViTConfig(img_size=16, patch_size=4, dim=32, depth=4, heads=2, num_classes=5)
 
 

@@ -1,11 +1,12 @@
 """Tests of vitlinearizer.py: teachers loaded from files the real libraries wrote and against independent models, the
 student, the masks and the losses against the paper's formulas written out with loops."""
+import argparse
 import json
 import math
 import os
 import shutil
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 import vitlinearizer as vl
 from scan_kernel import selective_scan_ref
-from conftest import TINY_STUDENT, TINY_TEACHER, random_vit_state_dict, ZOO, TINY, run_train
+from conftest import TINY_ADVENTURER, TINY_STUDENT, TINY_TEACHER, random_vit_state_dict, ZOO, TINY, run_train
 
 
 def timm_reference_forward(sd, images, heads, eps=1e-6, act=F.gelu):
@@ -494,6 +495,209 @@ def test_student_under_bf16_autocast_keeps_fp32_residual():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = student(torch.randn(2, 3, 16, 16))
     assert all(h.dtype == torch.float32 for h in out.hidden) and torch.isfinite(out.logits.float()).all()
+
+
+# ---------------------------------------------------------------------------------------------- Adventurer student
+
+def public_adventurer_shapes(dim, depth, patch, img, classes, d_state=64, expand=2, headdim=64, ngroups=1, d_conv=4):
+    """The state dict names and shapes of the public Adventurer (models_mamba.py: PatchEmbed.proj, cls_token, pos_embed
+    of N+1, layers.i.{mixer, norm, mlp.w1/w2/w3, norm_mlp}, norm_f, head; mamba_custom.py's mixer: in_proj without
+    bias, conv1d over x, B, C with bias, dt_bias, A_log, D per head, a gated RMSNorm weight, out_proj without bias)."""
+    E, hidden = expand * dim, int(dim * 2.5)
+    H, conv = E // headdim, E + 2 * ngroups * d_state
+    shapes = {"patch_embed.proj.weight": (dim, 3, patch, patch), "patch_embed.proj.bias": (dim,),
+              "cls_token": (1, 1, dim), "pos_embed": (1, (img // patch) ** 2 + 1, dim), "norm_f.weight": (dim,),
+              "head.weight": (classes, dim), "head.bias": (classes,)}
+    for i in range(depth):
+        shapes.update({f"layers.{i}.{k}": v for k, v in {
+            "mixer.in_proj.weight": (2 * E + 2 * ngroups * d_state + H, dim), "mixer.conv1d.weight": (conv, 1, d_conv),
+            "mixer.conv1d.bias": (conv,), "mixer.dt_bias": (H,), "mixer.A_log": (H,), "mixer.D": (H,),
+            "mixer.norm.weight": (E,), "mixer.out_proj.weight": (dim, E), "norm.weight": (dim,),
+            "mlp.w1.weight": (hidden, dim), "mlp.w1.bias": (hidden,), "mlp.w2.weight": (hidden, dim),
+            "mlp.w2.bias": (hidden,), "mlp.w3.weight": (dim, hidden), "mlp.w3.bias": (dim,),
+            "norm_mlp.weight": (dim,)}.items()})
+    return shapes
+
+
+def rms(x, w, eps=1e-5):
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * w
+
+
+def public_adventurer_forward(sd, images, cfg, flips):
+    """The public Adventurer forward restated from its code with plain tensors (no module of ours), the Mamba-2 mixer
+    with mamba_ssm's semantics and a step-by-step SSD loop over every head. -> (logits, [class-first hidden states])"""
+    P, N, G = cfg.headdim, cfg.d_state, cfg.ngroups
+    x = F.conv2d(images, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=cfg.patch_size)
+    x = torch.cat([x.flatten(2).transpose(1, 2), sd["cls_token"].expand(len(x), -1, -1)], 1) + sd["pos_embed"]
+    hidden = []
+    for i, flip in enumerate(flips):
+        p = {k[len(f"layers.{i}."):]: v for k, v in sd.items() if k.startswith(f"layers.{i}.")}
+        u = rms(x, p["norm.weight"])
+        if flip:
+            u = torch.cat([u[:, :-1].flip(1), u[:, -1:]], 1)
+        u = torch.cat([u.mean(1, keepdim=True), u], 1)                                 # heading average
+        L, E = u.shape[1], p["mixer.norm.weight"].shape[0]
+        H = E // P
+        z, xBC, dt = (u @ p["mixer.in_proj.weight"].T).split([E, E + 2 * G * N, H], -1)
+        xBC = F.conv1d(xBC.transpose(1, 2), p["mixer.conv1d.weight"], p["mixer.conv1d.bias"], padding=3,
+                       groups=xBC.shape[-1])[..., :L].transpose(1, 2)                  # causal: first L outputs
+        xs, Bs, Cs = F.silu(xBC).split([E, G * N, G * N], -1)
+        dt = F.softplus(dt + p["mixer.dt_bias"])
+        A = -torch.exp(p["mixer.A_log"])
+        y = torch.zeros(len(x), L, E, dtype=x.dtype)
+        for h in range(H):                                                             # each head, each step
+            g = h // (H // G)
+            state = torch.zeros(len(x), P, N, dtype=x.dtype)
+            for t in range(L):
+                xt = xs[:, t, h * P:(h + 1) * P]
+                state = torch.exp(dt[:, t, h] * A[h])[:, None, None] * state + \
+                    dt[:, t, h, None, None] * xt[:, :, None] * Bs[:, t, None, g * N:(g + 1) * N]
+                y[:, t, h * P:(h + 1) * P] = (state @ Cs[:, t, g * N:(g + 1) * N, None])[..., 0] + p["mixer.D"][h] * xt
+        gated = (y * F.silu(z)).unflatten(-1, (G, -1))
+        out = rms(gated, 1).flatten(-2) * p["mixer.norm.weight"] @ p["mixer.out_proj.weight"].T
+        out = out[:, 1:]
+        if flip:
+            out = torch.cat([out[:, :-1].flip(1), out[:, -1:]], 1)
+        x = x + out
+        m = rms(x, p["norm_mlp.weight"])
+        w1, w2 = (m @ p[f"mlp.{w}.weight"].T + p[f"mlp.{w}.bias"] for w in ("w1", "w2"))
+        x = x + (F.silu(w1) * w2) @ p["mlp.w3.weight"].T + p["mlp.w3.bias"]
+        hidden.append(torch.cat([x[:, -1:], x[:, :-1]], 1))
+    x = rms(x, sd["norm_f.weight"])
+    return x[:, -1] @ sd["head.weight"].T + sd["head.bias"], hidden
+
+
+def randomised(model, seed=0):
+    """every parameter moved off its initial value (norm weights away from 1, biases from 0, D from 1, ...)"""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype) * (p.std() if p.numel() > 1 else 1.0)
+                   + 0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+@pytest.mark.parametrize("flip, ngroups", [("public", 1), ("alternate", 2)])
+def test_adventurer_equals_the_public_forward_restated(flip, ngroups):
+    cfg = replace(TINY_ADVENTURER, flip=flip, ngroups=ngroups)
+    flips = [i // 2 == 1 for i in range(4)] if flip == "public" else [i % 2 == 1 for i in range(4)]
+    torch.manual_seed(0)
+    model = randomised(vl.Adventurer(cfg).double()).eval()
+    images = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    logits, hidden = public_adventurer_forward(model.state_dict(), images, cfg, flips)
+    out = model(images)
+    torch.testing.assert_close(out.logits, logits, rtol=1e-9, atol=1e-9)
+    for got, want in zip(out.hidden, hidden):                                          # class first, every block
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert [layer.flip for layer in model.layers] == flips
+
+
+def test_adventurer_state_dict_has_the_public_names_and_sizes(tmp_path):
+    for name, (dim, depth, patch) in {"adventurer_tiny": (256, 12, 16), "adventurer_base": (768, 12, 16),
+                                      "adventurer_large": (1024, 24, 16), "adventurer_base_p8": (768, 12, 8)}.items():
+        with torch.device("meta"):
+            model = vl.Adventurer(vl.STUDENT_PRESETS[name])
+        want = public_adventurer_shapes(dim, depth, patch, 224, 1000)
+        got = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "mask_token"}
+        assert got == want, name
+        if name == "adventurer_base":                                                  # ~99 M, as published
+            assert sum(math.prod(s) for s in want.values()) == 98_657_608
+    # a released-style file ({"model", "args", ...}) with random weights loads exactly, the mask token added
+    cfg = TINY_ADVENTURER
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(s, generator=g) for k, s in public_adventurer_shapes(16, 4, 4, 16, 5, 4, 2, 8).items()}
+    torch.save({"model": sd, "args": argparse.Namespace(model="adventurer_tiny_patch16", lr=5e-4), "epoch": 3},
+               tmp_path / "released.pth")
+    model = vl.load_adventurer(str(tmp_path / "released.pth"), scan_backend="chunked", chunk_size=5)
+    assert model.cfg == replace(cfg, chunk_size=5), model.cfg
+    for k, v in sd.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    images = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    want = public_adventurer_forward({k: v.double() for k, v in sd.items()}, images, cfg, [False, False, True, True])
+    torch.testing.assert_close(model.double()(images).logits, want[0], rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="mis-shaped: layers.0.mixer.D"):              # load_exact names the key
+        torch.save({**sd, "layers.0.mixer.D": torch.ones(3)}, tmp_path / "bad.pth")
+        vl.load_adventurer(str(tmp_path / "bad.pth"))
+
+
+def test_adventurer_token_order_class_first_and_class_slot_last_at_any_resolution(tmp_path):
+    """With no blocks the output is norm_f(embedding): the class token (its position: the table's LAST slot) comes out
+    first, then the patches in row-major order; at another resolution only the patch grid is resampled."""
+    torch.manual_seed(0)
+    model = randomised(vl.Adventurer(replace(TINY_ADVENTURER, depth=0)))
+    for size in (16, 24):
+        images = torch.randn(2, 3, size, size)
+        grid = size // 4
+        patches = F.conv2d(images, model.patch_embed.proj.weight, model.patch_embed.proj.bias, stride=4)
+        patches = patches.flatten(2).transpose(1, 2) + vl.resize_pos_embed(model.pos_embed[:, :16], (grid, grid))
+        want = torch.cat([(model.cls_token + model.pos_embed[:, 16:]).expand(2, -1, -1), patches], 1)
+        torch.testing.assert_close(model(images).tokens, model.norm_f(want))
+    ck = dict(kind="adventurer", config=asdict(model.cfg), model=model.state_dict())
+    big = vl.model_from_checkpoint(ck, img_size=32)                                    # resampled once, class kept
+    assert big.pos_embed.shape == (1, 65, 16) and torch.equal(big.pos_embed[:, -1], model.pos_embed[:, -1])
+    torch.testing.assert_close(big.pos_embed[:, :64], vl.resize_pos_embed(model.pos_embed[:, :16], (8, 8)))
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(big(x).tokens, model(x).tokens)
+
+
+def test_adventurer_mask_tokens_replace_masked_patches_only():
+    torch.manual_seed(0)
+    model = vl.Adventurer(TINY_ADVENTURER).eval()
+    images = torch.randn(2, 3, 16, 16)
+    mask = vl.sample_mask(2, (4, 4), 0.5, generator=torch.Generator().manual_seed(0))
+    pixels = mask.view(2, 1, 4, 4).repeat_interleave(4, 2).repeat_interleave(4, 3)       # (2, 1, 16, 16)
+    a = model(images, mask)
+    torch.testing.assert_close(a.tokens, model(images + 5 * torch.randn_like(images) * pixels, mask).tokens)
+    flat = vl.Adventurer(replace(TINY_ADVENTURER, depth=0))
+    flat.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("layers.")})
+    a, b = flat(images, mask).tokens[:, 1:], flat(images).tokens[:, 1:]
+    torch.testing.assert_close(a[~mask], b[~mask])                                     # visible ones untouched
+    torch.testing.assert_close(a[mask], flat.norm_f(flat.mask_token + flat.pos_embed[:, :16].expand(2, -1, -1))[mask])
+    with pytest.raises(ValueError, match="mask must be"):
+        model(images, mask[:, :5])
+
+
+def test_adventurer_presets_flip_rules_weight_decay_and_errors():
+    presets = [vl.STUDENT_PRESETS[f"adventurer_{n}"] for n in ("tiny", "small", "base", "large", "base_p8")]
+    assert [(c.dim, c.depth, c.patch_size) for c in presets] == [(256, 12, 16), (512, 12, 16), (768, 12, 16),
+                                                                 (1024, 24, 16), (768, 12, 8)]
+    demo = vl.Adventurer(vl.STUDENT_PRESETS["adventurer_demo"])
+    assert 1e5 < sum(p.numel() for p in demo.parameters()) < 2.5e5
+    assert [b.flip for b in demo.layers] == [False, False, True, True, False, False]   # the public rule: n // 2 == 1
+    alt = vl.Adventurer(replace(TINY_ADVENTURER, flip="alternate"))
+    assert [b.flip for b in alt.layers] == [False, True, False, True]
+    assert [b.drop_path for b in vl.Adventurer(replace(TINY_ADVENTURER, drop_path=0.3)).layers] == \
+        pytest.approx([0, 0.1, 0.2, 0.3])                                             # linear, not shifted
+    skip = alt.no_weight_decay()
+    assert {"layers.0.mixer.A_log", "layers.0.mixer.D", "layers.0.mixer.dt_bias", "layers.0.mixer.conv1d.bias",
+            "layers.0.mixer.norm.weight", "layers.0.norm.weight", "layers.0.mlp.w1.bias", "norm_f.weight", "pos_embed",
+            "cls_token", "mask_token", "head.bias"} <= skip
+    assert not {"layers.0.mixer.in_proj.weight", "layers.0.mixer.conv1d.weight", "layers.0.mlp.w1.weight"} & skip
+    for bad, words in ((dict(flip="sideways"), "flip"), (dict(scan_backend="triton"), "scan_backend"),
+                       (dict(headdim=5), "headdim"), (dict(ngroups=3), "ngroups")):
+        with pytest.raises(ValueError, match=words):
+            vl.Adventurer(replace(TINY_ADVENTURER, **bad))
+    with pytest.raises(ValueError, match="multiples of the patch size"):
+        alt(torch.randn(1, 3, 18, 18))
+
+
+def test_adventurer_under_bf16_autocast_keeps_fp32_residual_and_backends_agree():
+    torch.manual_seed(0)
+    model = vl.Adventurer(TINY_ADVENTURER)
+    images = torch.randn(2, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images)
+    assert all(h.dtype == torch.float32 for h in out.hidden) and torch.isfinite(out.logits.float()).all()
+    ref = vl.Adventurer(replace(TINY_ADVENTURER, scan_backend="reference"))
+    ref.load_state_dict(model.state_dict())
+    grads = []
+    for m in (model, ref):
+        m.zero_grad()
+        m(images).logits.square().sum().backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and "layers.0.mixer.A_log" in grads[0]
+    for n, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][n], atol=1e-5, rtol=1e-4, msg=n)
 
 
 @pytest.mark.parametrize("kind", ["random", "block"])

@@ -7,7 +7,8 @@ ViT-Linearizer in one file: distil a frozen ViT teacher into a linear-time bidir
 The file reads like the paper, top to bottom:
 
 1. Teacher   `ViT`                     a pre-norm ViT in the variants of CLIP, DeiT-III, DINOv2, SigLIP, MAE, ...
-2. Student   `VisionMamba`             a Vim-style bidirectional Mamba (selective scan in scan_kernel.py).
+2. Student   `VisionMamba`             a Vim-style bidirectional Mamba (selective scan in scan_kernel.py);
+   2b.       `Adventurer`              the paper's own student: Mamba-2 (SSD scan in scan_kernel.py), class token last.
 3. Masks     `sample_mask`             which patch tokens the student does not see (ratio a = 0.75).
 4. Losses    `activation_matching_loss`, `masked_prediction_loss`, `Distiller`   L = L_act + lambda * L_mask.
 5. Checkpoints `load_teacher`, `read_checkpoint`, ...   timm, OpenAI / open_clip CLIP, Hugging Face, DINOv2 torch-hub
@@ -32,12 +33,17 @@ The student's selective scan (Mamba-1, S6), per channel d and state n, with toke
     h_t  = exp(dt_t A) h_{t-1} + dt_t B_t u_t             A = -exp(A_log), A, B, C, D as in mamba-ssm
     y_t  = <C_t, h_t> + D u_t,   out = y * silu(z)        `scan_kernel.selective_scan`
 
+Adventurer's SSD (Mamba-2) scan is the same recurrence with one scalar decay per head h and a state per head
+(headdim P x state N):   h_t = exp(dt_t A_h) h_{t-1} + dt_t x_t B_t^T,  y_t = h_t C_t + D_h x_t     `Mamba2.forward`,
+`scan_kernel.ssd_scan`; gated output norm(y * silu(z)) (`GatedRMSNorm`).
+
 Token order: every model returns its tokens as [class, patch_0 .. patch_{N-1}] (row-major patch grid), the teacher's
-order, so the losses compare position by position. The student keeps its class token in the middle of the sequence
-(Vim) internally and reorders on the way out. A teacher with register tokens (DINOv2 reg4) keeps them in its forward
-and leaves them out of its outputs; a teacher without a class token (SigLIP) puts the mean of its patch tokens in the
-class slot, in every returned layer.
+order, so the losses compare position by position. The students keep their class token in the middle of the sequence
+(Vim) or last (Adventurer) internally and reorder on the way out. A teacher with register tokens (DINOv2 reg4) keeps
+them in its forward and leaves them out of its outputs; a teacher without a class token (SigLIP) puts the mean of its
+patch tokens in the class slot, in every returned layer.
 """
+import argparse
 import json
 import math
 import os
@@ -49,7 +55,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scan_kernel import bidirectional_selective_scan, selective_scan
+from scan_kernel import SSD_CHUNK, bidirectional_selective_scan, selective_scan, ssd_scan
 
 
 class Output(NamedTuple):
@@ -412,6 +418,203 @@ class VisionMamba(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# 2b. Student: Adventurer, the paper's own (Mamba-2 / SSD mixer, one scan direction per block, class token last).
+# The layout and parameter names are those of the public code (github wangf3014/Adventurer, models_mamba.py and
+# mamba_custom.py, on mamba_ssm's Mamba2 mixer), so its released ImageNet checkpoints load exactly (load_adventurer).
+
+@dataclass
+class AdventurerConfig:
+    img_size: int = 224
+    patch_size: int = 16
+    dim: int = 768
+    depth: int = 12
+    d_state: int = 64          # N
+    d_conv: int = 4
+    expand: int = 2            # inner width E = expand * dim
+    headdim: int = 64          # P: E / P heads, one decay A per head
+    ngroups: int = 1           # G: heads share B and C in G groups
+    mlp_ratio: float = 2.5     # SwiGLU hidden width int(mlp_ratio * dim)
+    num_classes: int = 1000
+    flip: str = "public"       # which blocks scan the patches in reverse (FLIP_RULES)
+    drop_path: float = 0.0
+    chunk_size: int = SSD_CHUNK     # SSD chunk Q: any value computes the same (the public code uses 256)
+    scan_backend: str = "auto"      # "auto" | "chunked" | "reference", see scan_kernel.ssd_scan
+    eps: float = 1e-5
+
+
+# Block i flips its patch tokens (the class token stays last) before the mixer and back after it. "public": the
+# public code's `n // 2 == 1`, i.e. blocks 2 and 3 only, the rule its released checkpoints were trained with; the
+# paper (and the public code's own comment) flips every other block, so the scan direction alternates: "alternate".
+FLIP_RULES = {"public": lambda i: i // 2 == 1, "alternate": lambda i: i % 2 == 1}
+
+# demo: the CPU demo's size (32 px, patch 4: 64 patches), ~0.2 M params like a small Vim demo. dim 48 with headdim 16
+# keeps 6 heads; d_state 16 (not 64) as the state is per head x headdim and 65 tokens need little memory; depth 6
+# leaves blocks for the 4 distillation stages; chunk 32 cuts the 66-token sequence in 3 chunks, not one padded 64.
+STUDENT_PRESETS.update({
+    "adventurer_demo": AdventurerConfig(img_size=32, patch_size=4, dim=48, depth=6, d_state=16, headdim=16,
+                                        num_classes=10, chunk_size=32),
+    "adventurer_tiny": AdventurerConfig(dim=256),
+    "adventurer_small": AdventurerConfig(dim=512),
+    "adventurer_base": AdventurerConfig(dim=768),
+    "adventurer_large": AdventurerConfig(dim=1024, depth=24),
+    "adventurer_base_p8": AdventurerConfig(dim=768, patch_size=8),
+})
+
+
+class GatedRMSNorm(nn.Module):
+    """mamba_ssm's gated RMSNorm with norm_before_gate=False: RMSNorm(y * silu(z)) * weight, normalised over groups
+    of E / G channels, in fp32 (fp64 for fp64 inputs)."""
+
+    def __init__(self, dim, groups, eps):
+        super().__init__()
+        self.groups, self.eps = groups, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, y, z):                                                           # (B, L, E) each
+        f = torch.promote_types(y.dtype, torch.float32)
+        g = (y.to(f) * F.silu(z.to(f))).unflatten(-1, (self.groups, -1))             # (B, L, G, E/G)
+        return (F.rms_norm(g, g.shape[-1:], eps=self.eps).flatten(-2) * self.weight.to(f)).to(y.dtype)
+
+
+class Mamba2(nn.Module):
+    """mamba_ssm's Mamba2 mixer (rmsnorm=True, norm_before_gate=False, D per head, no dt limit), its names:
+    in_proj -> [z (E), xBC (E + 2 G N), dt (H)]; causal depthwise conv1d over xBC, SiLU; split x, B, C;
+    y = SSD(x, dt, A, B, C) + D x with dt = softplus(dt + dt_bias), A = -exp(A_log); out_proj(norm(y * silu(z)))."""
+
+    def __init__(self, cfg: AdventurerConfig):
+        super().__init__()
+        E, N, G = cfg.expand * cfg.dim, cfg.d_state, cfg.ngroups
+        H = E // cfg.headdim
+        self.cfg, self.sizes = cfg, (E, N, G, H)
+        self.in_proj = nn.Linear(cfg.dim, 2 * E + 2 * G * N + H, bias=False)
+        self.conv1d = nn.Conv1d(E + 2 * G * N, E + 2 * G * N, cfg.d_conv, groups=E + 2 * G * N,
+                                padding=cfg.d_conv - 1)
+        dt = torch.exp(torch.rand(H) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))                # inverse softplus of dt
+        self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
+        self.D = nn.Parameter(torch.ones(H))
+        self.norm = GatedRMSNorm(E, G, eps=1e-5)
+        self.out_proj = nn.Linear(E, cfg.dim, bias=False)
+
+    @torch.profiler.record_function("depthwise conv")                                 # a label for profilers
+    def conv(self, xBC):                                                               # (B, L, C), causal
+        return F.silu(self.conv1d(xBC.transpose(1, 2))[..., :xBC.shape[1]].transpose(1, 2))
+
+    def forward(self, u):                                                              # (B, L, D)
+        (E, N, G, H), (b, L) = self.sizes, u.shape[:2]
+        z, xBC, dt = self.in_proj(u).split([E, E + 2 * G * N, H], dim=-1)
+        x, B, C = self.conv(xBC).split([E, G * N, G * N], dim=-1)
+        y = ssd_scan(x.unflatten(-1, (H, -1)), dt, -torch.exp(self.A_log), B.unflatten(-1, (G, N)),
+                     C.unflatten(-1, (G, N)), self.cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
+                     backend=self.cfg.scan_backend)                                    # (B, L, H, P), fp32 math
+        return self.out_proj(self.norm(y.flatten(-2), z))                              # (B, L, D)
+
+
+class SwiGLUMLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w1, self.w2, self.w3 = nn.Linear(dim, hidden), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
+def flip_patches(x):                                                                   # (B, N+1, D), class last
+    return torch.cat([x[:, :-1].flip(1), x[:, -1:]], dim=1)
+
+
+class AdventurerBlock(nn.Module):
+    """norm -> [flip] -> prepend the mean token ("heading average") -> Mamba2 -> drop it -> [un-flip] -> residual;
+    then a SwiGLU MLP with its own norm. The residual stream stays fp32 (as MambaBlock)."""
+
+    def __init__(self, cfg, flip, drop_path):
+        super().__init__()
+        self.mixer = Mamba2(cfg)
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.eps)
+        self.mlp = SwiGLUMLP(cfg.dim, int(cfg.dim * cfg.mlp_ratio))
+        self.norm_mlp = nn.RMSNorm(cfg.dim, eps=cfg.eps)
+        self.flip, self.drop_path = flip, drop_path
+
+    def forward(self, h):                                                              # (B, N+1, D) fp32
+        x = flip_patches(self.norm(h)) if self.flip else self.norm(h)
+        x = self.mixer(torch.cat([x.mean(1, keepdim=True), x], dim=1))[:, 1:]         # (B, N+1, D)
+        x = flip_patches(x) if self.flip else x
+        h = h + drop_path(x, self.drop_path, self.training).to(h.dtype)
+        return h + drop_path(self.mlp(self.norm_mlp(h)), self.drop_path, self.training).to(h.dtype)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, dim, patch_size):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch_size, patch_size)
+
+    def forward(self, images):                                                         # (B, 3, H, W) -> (B, N, D)
+        return self.proj(images).flatten(2).transpose(1, 2)
+
+
+class Adventurer(nn.Module):
+    """The paper's student: patch embedding, [mask] tokens, patch tokens then the class token LAST with a learned
+    position embedding of N+1 slots (the class slot last), Adventurer blocks, final RMSNorm, head on the class token.
+    Returns the project's Output, class token first (reordered on the way out)."""
+
+    def __init__(self, cfg: AdventurerConfig):
+        super().__init__()
+        E = cfg.expand * cfg.dim
+        if cfg.flip not in FLIP_RULES or cfg.scan_backend not in ("auto", "chunked", "reference"):
+            raise ValueError(f"AdventurerConfig: flip must be one of {sorted(FLIP_RULES)} and scan_backend auto / "
+                             f"chunked / reference, got {cfg.flip!r}, {cfg.scan_backend!r}")
+        if cfg.img_size % cfg.patch_size or E % cfg.headdim or (E // cfg.headdim) % cfg.ngroups:
+            raise ValueError(f"AdventurerConfig: img_size {cfg.img_size} must be a multiple of patch_size "
+                             f"{cfg.patch_size}, expand * dim {E} of headdim {cfg.headdim}, and the heads "
+                             f"{E // cfg.headdim} of ngroups {cfg.ngroups}")
+        self.cfg = cfg
+        grid = cfg.img_size // cfg.patch_size
+        self.patch_embed = PatchEmbed(cfg.dim, cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, cfg.dim))       # patches, then the class slot
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.layers = nn.ModuleList(AdventurerBlock(cfg, FLIP_RULES[cfg.flip](i), r) for i, r in enumerate(rates))
+        self.norm_f = nn.RMSNorm(cfg.dim, eps=cfg.eps)
+        self.head = nn.Linear(cfg.dim, cfg.num_classes) if cfg.num_classes else None
+        # the public initialisation: PyTorch's defaults for in_proj, conv1d and the MLP (biases zero), out_proj's
+        # default scaled by 1 / sqrt(depth), LeCun normal for the patch embedding, truncated normal (0.02) elsewhere
+        w = self.patch_embed.proj.weight
+        nn.init.trunc_normal_(w, std=(1 / w[0].numel()) ** 0.5 / 0.87962566103423978, a=-2, b=2)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        for t in (self.cls_token, self.mask_token, self.pos_embed) + ((self.head.weight,) if self.head else ()):
+            nn.init.trunc_normal_(t, std=0.02)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+            if name.endswith("out_proj"):
+                m.weight.data /= math.sqrt(cfg.depth)
+
+    def forward(self, images, mask=None):                                             # (B, 3, H, W), (B, N) bool
+        grid_hw = check_resolution(images, self.cfg.patch_size)
+        x = self.patch_embed(images)                                                   # (B, N, D)
+        if mask is not None:
+            if mask.shape != x.shape[:2]:
+                raise ValueError(f"mask must be (batch, patches) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+            x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        x = x + resize_pos_embed(self.pos_embed[:, :-1], grid_hw)
+        cls = (self.cls_token + self.pos_embed[:, -1:]).expand(len(x), -1, -1)
+        x = torch.cat([x, cls], dim=1)                                                 # (B, N+1, D), class last
+        x = x.to(torch.promote_types(x.dtype, torch.float32))                          # fp32 residual (fp64 stays)
+        hidden = []
+        for layer in self.layers:
+            x = layer(x)
+            hidden.append(x.roll(1, dims=1))                                           # class first
+        tokens = self.norm_f(x).roll(1, dims=1)
+        logits = self.head(tokens[:, 0]) if self.head is not None else None
+        return Output(logits, tokens, hidden)
+
+    def no_weight_decay(self):
+        skip = ("cls_token", "mask_token", "pos_embed", "A_log", "D", "dt_bias")
+        return {n for n, p in self.named_parameters() if p.ndim < 2 or n.split(".")[-1] in skip}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # 3. Masks: which patches the student does not see
 
 def sample_mask(batch_size, grid_hw, ratio=0.75, kind="random", generator=None, device=None):
@@ -591,7 +794,8 @@ def read_state_dict(path):
     if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
         return torch.jit.load(path, map_location="cpu").state_dict()
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):                  # the public Adventurer files'
+            return torch.load(path, map_location="cpu", weights_only=True)              # training arguments
     except Exception as e:
         raise ValueError(f"cannot read checkpoint {path!r} as tensors (weights_only=True): {str(e).splitlines()[0]}") \
             from None
@@ -801,7 +1005,13 @@ def load_exact(model, sd, source):
 
 
 # The models this project's checkpoints hold: their "kind" -> (model class, config class)
-MODEL_KINDS = {"vit": (ViT, ViTConfig), "vision_mamba": (VisionMamba, MambaConfig)}
+MODEL_KINDS = {"vit": (ViT, ViTConfig), "vision_mamba": (VisionMamba, MambaConfig),
+               "adventurer": (Adventurer, AdventurerConfig)}
+
+
+def build_model(cfg):
+    """a freshly initialised model of a config: ViT, VisionMamba or Adventurer (MODEL_KINDS)"""
+    return next(model_cls for model_cls, cfg_cls in MODEL_KINDS.values() if type(cfg) is cfg_cls)(cfg)
 
 
 def model_kind(model):
@@ -834,11 +1044,54 @@ def model_from_checkpoint(ckpt, source="checkpoint", img_size=None, num_classes=
     config, sd = {**ckpt["config"], **changes}, ckpt["model"]
     if img_size is not None and img_size != config["img_size"]:
         old, new = config["img_size"] // config["patch_size"], img_size // config["patch_size"]
-        pos = sd["pos_embed"]                                                          # ViT: class position first
-        n_cls = pos.shape[1] - old * old
-        sd = {**sd, "pos_embed": torch.cat([pos[:, :n_cls], resize_pos_embed(pos[:, n_cls:], (new, new))], 1)}
+        pos, n_grid = sd["pos_embed"], old * old
+        if model_cls is Adventurer:                                                    # class position last
+            pos = torch.cat([resize_pos_embed(pos[:, :n_grid], (new, new)), pos[:, n_grid:]], 1)
+        else:                                                                          # ViT: first (if any)
+            n_cls = pos.shape[1] - n_grid
+            pos = torch.cat([pos[:, :n_cls], resize_pos_embed(pos[:, n_cls:], (new, new))], 1)
+        sd = {**sd, "pos_embed": pos}
         config["img_size"] = img_size
     return load_model(model_cls, cfg_cls(**config), sd, source, num_classes)
+
+
+def adventurer_checkpoint(ck):
+    """A file the public Adventurer code wrote ({"model": state dict, ...} or the state dict itself, its key names) as
+    this project's checkpoint dict {"kind", "config", "model"}: the architecture read from the weights (width, depth,
+    patch, native grid, classes, d_state, d_conv, expand, headdim, MLP width; ngroups 1 as in every public model) and
+    a fresh [mask] token added (its code has none). None when ck is not such a file."""
+    sd = ck.get("model", ck) if isinstance(ck, dict) else None
+    if not isinstance(sd, dict) or "layers.0.mixer.in_proj.weight" not in sd or "kind" in ck:
+        return None
+    need = ["patch_embed.proj.weight", "pos_embed", "layers.0.mixer.norm.weight", "layers.0.mixer.dt_bias",
+            "layers.0.mixer.conv1d.weight", "layers.0.mlp.w1.weight"]
+    if any(k not in sd for k in need):
+        raise ValueError(f"not an Adventurer checkpoint this loader knows: missing "
+                         f"{', '.join(k for k in need if k not in sd)}")
+    dim, patch = sd["patch_embed.proj.weight"].shape[0], sd["patch_embed.proj.weight"].shape[-1]
+    E, H = sd["layers.0.mixer.norm.weight"].shape[0], sd["layers.0.mixer.dt_bias"].shape[0]
+    conv = sd["layers.0.mixer.conv1d.weight"]
+    cfg = AdventurerConfig(img_size=math.isqrt(sd["pos_embed"].shape[1] - 1) * patch, patch_size=patch, dim=dim,
+                           depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers.")),
+                           d_state=(conv.shape[0] - E) // 2, d_conv=conv.shape[-1], expand=E // dim, headdim=E // H,
+                           mlp_ratio=sd["layers.0.mlp.w1.weight"].shape[0] / dim,
+                           num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0)
+    mask_token = nn.init.trunc_normal_(torch.zeros(1, 1, dim), std=0.02)
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    return dict(kind="adventurer", config=asdict(cfg), model={"mask_token": mask_token, **sd})
+
+
+def load_adventurer(path, img_size=None, num_classes=None, **changes):
+    """An Adventurer from a checkpoint of the public code (its released ImageNet files, e.g.
+    adventurer_base_patch16_224.pth) or of this project. img_size: another resolution (the patch grid of the position
+    embedding resampled once, the class position, last, kept apart); num_classes: a new head when it differs;
+    changes: other AdventurerConfig fields (e.g. flip="alternate", drop_path=0.1, scan_backend="reference")."""
+    ck, _ = read_checkpoint(path)
+    ck = adventurer_checkpoint(ck) or ck
+    if not isinstance(ck, dict) or ck.get("kind") != "adventurer":
+        raise ValueError(f"{path}: not an Adventurer checkpoint (no layers.0.mixer.in_proj.weight, no kind "
+                         f"'adventurer')")
+    return model_from_checkpoint(ck, path, img_size=img_size, num_classes=num_classes, **changes)
 
 
 def timm_checkpoint(name):
