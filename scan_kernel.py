@@ -1,6 +1,11 @@
 """
-Selective scan (Mamba-1 "S6") for the ViT-Linearizer student: a readable PyTorch reference and
-a Triton kernel (forward and backward), single-direction and fused bidirectional (Vim "v2").
+The scans of the ViT-Linearizer students:
+- the selective scan (Mamba-1 "S6") of the Vim student: a readable PyTorch reference, a chunked CPU path and a Triton
+  kernel (forward and backward), single-direction and fused bidirectional (Vim "v2");
+- the SSD scan (Mamba-2) of the Adventurer student, `ssd_scan`: a step-by-step reference and the chunked form of
+  matrix products (its own section at the end of this file).
+
+The selective scan:
 
 Symbols (shapes as mamba-ssm's selective_scan_fn):
     u, delta, z : (batch, dim, L)   input, step size (pre-activation), gate
@@ -619,3 +624,145 @@ def bidirectional_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=N
                  None if delta_bias is None else delta_bias[k], delta_softplus, reverse=k == 1)
             for k in (0, 1))
     return _skip_and_gate(y, None, None, z).to(u.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# SSD: the Mamba-2 scan (the Adventurer student's mixer). Shapes as mamba-ssm's mamba_chunk_scan_combined:
+#     x, z  : (batch, L, heads, headdim)      input, gate
+#     dt    : (batch, L, heads)               step size (pre-activation if dt_softplus)
+#     A     : (heads,)                        one scalar decay per head (negative)
+#     B, C  : (batch, L, groups, N)           input / output projections, shared by heads / groups heads each
+#     D     : (heads,) or (heads, headdim);  dt_bias: (heads,)
+#
+#     dt_t = softplus(dt_t + dt_bias)                        (softplus only if dt_softplus)
+#     h_t  = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T            h: (headdim, N) per head, h_{-1} = 0
+#     y_t  = h_t C_t + D x_t,     out = y * silu(z)          (z only if given)
+#
+# Unrolled, y_t = sum_{s <= t} (C_t . B_s) exp(dA_{s+1} + .. + dA_t) dt_s x_s: a causal, decayed "attention" whose
+# L x L matrix is never built. The chunked form (Mamba-2 paper, section 6) cuts time into chunks of Q steps:
+#     (1) within a chunk, that matrix restricted to the chunk (Q x Q): Y_diag = (C B^T * exp(segsum(dA))) (dt x);
+#     (2) each chunk's own contribution to the state at its end: S_c = sum_s exp(dA_(s, end]) dt_s x_s B_s^T;
+#     (3) the state entering each chunk, passed from chunk to chunk: H_c = exp(sum dA of chunk c-1) H_{c-1} + S_{c-1};
+#     (4) what that entering state adds to each output of the chunk: Y_off = exp(dA_(start, t]) H_c C_t.
+# All four are matrix products (O(L Q) per head, linear in L), differentiated by autograd. segsum(dA)[i, j] is the
+# sum of dA over (j, i], taken as a cumulative sum of a masked Q x Q tile, so no long cumsum is ever subtracted from
+# another; the upper triangle is -inf before exp, so no inf * 0 arises. L is padded to a multiple of Q with dt = 0
+# (decay 1, input 0): padded steps change nothing before them and are cut off.
+
+SSD_CHUNK = 64  # the default chunk size Q (eval.py --bench-ssd measures others)
+
+
+def _check_ssd(fn, x, dt, A, B, C, chunk_size, D, z, dt_bias):
+    """One-line errors for wrong shapes, dtypes or devices of the SSD inputs."""
+    if x.dim() != 4:
+        raise ValueError(f"{fn}: x must be (batch, L, heads, headdim), got {tuple(x.shape)}")
+    if B.dim() != 4:
+        raise ValueError(f"{fn}: B must be (batch, L, groups, N), got {tuple(B.shape)}")
+    batch, L, heads, p = x.shape
+    groups, N = B.shape[2:]
+    want = {"dt": (batch, L, heads), "A": (heads,), "B": (batch, L, groups, N), "C": (batch, L, groups, N),
+            "z": (batch, L, heads, p), "dt_bias": (heads,)}
+    if D is not None and D.dim() == 2:
+        want["D"] = (heads, p)
+    else:
+        want["D"] = (heads,)
+    for name, t in dict(dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias).items():
+        if t is None:
+            continue
+        if tuple(t.shape) != want[name]:
+            raise ValueError(f"{fn}: {name} must have shape {want[name]} for x {tuple(x.shape)} and B "
+                             f"{tuple(B.shape)}, got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{fn}: {name} must be a floating point tensor, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but x is on {x.device}")
+    if not x.is_floating_point():
+        raise TypeError(f"{fn}: x must be a floating point tensor, got {x.dtype}")
+    if L < 1 or N < 1 or groups < 1 or heads % groups:
+        raise ValueError(f"{fn}: need L >= 1, N >= 1 and heads ({heads}) a multiple of groups ({groups})")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def _ssd_inputs(x, dt, A, B, C, dt_bias, dt_softplus):
+    """-> the math dtype f, x, dt (softplus applied), A, B, C in f"""
+    f = torch.promote_types(x.dtype, torch.float32)                # fp32 math (fp64 stays fp64 for the tests)
+    dt = dt.to(f) if dt_bias is None else dt.to(f) + dt_bias.to(f)
+    return f, x.to(f), F.softplus(dt) if dt_softplus else dt, A.to(f), B.to(f), C.to(f)
+
+
+def _ssd_out(y, x, D, z, dtype):
+    """(y + D x) * silu(z), each term only if given, in x's dtype"""
+    if D is not None:
+        y = y + (D.to(y.dtype)[:, None] if D.dim() == 1 else D.to(y.dtype)) * x
+    return (y * F.silu(z.to(y.dtype)) if z is not None else y).to(dtype)
+
+
+def ssd_scan_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """The SSD recurrence as written above, one step at a time (the tests' oracle): (batch, L, heads, headdim)."""
+    _check_ssd("ssd_scan_ref", x, dt, A, B, C, 1, D, z, dt_bias)
+    dtype, heads, groups = x.dtype, x.shape[2], B.shape[2]
+    f, x, dt, A, B, C = _ssd_inputs(x, dt, A, B, C, dt_bias, dt_softplus)
+    B, C = (t.repeat_interleave(heads // groups, dim=2) for t in (B, C))           # (batch, L, heads, N)
+    h = x.new_zeros(x.shape[0], heads, x.shape[3], B.shape[3])                      # (batch, heads, headdim, N)
+    ys = []
+    for x_t, dt_t, B_t, C_t in zip(x.unbind(1), dt.unbind(1), B.unbind(1), C.unbind(1)):  # unbind: views, O(L) bwd
+        h = torch.exp(dt_t * A)[..., None, None] * h + (dt_t[..., None] * x_t)[..., None] * B_t[:, :, None, :]
+        ys.append((h @ C_t[..., None])[..., 0])                                     # (batch, heads, headdim)
+    return _ssd_out(torch.stack(ys, dim=1), x, D, z, dtype)
+
+
+def _segsum(dA):
+    """(..., Q) -> (..., Q, Q): [i, j] = dA[j+1] + .. + dA[i] for i >= j (0 on the diagonal), -inf above it"""
+    ones = torch.ones(dA.shape[-1], dA.shape[-1], dtype=torch.bool, device=dA.device)
+    tile = dA[..., :, None].expand(*dA.shape, dA.shape[-1]).masked_fill(~ones.tril(-1), 0)  # [i, j] = dA[i], i > j
+    return tile.cumsum(-2).masked_fill(~ones.tril(), float("-inf"))
+
+
+def ssd_scan_chunked(x, dt, A, B, C, chunk_size=SSD_CHUNK, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """The SSD scan in chunks of chunk_size steps (steps (1)-(4) above): (batch, L, heads, headdim).
+    Tensors keep x's layout, (batch, chunk, step, group, head of the group, headdim), wherever a product allows,
+    so that heads sharing a group's B and C are one matrix product; only step (1) needs the heads outside."""
+    _check_ssd("ssd_scan_chunked", x, dt, A, B, C, chunk_size, D, z, dt_bias)
+    dtype, (batch, L, heads, p), (g, N) = x.dtype, x.shape, B.shape[2:]
+    f, x, dt, A, B, C = _ssd_inputs(x, dt, A, B, C, dt_bias, dt_softplus)
+    c = -(-L // chunk_size)                                 # chunks of at most chunk_size steps, as equal as can be,
+    Q, r = -(-L // c), heads // g                           # so little is padded (L = 198, 64: 4 x 50, not 4 x 64)
+    pad = c * Q - L                                         # r: heads per group
+    xs = F.pad(x * dt[..., None], (0, 0, 0, 0, 0, pad)).view(batch, c, Q, g, r, p)  # dt_s x_s
+    dA = F.pad(dt * A, (0, 0, 0, pad)).view(batch, c, Q, g, r)                      # dt_s A, decay exp(dA)
+    cum = dA.cumsum(2)                                                              # summed within each chunk
+    Bc, Cc = (F.pad(t, (0, 0, 0, 0, 0, pad)).view(batch, c, Q, g, N).transpose(2, 3) for t in (B, C))  # (.., g, Q, N)
+    # (1) within each chunk, per head: (C B^T * exp(segsum dA)) (dt x)
+    decay = torch.exp(_segsum(dA.permute(0, 1, 3, 4, 2)))                          # (batch, c, g, r, Q, Q)
+    y = ((Cc @ Bc.transpose(-1, -2))[:, :, :, None] * decay) @ xs.permute(0, 1, 3, 4, 2, 5)  # (batch, c, g, r, Q, p)
+    if c == 1:                                                                      # no state enters
+        return _ssd_out(y.permute(0, 1, 4, 2, 3, 5).reshape(batch, Q, heads, p)[:, :L], x, D, z, dtype)
+    # (2) each chunk's contribution to the state at its end: sum_s B_s (exp(dA_(s, end]) dt_s x_s)^T
+    xw = (xs * torch.exp(cum[:, :, -1:] - cum)[..., None]).view(batch, c, Q, g, r * p).transpose(2, 3)
+    S = Bc.transpose(-1, -2) @ xw                                                   # (batch, c, g, N, r p)
+    # (3) the state entering each chunk, chunk to chunk: a loop over the L / Q chunks (unbind: views, O(c) backward)
+    H, chunk_decay = [S.new_zeros(batch, g, N, r * p)], torch.exp(cum[:, :, -1])    # (batch, c, g, r)
+    for S_k, d_k in zip(S.unbind(1)[:-1], chunk_decay.unbind(1)[:-1]):
+        H.append((H[-1].view(batch, g, N, r, p) * d_k[:, :, None, :, None]).view(batch, g, N, r * p) + S_k)
+    H = torch.stack(H, dim=1)                                                       # (batch, c, g, N, r p)
+    # (4) what the entering state adds to each output of its chunk: exp(dA_(start, t]) C_t H
+    y_off = (Cc @ H).view(batch, c, g, Q, r, p) * torch.exp(cum).transpose(2, 3)[..., None]
+    y = y.permute(0, 1, 4, 2, 3, 5) + y_off.transpose(2, 3)                         # (batch, c, Q, g, r, p)
+    return _ssd_out(y.reshape(batch, c * Q, heads, p)[:, :L], x, D, z, dtype)
+
+
+@torch.profiler.record_function("ssd_scan")  # a label for profilers (eval.py's student time split)
+def ssd_scan(x, dt, A, B, C, chunk_size=SSD_CHUNK, D=None, z=None, dt_bias=None, dt_softplus=False,
+             backend="auto"):
+    """The Mamba-2 (SSD) scan with mamba-ssm's mamba_chunk_scan_combined arguments (see the section comment):
+    x (batch, L, heads, headdim), dt (batch, L, heads), A (heads,), B, C (batch, L, groups, N), D (heads,) or
+    (heads, headdim), z like x, dt_bias (heads,). Returns (batch, L, heads, headdim) in x's dtype; the math is fp32
+    (fp64 for fp64 inputs). Backends: "chunked" (the default, "auto", on CPU and GPU) and "reference" (one step at a
+    time, the tests' oracle)."""
+    if backend not in ("auto", "chunked", "reference"):
+        raise ValueError(f"ssd_scan: backend must be 'auto', 'chunked' or 'reference', got {backend!r}")
+    if backend == "reference":
+        _check_ssd("ssd_scan", x, dt, A, B, C, chunk_size, D, z, dt_bias)
+        return ssd_scan_ref(x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    return ssd_scan_chunked(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus)

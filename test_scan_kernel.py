@@ -364,3 +364,131 @@ def test_chunked_bidirectional_matches_reference(L):
         res.append((out, *torch.autograd.grad((out * w).sum(), [x[k] for k in NAMES])))
     for name, got, want in zip(["out"] + NAMES, *res):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# SSD (Mamba-2): the chunked form against the step-by-step reference, the reference against the formula
+
+SSD_NAMES = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias"]
+
+
+def make_ssd(batch, L, heads, headdim, groups, N, D="heads", z=True, bias=True, seed=0, dtype=torch.float64):
+    """Random SSD inputs as a Mamba-2 block makes them (dt before softplus around -1, A = -exp(.)), as leaves."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rn(*s):
+        return torch.randn(*s, generator=g, dtype=dtype)
+    x = dict(x=rn(batch, L, heads, headdim), dt=rn(batch, L, heads) * 0.5 - 1.0, A=-torch.exp(rn(heads)),
+             B=rn(batch, L, groups, N), C=rn(batch, L, groups, N),
+             D={"heads": rn(heads), "headdim": rn(heads, headdim), None: None}[D],
+             z=rn(batch, L, heads, headdim) if z else None, dt_bias=rn(heads) * 0.3 if bias else None)
+    return {k: None if v is None else v.requires_grad_() for k, v in x.items()}
+
+
+def ssd_formula(x, softplus=True):
+    """y_t = sum_{s <= t} (C_t . B_s) exp(dt_{s+1} A + .. + dt_t A) dt_s x_s + D x_t, gated: plain Python floats, the
+    unrolled ("attention") form of the recurrence, written independently of scan_kernel."""
+    X, dt, A, B, C = (x[k].tolist() for k in ("x", "dt", "A", "B", "C"))
+    D, z, bias = (None if x[k] is None else x[k].tolist() for k in ("D", "z", "dt_bias"))
+    batch, L, heads, p, groups, N = *x["x"].shape, *x["B"].shape[2:]
+    out = torch.zeros(batch, L, heads, p, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            g = h // (heads // groups)
+            step = [dt[b][t][h] + (bias[h] if bias else 0.0) for t in range(L)]
+            step = [s if s > 20 or not softplus else math.log1p(math.exp(s)) for s in step]
+            for t in range(L):
+                for q in range(p):
+                    y = 0.0
+                    for s in range(t + 1):
+                        cb = sum(C[b][t][g][n] * B[b][s][g][n] for n in range(N))
+                        y += cb * math.exp(sum(step[k] for k in range(s + 1, t + 1)) * A[h]) * step[s] * X[b][s][h][q]
+                    if D is not None:
+                        y += (D[h][q] if isinstance(D[h], list) else D[h]) * X[b][t][h][q]
+                    if z is not None:
+                        y *= z[b][t][h][q] / (1 + math.exp(-z[b][t][h][q]))
+                    out[b, t, h, q] = y
+    return out
+
+
+@pytest.mark.parametrize("D", ["heads", "headdim", None])
+def test_ssd_reference_matches_unrolled_formula(D):
+    x = make_ssd(2, 6, 4, 2, 2, 3, D=D, z=D is not None, bias=D != "headdim")
+    torch.testing.assert_close(sk.ssd_scan_ref(**x, dt_softplus=True), ssd_formula(x), rtol=1e-12, atol=1e-12)
+    x = make_ssd(1, 5, 2, 2, 1, 2, seed=1)
+    torch.testing.assert_close(sk.ssd_scan_ref(**{**x, "dt": x["dt"].abs() * 0.5}),
+                               ssd_formula({**x, "dt": x["dt"].abs() * 0.5}, softplus=False), rtol=1e-12, atol=1e-12)
+
+
+SSD_CASES = {  # L, chunk size, heads, headdim, groups, N: chunks that divide L and chunks that do not, one chunk
+    "L1": (1, 4, 2, 3, 1, 4), "L7-chunk4": (7, 4, 4, 3, 2, 5), "L7-one-chunk": (7, 64, 2, 2, 1, 3),
+    "L198-chunk64": (198, 64, 4, 3, 1, 4), "L198-chunk16-groups4": (198, 16, 8, 2, 4, 3),
+    "L786-chunk64": (786, 64, 2, 2, 2, 3), "L64-chunk16-exact": (64, 16, 2, 4, 1, 8),
+}
+
+
+@pytest.mark.parametrize("case", SSD_CASES.values(), ids=SSD_CASES.keys())
+def test_ssd_chunked_matches_reference(case):
+    """fp64: the output and the gradient of every input, chunked vs the step-by-step reference."""
+    L, Q, heads, p, groups, N = case
+    x = make_ssd(2, L, heads, p, groups, N, D="headdim" if groups == 4 else "heads", seed=L)
+    w = torch.randn(2, L, heads, p, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    res = []
+    for backend in ("chunked", "reference"):
+        out = sk.ssd_scan(**x, chunk_size=Q, dt_softplus=True, backend=backend)
+        res.append((out, *torch.autograd.grad((out * w).sum(), [x[k] for k in SSD_NAMES])))
+    for name, got, want in zip(["out"] + SSD_NAMES, *res):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_ssd_chunked_gradcheck():
+    x = make_ssd(1, 11, 2, 2, 1, 3, seed=2)
+    assert torch.autograd.gradcheck(lambda *a: sk.ssd_scan_chunked(*a[:5], 4, *a[5:], dt_softplus=True),
+                                    [x[k] for k in SSD_NAMES])
+
+
+def test_ssd_chunked_fp32_stays_finite_with_strong_decays():
+    """dt up to ~e^4 and A down to -e^2 drive exp(dA) to 0 within a step: nothing may overflow into inf * 0 = nan, and
+    fp32 must follow the fp64 reference."""
+    x = make_ssd(2, 100, 4, 8, 1, 16, seed=3)
+    x = {k: None if v is None else v.detach() for k, v in x.items()}
+    x["dt"], x["A"] = x["dt"] * 5 + 2, x["A"] * 3
+    want = sk.ssd_scan_ref(**x, dt_softplus=True)
+    x32 = {k: None if v is None else v.float().requires_grad_() for k, v in x.items()}
+    got = sk.ssd_scan(**x32, chunk_size=32, dt_softplus=True)
+    got.sum().backward()
+    assert all(torch.isfinite(x32[k].grad).all() for k in SSD_NAMES)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_ssd_chunked_memory_is_linear_in_L():
+    """Saved for the backward: nothing grows like L^2 (the L x L matrix of the unrolled form is never built)."""
+    heads, p, N, Q = 2, 4, 8, 16
+    for L in (256, 1024):
+        x = make_ssd(1, L, heads, p, 1, N, dtype=torch.float32)
+        numels = saved_numels(lambda: sk.ssd_scan(**x, chunk_size=Q, dt_softplus=True))
+        assert max(numels) <= heads * L * max(Q, p, N), (L, max(numels))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ssd_bf16_on_cuda_within_rounding():
+    x = {k: None if v is None else v.detach().cuda() for k, v in make_ssd(2, 300, 4, 16, 1, 16).items()}
+    want = sk.ssd_scan_ref(**x, dt_softplus=True)
+    got = sk.ssd_scan(**{k: None if v is None else v.bfloat16() for k, v in x.items()}, dt_softplus=True)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want, rtol=3e-2, atol=3e-2 * want.abs().max().item())
+
+
+def test_ssd_bad_input():
+    x = {k: None if v is None else v.detach() for k, v in make_ssd(2, 7, 4, 3, 2, 5).items()}
+    with pytest.raises(ValueError, match=r"^ssd_scan_chunked: dt must have shape \(2, 7, 4\) for x \(2, 7, 4, 3\) "
+                                         r"and B \(2, 7, 2, 5\), got \(2, 7, 3\)$"):
+        sk.ssd_scan(**{**x, "dt": torch.randn(2, 7, 3)})
+    with pytest.raises(ValueError, match=r"heads \(4\) a multiple of groups \(3\)"):
+        sk.ssd_scan(**{**x, "B": torch.randn(2, 7, 3, 5), "C": torch.randn(2, 7, 3, 5)})
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        sk.ssd_scan(**x, chunk_size=0)
+    with pytest.raises(ValueError, match="backend must be 'auto', 'chunked' or 'reference'"):
+        sk.ssd_scan(**x, backend="triton")
+    with pytest.raises(TypeError, match="x must be a floating point"):
+        sk.ssd_scan(**{**x, "x": torch.ones(2, 7, 4, 3, dtype=torch.long)})
