@@ -19,12 +19,14 @@ import scan_kernel
 # ----------------------------------------------------------------------------------------------- accuracy
 
 def load_model(path, ema=False, for_accuracy=True):
-    """our checkpoint (any kind; ema: its EMA weights), else whatever load_teacher takes (a teacher file of any format
-    it reads, a Hub folder, timm:NAME). for_accuracy: warn that a distillation checkpoint's class head is untrained."""
+    """our checkpoint (any kind; ema: its EMA weights), a released Adventurer file, else whatever load_teacher takes (a
+    teacher file of any format it reads, a Hub folder, timm:NAME). for_accuracy: warn that a distillation checkpoint's
+    class head is untrained."""
     if path.startswith("timm:") and not ema:
         return train.load_teacher(path, None), {}
     with train.as_user_error(f"could not read {path}"):
         ck, _ = vl.read_checkpoint(path) if not path.startswith("timm:") else ({}, None)   # a file, or a Hub folder
+        ck = vl.adventurer_checkpoint(ck) or ck                                       # the public Adventurer's files
     if ema and not (isinstance(ck, dict) and ck.get("ema")):
         raise train.UserError(f"{path} holds no EMA weights (train with --ema-decay)")
     if isinstance(ck, dict) and "kind" in ck:
@@ -162,7 +164,7 @@ def bench_models(args, csv_path):
            else torch.autocast("cpu", enabled=False))
     models = {"teacher": vl.ViT(train.make_config(vl.TEACHER_PRESETS, args.teacher_preset, args.teacher_opts,
                                                   "teacher")),
-              "student": vl.VisionMamba(train.make_config(vl.STUDENT_PRESETS, args.student, args.student_opts,
+              "student": vl.build_model(train.make_config(vl.STUDENT_PRESETS, args.student, args.student_opts,
                                                           "student"))}
     rows, slow = [], set()
     for res in int_list(args.resolutions, "--resolutions"):
@@ -247,11 +249,12 @@ def train_step_mem(model, x, device, amp):
 
 
 def student_time_split(model, x, device):
-    """-> ({part: seconds}, total) of one no-grad forward of a VisionMamba, read from torch.profiler: the scan and
-    the depthwise conv (their record_function labels), the projections (in, x, dt and out: the matmuls outside the
-    scan), the norms, and the rest (gates, layout, patch embedding, head). On CUDA the parts are device times."""
+    """-> ({part: seconds}, total) of one no-grad forward of a VisionMamba or an Adventurer, read from torch.profiler:
+    the scan (selective or SSD) and the depthwise conv (their record_function labels), the projections (in, x, dt and
+    out; Adventurer's MLP: the matmuls outside the scan), the norms, and the rest (gates, layout, patch embedding,
+    head). On CUDA the parts are device times."""
     parts = dict.fromkeys(["scan", "projections", "depthwise conv", "norms"], 0.0)
-    kind = {"selective_scan": "scan", "depthwise conv": "depthwise conv", "aten::rms_norm": "norms",
+    kind = {"selective_scan": "scan", "ssd_scan": "scan", "depthwise conv": "depthwise conv", "aten::rms_norm": "norms",
             **dict.fromkeys(["aten::matmul", "aten::linear", "aten::mm", "aten::addmm", "aten::bmm"], "projections")}
     cuda = device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
@@ -709,8 +712,9 @@ def gpu_report(args):
     print(f"\n({time.perf_counter() - t0:.0f} s so far)\n", flush=True)
 
     teacher = vl.ViT(vl.TEACHER_PRESETS[args.teacher_preset])
-    models = {args.teacher_preset: teacher, **{s: vl.VisionMamba(vl.STUDENT_PRESETS[s])
-                                               for s in (args.student, args.student + "_alt")}}
+    students = [s for s in (args.student, args.student + "_alt", "adventurer_" + args.student)   # base: both kinds
+                if s in vl.STUDENT_PRESETS]
+    models = {args.teacher_preset: teacher, **{s: vl.build_model(vl.STUDENT_PRESETS[s]) for s in students}}
     print(f"### Student vs teacher, bf16 autocast, median of 5 steps; the teacher's attention is PyTorch SDPA "
           f"(kernel: {attention_kernel(teacher.to(device), device)})\n", flush=True)
     rows = []
@@ -891,7 +895,8 @@ def main(argv=None):
     p.add_argument("--kernel-budget", action="store_true", help="no GPU needed: compile the Triton scan for sm_80 "
                    "and sm_90 at Vim shapes; print registers, spills, shared memory and resident warps per SM")
     p.add_argument("--gpu-report", action="store_true", help="CUDA only: the Triton scan against the reference, its "
-                   "speed (GB/s, fused vs two launches), and student vs teacher throughput / memory, as Markdown")
+                   "speed (GB/s, fused vs two launches), and students (--student, its _alt and adventurer_ presets) vs "
+                   "teacher throughput / memory, as Markdown")
     p.add_argument("--teacher-preset", default="vit_b16")
     p.add_argument("--teacher-opts", default="")
     p.add_argument("--student", default="base")

@@ -11,7 +11,8 @@ import eval as evaluate_cli
 import scan_kernel as sk
 import train
 import vitlinearizer as vl
-from conftest import TINY_STUDENT, TINY_TEACHER, TINY, run_train, tiny_teacher, one_error_line, write_tree
+from conftest import (TINY_ADVENTURER, TINY_STUDENT, TINY_TEACHER, TINY, run_train, tiny_teacher, one_error_line,
+                      write_tree)
 
 pytestmark = pytest.mark.usefixtures("cpu_dispatch")   # the scan dispatch a CPU user gets (conftest)
 
@@ -62,6 +63,23 @@ def test_student_time_split_restores_the_model():
     assert not any("forward" in vars(m) for m in model.modules())
     with torch.no_grad():
         assert torch.equal(model(x).logits, before)
+
+
+def test_bench_time_split_and_speed_rows_take_the_adventurer_student(tmp_path, capsys):
+    assert evaluate_cli.main(["--bench", "--teacher-preset", "demo", "--teacher-opts", "dim=32,depth=2,heads=2",
+                              "--student", "adventurer_demo", "--student-opts", "dim=16,depth=2,d_state=4,headdim=8",
+                              "--resolutions", "16,32", "--batch-sizes", "2", "--warmup", "0", "--repeats", "1",
+                              "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    row = [line for line in out.splitlines() if line.startswith("| student | adventurer_demo | 32 | 2 |")][0]
+    assert "x |" in row and "scan " in row and "depthwise " in row and "rest " in row
+    model = vl.Adventurer(TINY_ADVENTURER).eval()
+    x = torch.randn(2, 3, 16, 16)
+    parts, total = evaluate_cli.student_time_split(model, x, torch.device("cpu"))
+    assert all(parts[k] > 0 for k in ("scan", "projections", "depthwise conv", "norms"))
+    assert abs(sum(parts.values()) - total) < 1e-9
+    rows = evaluate_cli.model_speed(16, 2, {"t": vl.ViT(TINY_TEACHER), "s": model}, torch.device("cpu"), repeats=1)
+    assert [r["model"] for r in rows] == ["t", "s"] and float(rows[1]["GFLOPs"]) > 0
 
 
 def test_cpu_train_memory_counts_activations_once_and_chunked_scan_saves_less():

@@ -1,5 +1,6 @@
 """Tests of train.py: the pipeline in miniature, data, the recipe's augmentations, never losing work, bad input and
 faults, the demo's tasks and the results protocol. Every test here sees the scan dispatch a CPU user gets."""
+import argparse
 import dataclasses
 import errno
 import json
@@ -9,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,8 +22,8 @@ from PIL import Image
 import eval as evaluate_cli
 import train
 import vitlinearizer as vl
-from conftest import (HERE, TINY_STUDENT, TINY_TEACHER, random_vit_state_dict, ZOO, TINY, run_train, tiny_teacher,
-                      one_error_line, write_tree)
+from conftest import (HERE, TINY_ADVENTURER, TINY_STUDENT, TINY_TEACHER, random_vit_state_dict, ZOO, TINY, run_train,
+                      tiny_teacher, one_error_line, write_tree)
 
 pytestmark = pytest.mark.usefixtures("cpu_dispatch")   # the scan dispatch a CPU user gets (conftest)
 
@@ -458,11 +460,13 @@ def test_ema_follows_the_formula_with_warm_up():
     assert not any(p.requires_grad for p in ema.model.parameters()) and ema.updates == 39
 
 
-@pytest.mark.parametrize("kind", ["vit", "mamba", "distiller"])
+@pytest.mark.parametrize("kind", ["vit", "mamba", "adventurer", "distiller", "adventurer distiller"])
 def test_layer_wise_lr_decay_scales(kind):
     vit = vl.ViT(vl.ViTConfig(img_size=16, patch_size=4, dim=32, depth=3, heads=2, num_classes=5, registers=2))
     mamba = vl.VisionMamba(vl.MambaConfig(img_size=16, patch_size=4, dim=32, depth=3, d_state=4, num_classes=5))
-    model = {"vit": vit, "mamba": mamba, "distiller": vl.Distiller(vit, mamba, stages=3)}[kind]
+    adventurer = vl.Adventurer(replace(TINY_ADVENTURER, depth=3))
+    model = {"vit": vit, "mamba": mamba, "adventurer": adventurer, "distiller": vl.Distiller(vit, mamba, stages=3),
+             "adventurer distiller": vl.Distiller(vit, adventurer, stages=3)}[kind]
     groups = train.param_groups(model, 0.05, 0.5, depth=3)
     scale = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -471,7 +475,7 @@ def test_layer_wise_lr_decay_scales(kind):
         name = n.removeprefix("student.")
         want = (0.5 ** 4
                 if name.split(".")[0] in ("patch_embed", "cls_token", "reg_token", "pos_embed", "pos_cls", "mask_token")
-                else 0.5 ** (3 - int(name.split(".")[1])) if name.startswith("blocks.") else 1.0)
+                else 0.5 ** (3 - int(name.split(".")[1])) if name.startswith(("blocks.", "layers.")) else 1.0)
         assert scale[id(p)][0] == want, n
     decay, _ = train.no_decay_params(model)                                             # weight decay kept as before
     assert {id(p) for p in decay} == {i for i, (_, wd) in scale.items() if wd == 0.05}
@@ -479,30 +483,103 @@ def test_layer_wise_lr_decay_scales(kind):
     assert len(train.param_groups(model, 0.05, 1.0, 3)) == 2
 
 
-@pytest.mark.parametrize("kind", ["vit", "vision_mamba"])
+@pytest.mark.parametrize("kind", ["vit", "vision_mamba", "adventurer"])
 def test_init_at_another_resolution_resizes_the_position_embedding_once(tmp_path, kind):
     torch.manual_seed(0)
-    if kind == "vit":
-        cfg = vl.ViTConfig(img_size=16, patch_size=4, dim=32, depth=2, heads=2, num_classes=5)
-        model = vl.ViT(cfg)
-    else:
-        cfg = vl.MambaConfig(img_size=16, patch_size=4, dim=32, depth=2, d_state=4, num_classes=5,
-                             scan_backend="chunked")
-        model = vl.VisionMamba(cfg)
+    cfg = {"vit": vl.ViTConfig(img_size=16, patch_size=4, dim=32, depth=2, heads=2, num_classes=5),
+           "vision_mamba": vl.MambaConfig(img_size=16, patch_size=4, dim=32, depth=2, d_state=4, num_classes=5,
+                                          scan_backend="chunked"),
+           "adventurer": replace(TINY_ADVENTURER, depth=2)}[kind]
+    model = vl.build_model(cfg)
     with torch.no_grad():
         model.pos_embed.normal_()                                                       # a position table that matters
     torch.save(dict(kind=kind, config=dataclasses.asdict(cfg), model=model.state_dict()), tmp_path / "c.pt")
     args = train.parse_args(["--img-size", "32"])
     args.drop_path = None
-    new = train.init_from(str(tmp_path / "c.pt"), args, 5, kind=kind)
-    assert new.cfg.img_size == 32 and new.pos_embed.shape[1] == (1 if kind == "vit" else 0) + 64
+    new = train.init_from(str(tmp_path / "c.pt"), args, 5, kinds=(kind,))
+    assert new.cfg.img_size == 32 and new.pos_embed.shape[1] == (0 if kind == "vision_mamba" else 1) + 64
     x = torch.randn(2, 3, 32, 32)
     model.eval()
     new.eval()
     with torch.no_grad():                                                               # = the old model resampling
         assert torch.allclose(new(x).logits, model(x).logits, atol=1e-5)                # on the fly at 32 px
     with pytest.raises(train.UserError, match="holds a"):
-        train.init_from(str(tmp_path / "c.pt"), args, 5, kind="vit" if kind != "vit" else "vision_mamba")
+        train.init_from(str(tmp_path / "c.pt"), args, 5, kinds=("vit",) if kind != "vit" else train.STUDENT_KINDS)
+
+
+ADVENTURER = ["--student", "adventurer_demo", "--student-opts", "dim=16,depth=2,d_state=4,headdim=8,chunk_size=8"]
+
+
+def test_adventurer_student_distills_resumes_finetunes_and_evaluates(tmp_path, capsys):
+    teacher = tiny_teacher(tmp_path / "t.pt")
+    args = ["--stage", "distill", "--teacher", teacher, *TINY, *ADVENTURER, "--epochs", 2, "--drop-path", 0.1,
+            "--ckpt-every", 2, "--log-every", 2]
+    assert run_train(capsys, "--out", tmp_path / "a", *args)[0] == 0                   # uninterrupted: 8 steps
+    ref = same_log(tmp_path / "a" / "distill" / "log.jsonl")
+    assert [r["step"] for r in ref] == [2, 4, 6, 8, 8] and all(math.isfinite(r["am"]) for r in ref[:-1])
+    assert run_train(capsys, "--out", tmp_path / "b", *args, "--max-steps", 3)[0] == 0     # stopped, then resumed
+    rc, out, err = run_train(capsys, "--out", tmp_path / "b", *args)
+    assert rc == 0 and "resuming" in out, err
+    assert same_log(tmp_path / "b" / "distill" / "log.jsonl") == ref
+    ck = torch.load(tmp_path / "a" / "distill" / "last.pt", weights_only=True)
+    assert ck["kind"] == "adventurer" and ck["config"]["flip"] == "public" and ck["config"]["dim"] == 16
+    assert ck["config"]["drop_path"] == 0.1 and "layers.1.mixer.in_proj.weight" in ck["model"]
+    # fine-tuned from the distilled student; eval.py gives the accuracy the run measured at its end
+    rc, out, err = run_train(capsys, "--out", tmp_path / "a", "--stage", "finetune", *TINY, *ADVENTURER,
+                             "--init", tmp_path / "a" / "distill" / "last.pt", "--epochs", 1)
+    assert rc == 0, err
+    ft = torch.load(tmp_path / "a" / "finetune" / "last.pt", weights_only=True)
+    assert ft["kind"] == "adventurer" and ft["finished"]
+    for k, v in ck["model"].items():                                                   # it started from the distilled
+        if k.startswith("layers."):                                                    # weights (and trained them)
+            assert v.shape == ft["model"][k].shape
+    assert not torch.equal(ft["model"]["layers.0.mixer.in_proj.weight"], ck["model"]["layers.0.mixer.in_proj.weight"])
+    capsys.readouterr()
+    assert evaluate_cli.main(["--ckpt", str(tmp_path / "a" / "finetune" / "last.pt")]) == 0
+    assert f"top-1 {ft['metrics']['top1']:.2f}" in capsys.readouterr().out
+
+
+def test_released_adventurer_file_for_init_and_eval(tmp_path, capsys):
+    """A file as the public Adventurer code saves it ({"model": its state dict, "args": its Namespace, ...}, no mask
+    token) is taken by --init (at another resolution and class count) and by eval.py."""
+    torch.manual_seed(0)
+    public = vl.Adventurer(replace(TINY_ADVENTURER, img_size=8, dim=32, depth=2))
+    with torch.no_grad():
+        public.pos_embed.normal_()
+    sd = {k: v for k, v in public.state_dict().items() if k != "mask_token"}
+    torch.save({"model": sd, "args": argparse.Namespace(model="adventurer_tiny_patch16"), "epoch": 299},
+               tmp_path / "released.pth")
+    model, _ = evaluate_cli.load_model(str(tmp_path / "released.pth"))
+    assert isinstance(model, vl.Adventurer) and model.cfg.img_size == 8 and model.cfg.num_classes == 5
+    args = train.parse_args(["--img-size", "16"])
+    new = train.init_from(str(tmp_path / "released.pth"), args, 3, kinds=train.STUDENT_KINDS)
+    assert new.cfg.img_size == 16 and new.head.weight.shape == (3, 32)
+    assert torch.equal(new.pos_embed[:, -1], public.pos_embed[:, -1])                  # the class slot, last, kept
+    torch.testing.assert_close(new.pos_embed[:, :16], vl.resize_pos_embed(public.pos_embed[:, :4], (4, 4)))
+    rc, out, err = run_train(capsys, "--stage", "finetune", *TINY, "--init", tmp_path / "released.pth", "--epochs", 1,
+                             "--out", tmp_path / "run")
+    assert rc == 0 and "position embeddings resized from 2x2 to 4x4" in out, err
+    assert torch.load(tmp_path / "run" / "finetune" / "last.pt", weights_only=True)["kind"] == "adventurer"
+    with pytest.raises(train.UserError, match="holds a adventurer model"):
+        train.init_from(str(tmp_path / "released.pth"), args, 3, kinds=("vit",))
+
+
+def test_adventurer_student_opts_and_the_demos_vim_opts(tmp_path, capsys):
+    args = train.parse_args(["--student", "adventurer_demo"])                          # the demo's opts size Vim
+    assert args.student_opts == "" and train.parse_args([]).student_opts == "dim=64,depth=4,d_state=8"
+    cfg = train.student_config(train.parse_args(["--student", "adventurer_demo", "--student-opts", "flip=alternate"]),
+                               10)
+    assert isinstance(cfg, vl.AdventurerConfig) and cfg.flip == "alternate" and cfg.dim == 48
+    model = vl.Adventurer(TINY_ADVENTURER)                                              # sin-cos rows: the grid's,
+    cls = model.pos_embed[0, -1].clone()                                               # the class slot (last) kept
+    train.sincos_pos_init_(model)
+    assert torch.equal(model.pos_embed[0, -1], cls)
+    assert torch.equal(model.pos_embed[0, 0, :8], torch.tensor([0.0] * 4 + [0.5] * 4))  # patch (0, 0): sin 0, cos 0
+    for opts, words in (("flip=sideways", "flip='sideways'"), ("scan_backend=triton", "scan_backend"),
+                        ("headdim=7", "headdim 7")):
+        rc, _, err = run_train(capsys, "--student", "adventurer_demo", "--student-opts", opts, "--stage", "finetune",
+                               "--out", tmp_path / "run")
+        assert rc != 0 and words in one_error_line(err) and not (tmp_path / "run").exists(), err
 
 
 def test_recipes_defaults_precedence_and_printout():

@@ -333,6 +333,8 @@ def parse_args(argv=None):
         args.threads = cores_per_process()
     if "workers" not in chosen:
         args.workers = min(args.workers, cores_per_process())              # e.g. 2 workers, not 8, on a 2-core box
+    if "student_opts" not in chosen and isinstance(vl.STUDENT_PRESETS.get(args.student), vl.AdventurerConfig):
+        args.student_opts = ""                                              # the demo's opts size a Vim student
     if args.stage == "teacher" and "lr" not in chosen and args.teacher_lr is not None:
         args.lr = args.teacher_lr                                           # the teacher's own lr, as in stage all
     if args.out is None:
@@ -1341,11 +1343,17 @@ def make_config(presets, name, opts, what, **fields):
     cfg = dataclasses.replace(cfg, **over)
     if hasattr(cfg, "heads") and cfg.dim % cfg.heads:
         raise UserError(f"--{what}-opts: dim {cfg.dim} is not a multiple of heads {cfg.heads}")
+    try:
+        with torch.device("meta"):                                          # the model's own checks, no memory
+            vl.build_model(cfg)
+    except ValueError as e:
+        raise UserError(f"--{what}-opts: {e}") from None
     return cfg
 
 
-OPT_CHOICES = dict(act=("gelu", "quick_gelu"), bidirectional=("fused", "alternate"),
+OPT_CHOICES = dict(act=("gelu", "quick_gelu"), bidirectional=("fused", "alternate"), flip=tuple(vl.FLIP_RULES),
                    scan_backend=("auto", "triton", "chunked", "reference"))
+STUDENT_KINDS = ("vision_mamba", "adventurer")
 
 
 def check_img_size(img_size, patch_size, what):
@@ -1372,15 +1380,16 @@ def check_stages(args, student_cfg, teacher_depth):
 def sincos_pos_init_(model):
     """MAE-style 2-D sin-cos values for the patch-grid rows of model.pos_embed (still learned afterwards): a ViT
     trained from scratch on little data otherwise spends its first hundreds of steps discovering the 2-D layout."""
-    pos = model.pos_embed                                                   # (1, [1+] g*g, D)
+    pos = model.pos_embed                                                   # (1, [1+] g*g, D); Adventurer (1, g*g+1, D)
     g, d = model.cfg.img_size // model.cfg.patch_size, pos.shape[-1]
+    grid = slice(0, g * g) if isinstance(model, vl.Adventurer) else slice(-g * g, None)
     ys, xs = torch.meshgrid(torch.arange(g, dtype=torch.float32), torch.arange(g, dtype=torch.float32), indexing="ij")
     omega = 1.0 / 10000 ** (torch.arange(d // 4) / max(d // 4, 1))
     angles = [c.flatten()[:, None] * omega for c in (xs, ys)]
     table = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], 1)   # (g*g, 4*(d//4))
     with torch.no_grad():
-        pos[0, -g * g:].zero_()
-        pos[0, -g * g:, :table.shape[1]] = 0.5 * table
+        pos[0, grid].zero_()
+        pos[0, grid, :table.shape[1]] = 0.5 * table
 
 
 def load_teacher(spec, img_size):
@@ -1389,20 +1398,23 @@ def load_teacher(spec, img_size):
         return vl.load_teacher(spec, img_size=img_size)
 
 
-def init_from(path, args, n_classes, kind=None, verbose=False):
-    """a model from one of our checkpoints (of `kind` when given), at --img-size (vl.model_from_checkpoint: the
-    position embedding resampled once when the checkpoint was trained at another resolution), with a new class head
-    when the class count differs"""
+def init_from(path, args, n_classes, kinds=None, verbose=False):
+    """a model from one of our checkpoints (of one of `kinds` when given) or a released Adventurer file, at --img-size
+    (vl.model_from_checkpoint: the position embedding resampled once when the checkpoint was trained at another
+    resolution), with a new class head when the class count differs"""
     ck = load_checkpoint(path)
+    with as_user_error(f"--init {path}"):
+        ck = vl.adventurer_checkpoint(ck) or ck                             # the public Adventurer code's files
     if "kind" not in ck or "config" not in ck:
-        raise UserError(f"--init {path} is not a checkpoint written by train.py (no 'kind'/'config')")
-    if kind is not None and ck["kind"] != kind:
-        raise UserError(f"--init {path} holds a {ck['kind']} model; this stage trains a {kind}")
+        raise UserError(f"--init {path} is not a checkpoint written by train.py (no 'kind'/'config') nor a released "
+                        "Adventurer file")
+    if kinds is not None and ck["kind"] not in kinds:
+        raise UserError(f"--init {path} holds a {ck['kind']} model; this stage trains a {' or a '.join(kinds)}")
     changes = {"drop_path": args.drop_path} if args.drop_path is not None else {}
     if changes and "drop_path" not in {f.name for f in dataclasses.fields(vl.MODEL_KINDS[ck["kind"]][1])}:
         raise UserError(f"--drop-path: the {ck['kind']} model has no drop path")
     patch = ck["config"]["patch_size"]
-    check_img_size(args.img_size, patch, "student" if ck["kind"] == "vision_mamba" else "teacher")
+    check_img_size(args.img_size, patch, "student" if ck["kind"] in STUDENT_KINDS else "teacher")
     old_grid, grid = ck["config"]["img_size"] // patch, args.img_size // patch
     if old_grid != grid and verbose:
         print(f"--init {path}: position embeddings resized from {old_grid}x{old_grid} to {grid}x{grid} patches")
@@ -1416,7 +1428,7 @@ def build(args, stage, n_classes, ctx):
     """-> (model to save, module to train, loss(module, images, labels, step) -> dict with 'loss', teacher or None)"""
     torch.manual_seed(args.seed)                                            # same init on every rank
     if stage == "teacher" and args.init:                                    # e.g. a higher-resolution stage
-        model = init_from(args.init, args, n_classes, kind="vit", verbose=ctx.main)
+        model = init_from(args.init, args, n_classes, kinds=("vit",), verbose=ctx.main)
         return model, model, supervised_loss(None, args), None
     if stage == "teacher":
         cfg = make_config(vl.TEACHER_PRESETS, args.teacher_preset, args.teacher_opts, "teacher",
@@ -1436,7 +1448,7 @@ def build(args, stage, n_classes, ctx):
             model = init_from(args.init, args, n_classes, verbose=ctx.main)
         else:
             torch.manual_seed(args.seed)                                    # the same start as a distilled student
-            model = vl.VisionMamba(student_config(args, n_classes))
+            model = vl.build_model(student_config(args, n_classes))
             if args.pos_init == "sincos":
                 sincos_pos_init_(model)
         for n, p in model.named_parameters():                               # unused without a mask (DDP wants all used)
@@ -1448,12 +1460,12 @@ def build(args, stage, n_classes, ctx):
         raise UserError("--stage distill needs --teacher (a checkpoint, timm/CLIP file or timm:NAME)")
     teacher = load_teacher(args.teacher, args.img_size)
     if args.init:                                                           # e.g. progressive resolution
-        student = init_from(args.init, args, n_classes, kind="vision_mamba", verbose=ctx.main)
+        student = init_from(args.init, args, n_classes, kinds=STUDENT_KINDS, verbose=ctx.main)
         cfg = student.cfg
     else:
         cfg = student_config(args, n_classes)
         torch.manual_seed(args.seed)                                        # (loading the teacher drew numbers)
-        student = vl.VisionMamba(cfg)
+        student = vl.build_model(cfg)
         if args.pos_init == "sincos":
             sincos_pos_init_(student)
     if cfg.patch_size != teacher.cfg.patch_size:
@@ -1521,7 +1533,7 @@ def layer_id(name, depth):
     name = name.removeprefix("student.")
     if name.startswith(("patch_embed", "cls_token", "reg_token", "mask_token", "pos_embed", "pos_cls", "norm_pre")):
         return 0
-    if name.startswith("blocks."):
+    if name.startswith(("blocks.", "layers.")):                          # ViT, Vim / Adventurer
         return int(name.split(".")[1]) + 1
     return depth + 1
 
