@@ -1,10 +1,12 @@
 """
-ViT-Linearizer training: distil a frozen ViT teacher into a bidirectional Mamba student
-(activation matching + masked prediction, no labels), then fine-tune the student with labels.
+ViT-Linearizer training: distil a frozen ViT teacher into a linear-time student, a bidirectional Mamba (Vim) or the
+paper's Adventurer (--student adventurer_*), with activation matching + masked prediction (no labels), then fine-tune
+the student with labels.
 
     python train.py                                  # built-in demo on CPU: teacher -> distill -> finetune -> table
     python train.py --data DIR --teacher timm:vit_base_patch16_clip_224.openai --stage distill --out runs/in1k
     python train.py --data DIR --stage finetune --init runs/in1k/distill/last.pt --out runs/in1k
+    python train.py --data DIR --stage finetune --init adventurer_base_patch16_224.pth   # a released Adventurer file
     torchrun --nproc_per_node=8 train.py --data DIR ...            # DistributedDataParallel, one process per GPU
 
 Stages (--stage): teacher (a ViT from scratch, labels), distill (teacher frozen; AM + lambda * MP; reads images only,
@@ -1345,7 +1347,7 @@ def make_config(presets, name, opts, what, **fields):
         raise UserError(f"--{what}-opts: dim {cfg.dim} is not a multiple of heads {cfg.heads}")
     try:
         with torch.device("meta"):                                          # the model's own checks, no memory
-            vl.build_model(cfg)
+            vl.build_model(dataclasses.replace(cfg, img_size=cfg.patch_size))   # (check_img_size: --img-size)
     except ValueError as e:
         raise UserError(f"--{what}-opts: {e}") from None
     return cfg
@@ -1470,7 +1472,7 @@ def build(args, stage, n_classes, ctx):
             sincos_pos_init_(student)
     if cfg.patch_size != teacher.cfg.patch_size:
         p = teacher.cfg.patch_size
-        presets = sorted(k for k, v in vl.STUDENT_PRESETS.items() if v.patch_size == p)
+        presets = sorted(k for k, v in vl.STUDENT_PRESETS.items() if v.patch_size == p and type(v) is type(cfg))
         raise UserError(f"student patch size {cfg.patch_size} != teacher patch size {p}: the losses compare tokens "
                         f"position by position; add patch_size={p} to --student-opts"
                         + (f" or use --student {' / '.join(presets)}" if presets else ""))
