@@ -5,12 +5,13 @@
 #
 #   bash results.sh               # everything: ~8 h of CPU time, LANES=2 runs side by side
 #   TASKS=pairs bash results.sh   # one demo task only
+#   TASKS=pairs-adventurer bash results.sh   # the paper's own student (adventurer_demo) on the task pairs, seeds 0-2
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-python}
 R=${R:-runs/results}
 LANES=${LANES:-2}
-TASKS=${TASKS:-"pairs relations"}
+TASKS=${TASKS:-"pairs relations pairs-adventurer"}
 export OMP_NUM_THREADS=1                    # the figures depend on the thread count: one thread per run, always
 COMMON="--threads 1 --batch-size 32 --warmup-frac 0.05"
 
@@ -26,6 +27,10 @@ declare -A SHORT_EPOCHS=([100]=233 [300]=78 [1200]=19)      # ~700 steps
 declare -A LONG_EPOCHS=([100]=667 [300]=222 [1200]=54)      # ~2,000 steps
 EQ_EPOCHS_300=144                                           # 1,296 steps
 SEEDS5="0 1 2 3 4"; SEEDS3="0 1 2"
+
+# A task folder TASK-adventurer holds the Adventurer student's runs on the demo task TASK, with TASK's teachers
+task_of() { echo "${1%-adventurer}"; }
+student_of() { [[ $1 == *-adventurer ]] && echo "--student adventurer_demo" || true; }
 
 jobs_file=$(mktemp); trap 'rm -f "$jobs_file"' EXIT
 job() { echo "$*" >> "$jobs_file"; }
@@ -47,21 +52,22 @@ distill() { # TASK CONFIG SEED [distillation flags]; snapshots and their probes 
     save="--save-steps $SNAPSHOTS"
     snaps=$(for s in ${SNAPSHOTS//,/ }; do printf '%s ' "$dir/distill/step$s.pt"; done)
   fi
-  echo "$(train $dir/distill --stage distill --demo-task $1 --seed $3 --teacher $R/$1/teacher-s$3/teacher/last.pt \
-          $D_FLAGS $save --out $dir $COMMON ${*:4}) && $(probe $dir/distill $snaps)"
+  echo "$(train $dir/distill --stage distill --demo-task $(task_of $1) --seed $3 $(student_of $1) \
+          --teacher $R/$(task_of $1)/teacher-s$3/teacher/last.pt $D_FLAGS $save --out $dir $COMMON ${*:4}) \
+          && $(probe $dir/distill $snaps)"
 }
 finetune() { # TASK CONFIG SEED N: the distilled student of CONFIG fine-tuned on N labelled images
-  train $R/$1/$2-s$3/n$4 --stage finetune --demo-task $1 --seed $3 --init $R/$1/$2-s$3/distill/last.pt --demo-train $4 \
-        --epochs ${FT_EPOCHS[$4]} --lr $FT_LR --eval-every-steps 100 --out $R/$1/$2-s$3 --name n$4 $COMMON
+  train $R/$1/$2-s$3/n$4 --stage finetune --demo-task $(task_of $1) --seed $3 --init $R/$1/$2-s$3/distill/last.pt \
+        --demo-train $4 --epochs ${FT_EPOCHS[$4]} --lr $FT_LR --eval-every-steps 100 --out $R/$1/$2-s$3 --name n$4 $COMMON
 }
 labels_only() { # TASK NAME SEED N EPOCHS: the same student, labels only, on the same N images
-  train $R/$1/$2-s$3/n$4 --stage finetune --demo-task $1 --seed $3 --demo-train $4 --epochs $5 --lr 4e-3 \
-        --eval-every-steps 250 --out $R/$1/$2-s$3 --name n$4 $COMMON
+  train $R/$1/$2-s$3/n$4 --stage finetune --demo-task $(task_of $1) --seed $3 $(student_of $1) --demo-train $4 \
+        --epochs $5 --lr 4e-3 --eval-every-steps 250 --out $R/$1/$2-s$3 --name n$4 $COMMON
 }
 
 # 1. teachers: one per seed, so the seed spread includes the teacher's
-for task in $TASKS; do
-  if [ "$task" = pairs ]; then seeds=$SEEDS5; else seeds=$SEEDS3; fi
+for task in $(for t in $TASKS; do task_of $t; done | sort -u); do
+  if [[ " $TASKS " == *" pairs "* && $task == pairs ]]; then seeds=$SEEDS5; else seeds=$SEEDS3; fi
   for s in $seeds; do job "$(teacher $task $s) && $(probe $R/$task/teacher-s$s/teacher)"; done
 done
 run_jobs
@@ -107,6 +113,12 @@ if [[ " $TASKS " == *" relations "* ]]; then  # the harder task: the label survi
     labels_pair relations $s 300
     labels_pair relations $s 1200
     job "$(distill relations am_only_nomask $s --lam 0 --mask-ratio 0) && $(finetune relations am_only_nomask $s 300)"
+  done
+fi
+if [[ " $TASKS " == *" pairs-adventurer "* ]]; then  # the paper's own student: probe curve, 300 labels, 3 seeds
+  for s in $SEEDS3; do
+    main_chain pairs-adventurer $s 300
+    job "$(labels_only pairs-adventurer labels_700 $s 300 ${SHORT_EPOCHS[300]})"
   done
 fi
 run_jobs
