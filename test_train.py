@@ -208,8 +208,8 @@ def test_bad_input_gets_one_clear_line(tmp_path, capsys, case):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
     args = ["--stage", "teacher", "--out", tmp_path / "r", *TINY, "--epochs", 2, "--ckpt-every", 1]
     assert run_train(capsys, *args, "--max-steps", 2)[0] == 0
-    real = train.normalize
-    monkeypatch.setattr(train, "normalize", lambda x, device: real(x, device) * float("inf"))   # a diverged step
+    real = train.to_pixels
+    monkeypatch.setattr(train, "to_pixels", lambda x, device: real(x, device) * float("inf"))   # a diverged step
     rc, out, err = run_train(capsys, *args)
     assert rc == 2 and "non-finite" in one_error_line(err) and "last good checkpoint" in err
     ck = torch.load(tmp_path / "r" / "teacher" / "last.pt", weights_only=True)
@@ -921,12 +921,12 @@ def test_misleading_messages_name_the_right_thing(tmp_path, capsys, monkeypatch)
                            "--batch-size", 8)
     assert rc == 2 and "cannot resume with another global batch (16 -> 8)" in one_error_line(err)
     # a non-finite loss before any checkpoint: no "kept the last good checkpoint"
-    real = train.normalize
-    monkeypatch.setattr(train, "normalize", lambda x, device: real(x, device) * float("inf"))
+    real = train.to_pixels
+    monkeypatch.setattr(train, "to_pixels", lambda x, device: real(x, device) * float("inf"))
     rc, _, err = run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 1, "--out", tmp_path / "c")
     line = one_error_line(err)
     assert rc == 2 and "no checkpoint of this run was written yet" in line and "kept" not in line
-    monkeypatch.setattr(train, "normalize", real)
+    monkeypatch.setattr(train, "to_pixels", real)
     # patch sizes that differ: the message names the student options that match the teacher
     rc, _, err = run_train(capsys, "--stage", "distill", "--teacher", tiny_teacher(tmp_path / "t.pt"), *TINY,
                            "--student", "tiny", "--out", tmp_path / "d")

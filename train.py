@@ -77,6 +77,7 @@ DEMO_THREADS = 1
 DEFAULTS = dict(
     # run
     data=None, stage="all", out=None, name=None, teacher=None, init=None, resume="auto", fresh=False, max_steps=None,
+    teacher_norm=None,
     threads=Mode(DEMO_THREADS, None), no_baseline=False, recipe=Mode("none", "deit"), distill_data=None,
     save_steps=None,
     # models
@@ -192,6 +193,8 @@ def get_parser():
     g.add_argument("--name", help="this stage's sub-folder of --out (default: the stage)")
     g.add_argument("--teacher", help="teacher for distill (and finetune --kd-weight): what load_teacher takes "
                    "(timm/DeiT or CLIP file, own checkpoint, timm:NAME); stage all trains one if not given")
+    g.add_argument("--teacher-norm", help="the teacher's pixel mean / std instead of what its library declares: "
+                   f"{' | '.join(vl.PIXEL_NORMS)} | 'M,M,M/S,S,S' (pixels in [0, 1]); default: declared")
     g.add_argument("--init", help="start the stage's model from this checkpoint of train.py (finetune: e.g. "
                    "OUT/distill/last.pt; any stage: a run at another --img-size, position embeddings resized); "
                    "none = from scratch")
@@ -410,6 +413,7 @@ def check_args(args):
             image_augment(spec)
         except ValueError as e:
             raise UserError(str(e)) from None
+    teacher_norm(args.teacher_norm)
     if args.lam == 0 and args.am_weight == 0:
         raise UserError("--lam 0 and --am-weight 0 leave no distillation loss: give one of them a weight > 0")
     if args.lr is not None and args.min_lr > args.lr:
@@ -593,7 +597,7 @@ def demo_set(args, split):
 # 3. Data: image folders
 
 IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MEAN, STD = vl.IMAGENET_MEAN, vl.IMAGENET_STD          # RandAugment's fill; a model's input: vl.normalize
 
 
 def list_split(root, split):
@@ -867,7 +871,7 @@ class BadImages:
 # 5. Augmentations
 # The DeiT / timm training augmentations, written from their documented behaviour (timm's RandAugment, RandomErasing
 # and Mixup; DeiT III's 3-Augment). Per image on PIL inside ImageFolder (RandAugment or 3-Augment, after crop and flip),
-# then per batch on the normalised tensor (random erasing, then mixup / cutmix). Every draw comes from a seeded
+# then per batch on the pixels in [0, 1] (random erasing, then mixup / cutmix). Every draw comes from a seeded
 # generator (per image: seed, epoch, index; per batch: seed, step, rank), so a resumed run repeats them.
 
 FILL = tuple(round(255 * m) for m in MEAN)                                  # uncovered pixels get the mean colour
@@ -980,11 +984,13 @@ def image_augment(spec):
     return ThreeAugment() if spec == "3augment" else RandAugment(spec)
 
 
-def random_erase(x, prob, g, gen):
+def random_erase(x, prob, g, gen, cfg=None):
     """timm's RandomErasing as DeiT uses it (mode 'pixel', one box), in place on a normalised batch (B, C, H, W): with
     probability prob an image gets one box of 2 % .. 1/3 of its area, aspect ratio log-uniform in 0.3 .. 1/0.3, at a
     uniform position, filled with N(0, 1) noise per pixel and channel (up to 10 draws for a box that fits).
-    g: random.Random for the boxes; gen: torch.Generator on x's device for the noise. -> [(top, left, h, w) or None]"""
+    cfg: x holds pixels in [0, 1] for a model of this config: the noise is pixel_mean + pixel_std N(0, 1), N(0, 1)
+    once the model normalises it. g: random.Random for the boxes; gen: torch.Generator on x's device for the noise.
+    -> [(top, left, h, w) or None]"""
     B, _, H, W = x.shape
     boxes = []
     for _ in range(B):
@@ -999,7 +1005,11 @@ def random_erase(x, prob, g, gen):
                     break
         boxes.append(box)
     if any(boxes):
-        noise = torch.randn(x.shape, generator=gen, device=x.device).to(x.dtype)
+        noise = torch.randn(x.shape, generator=gen, device=x.device)
+        if cfg is not None:
+            noise = noise * torch.tensor(cfg.pixel_std, device=x.device).view(1, 3, 1, 1) \
+                + torch.tensor(cfg.pixel_mean, device=x.device).view(1, 3, 1, 1)
+        noise = noise.to(x.dtype)
         for b, box in enumerate(boxes):
             if box:
                 t, l, h, w = box
@@ -1040,15 +1050,16 @@ def with_augmentation(ds, args):
     return ds
 
 
-def batch_augment(args, n_classes, stage, rank):
-    """-> f(x, y, step) -> (x, y) for a normalised training batch: random erasing, then (labelled stages, where y
-    becomes soft targets) mixup / cutmix, from generators seeded by (seed, step, rank)"""
+def batch_augment(args, n_classes, stage, rank, cfg=None):
+    """-> f(x, y, step) -> (x, y) for a training batch of pixels in [0, 1]: random erasing (noise in the trained
+    model's normalisation, cfg's), then (labelled stages, where y becomes soft targets) mixup / cutmix, from
+    generators seeded by (seed, step, rank)"""
     mix = stage != "distill" and (args.mixup > 0 or args.cutmix > 0)
 
     def augment(x, y, step):
         if args.erase_prob > 0:
             key = hash((args.seed, step, rank, 1)) & (2**63 - 1)
-            random_erase(x, args.erase_prob, random.Random(key), torch.Generator(x.device).manual_seed(key))
+            random_erase(x, args.erase_prob, random.Random(key), torch.Generator(x.device).manual_seed(key), cfg)
         if mix:
             x, y, _, _ = mix_batch(x, y, n_classes, args.mixup, args.cutmix, args.mixup_switch_prob,
                                    args.label_smoothing, random.Random(hash((args.seed, step, rank, 2))))
@@ -1268,7 +1279,7 @@ def set_rng_state(states, ctx):
 
 
 # args whose change makes a checkpoint a different experiment (model and data): resuming with another value is an error
-FIXED_ARGS = ("stage", "teacher", "init", "teacher_preset", "teacher_opts", "student", "student_opts",
+FIXED_ARGS = ("stage", "teacher", "teacher_norm", "init", "teacher_preset", "teacher_opts", "student", "student_opts",
               "img_size", "stages", "am_scope", "target", "demo_train", "demo_teacher_train", "demo_seed", "pos_init",
               "layer_decay", "demo_task", "demo_pool", "distill_data")   # (layer_decay: the optimizer's groups)
 PATH_ARGS = ("teacher", "init", "distill_data")
@@ -1383,10 +1394,26 @@ def sincos_pos_init_(model):
         pos[0, -g * g:, :table.shape[1]] = 0.5 * table
 
 
-def load_teacher(spec, img_size):
-    """a frozen teacher, as vl.load_teacher reads it (any file, Hub folder or timm:NAME it takes), or a UserError"""
+def teacher_norm(text):
+    """--teacher-norm -> (mean, std): a name of vl.PIXEL_NORMS or 'M,M,M/S,S,S'; None -> (None, None)"""
+    if not text:
+        return None, None
+    if text in vl.PIXEL_NORMS:
+        return vl.PIXEL_NORMS[text]
+    mean, _, std = text.partition("/")
+    try:
+        return vl.pixel_stats(mean.split(","), std.split(","), "--teacher-norm")
+    except ValueError:
+        raise UserError(f"--teacher-norm {text!r}: give one of {', '.join(vl.PIXEL_NORMS)} or 'M,M,M/S,S,S' "
+                        "(pixels in [0, 1], std > 0)") from None
+
+
+def load_teacher(spec, img_size, norm=None):
+    """a frozen teacher, as vl.load_teacher reads it (any file, Hub folder or timm:NAME it takes), or a UserError.
+    norm: --teacher-norm (default: the pixel mean / std its library declares)"""
+    mean, std = teacher_norm(norm)
     with as_user_error(f"could not load teacher {spec!r}"):                # the loader says which keys did not fit
-        return vl.load_teacher(spec, img_size=img_size)
+        return vl.load_teacher(spec, img_size=img_size, pixel_mean=mean, pixel_std=std)
 
 
 def init_from(path, args, n_classes, kind=None, verbose=False):
@@ -1417,7 +1444,7 @@ def build(args, stage, n_classes, ctx):
     torch.manual_seed(args.seed)                                            # same init on every rank
     if stage == "teacher" and args.init:                                    # e.g. a higher-resolution stage
         model = init_from(args.init, args, n_classes, kind="vit", verbose=ctx.main)
-        return model, model, supervised_loss(None, args), None
+        return model, model, supervised_loss(None, args, model), None
     if stage == "teacher":
         cfg = make_config(vl.TEACHER_PRESETS, args.teacher_preset, args.teacher_opts, "teacher",
                           img_size=args.img_size, num_classes=n_classes, drop_path=args.drop_path)
@@ -1425,9 +1452,10 @@ def build(args, stage, n_classes, ctx):
         model = vl.ViT(cfg)
         if args.pos_init == "sincos":
             sincos_pos_init_(model)
-        return model, model, supervised_loss(None, args), None
+        return model, model, supervised_loss(None, args, model), None
     if stage == "finetune":
-        teacher = load_teacher(args.teacher, args.img_size) if args.teacher and args.kd_weight > 0 else None
+        teacher = (load_teacher(args.teacher, args.img_size, args.teacher_norm) if args.teacher and args.kd_weight > 0
+                   else None)
         if teacher is not None and teacher.cfg.num_classes != n_classes:
             if ctx.main:
                 print(f"note: the teacher has no {n_classes}-class head: --kd-weight ignored", file=sys.stderr)
@@ -1442,11 +1470,11 @@ def build(args, stage, n_classes, ctx):
         for n, p in model.named_parameters():                               # unused without a mask (DDP wants all used)
             if n.endswith("mask_token"):
                 p.requires_grad_(False)
-        return model, model, supervised_loss(teacher, args), teacher
+        return model, model, supervised_loss(teacher, args, model), teacher
     # distill
     if not args.teacher:
         raise UserError("--stage distill needs --teacher (a checkpoint, timm/CLIP file or timm:NAME)")
-    teacher = load_teacher(args.teacher, args.img_size)
+    teacher = load_teacher(args.teacher, args.img_size, args.teacher_norm)
     if args.init:                                                           # e.g. progressive resolution
         student = init_from(args.init, args, n_classes, kind="vision_mamba", verbose=ctx.main)
         cfg = student.cfg
@@ -1474,18 +1502,19 @@ def build(args, stage, n_classes, ctx):
                 m.requires_grad_(False)
     grid = (args.img_size // cfg.patch_size,) * 2
 
-    def loss(module, x, y, step):                                           # one masked student forward, both losses
+    def loss(module, x, y, step):                     # x: pixels in [0, 1]; one masked student forward, both losses
         g = torch.Generator().manual_seed(hash((args.seed, step, ctx.rank)) & (2**63 - 1))
         mask = vl.sample_mask(len(x), grid, args.mask_ratio, args.mask_kind, generator=g, device=x.device)
         return module(x, mask)                                              # dict(loss, am, mp)
     return student, distiller, loss, teacher
 
 
-def supervised_loss(teacher, args):
+def supervised_loss(teacher, args, model):
     """cross-entropy with label smoothing, or against soft targets (B, classes) from mixup / cutmix, which carry the
-    smoothing already; + soft logit distillation when a teacher is given"""
+    smoothing already; + soft logit distillation when a teacher is given. x: pixels in [0, 1]; the trained model
+    (module: model, compiled or in DDP) and the teacher each get their own normalisation."""
     def loss(module, x, y, step):
-        logits = module(x).logits.float()
+        logits = module(vl.normalize(x, model)).logits.float()
         if y.is_floating_point():
             ce = torch.sum(-y * F.log_softmax(logits, -1), -1).mean()
         else:
@@ -1493,7 +1522,7 @@ def supervised_loss(teacher, args):
         if teacher is None:
             return dict(loss=ce)
         with torch.no_grad():
-            t = teacher(x).logits.float()
+            t = teacher(vl.normalize(x, teacher)).logits.float()
         T = args.kd_temp
         kd = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(t / T, -1), log_target=True,
                       reduction="batchmean") * T * T
@@ -1595,12 +1624,10 @@ def lr_at(step, total, warmup, peak, floor):
 # ----------------------------------------------------------------------------------------------------------------
 # 10. Evaluation: top-1 / top-5, and the linear probe
 
-def normalize(x, device):
-    """uint8 (B,3,H,W) on host -> normalised float on device"""
-    x = x.to(device, non_blocking=True).float().div_(255)
-    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
-    return (x - mean) / std
+def to_pixels(x, device):
+    """uint8 (B,3,H,W) on host -> float pixels in [0, 1] on device; each model normalises them its own way
+    (vl.normalize: its pixel mean / std)"""
+    return x.to(device, non_blocking=True).float().div_(255)
 
 
 def autocast(args, device):
@@ -1623,7 +1650,7 @@ def evaluate(model, loader, args, ctx, desc="eval"):
             if not len(labels):
                 continue
             with autocast(args, ctx.device):
-                logits = model(normalize(images, ctx.device)).logits
+                logits = model(vl.normalize(to_pixels(images, ctx.device), model)).logits
             labels = labels.to(ctx.device)
             top = logits.float().topk(min(5, logits.shape[-1]), -1).indices
             hit = top == labels[:, None]
@@ -1647,7 +1674,7 @@ def probe_features(model, loader, args, ctx):
     for images, y, _ in tqdm(loader, desc="probe features", leave=False, disable=not ctx.main):
         if len(images):
             with autocast(args, ctx.device):
-                tokens = model(normalize(images, ctx.device)).tokens.float()
+                tokens = model(vl.normalize(to_pixels(images, ctx.device), model)).tokens.float()
             feats.append(torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], 1).double().cpu())
             labels.append(y)
     model.train(was)
@@ -1852,7 +1879,8 @@ def start_or_resume(args, stage, data, ctx):
     save_steps = {int(v) for v in (args.save_steps or "").split(",") if v.strip()}
     run = Run(stage=stage, label=label, ckpt_path=ckpt_path, log_path=log_path, classes=list(data.classes),
               saved=saved, trained=trained, model=trained, params=[p for p in trained.parameters() if p.requires_grad],
-              teacher=teacher, loss_fn=loss_fn, augment=batch_augment(args, len(data.classes), stage, ctx.rank),
+              teacher=teacher, loss_fn=loss_fn,
+              augment=batch_augment(args, len(data.classes), stage, ctx.rank, saved.cfg),
               ema=ema, opt=opt, scaler=scaler, loader=loader, val_loader=val_loader, peak_lr=peak_lr,
               total_steps=total, warmup=warmup, save_steps=save_steps,
               bad=BadImages(args.max_bad_frac, args.repeated_aug), sums=LogSums(ctx.device), live_log=log_path)
@@ -1891,7 +1919,7 @@ def train_one_epoch(run, args, ctx):
             if run.bad.add_batch(len(images), errors, ctx):
                 run.batch_in_epoch += 1
                 continue
-            x = normalize(images, ctx.device)
+            x = to_pixels(images, ctx.device)
             y = labels[0].to(ctx.device, non_blocking=True) if labels else None
             # augment: random erasing, then mixup / cutmix (the labels become soft targets)
             x, y = run.augment(x, y, run.step)
@@ -2115,7 +2143,7 @@ def run_all(args, data, ctx):
 
     def load(path):                         # a checkpoint of this run, or --teacher as given (any format it reads)
         if path == args.teacher:
-            return {}, load_teacher(path, args.img_size)
+            return {}, load_teacher(path, args.img_size, args.teacher_norm)
         ck = load_checkpoint(path)
         return ck, vl.model_from_checkpoint(ck)
 
