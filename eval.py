@@ -50,7 +50,10 @@ def accuracy(args):
         classes = ds.classes
     elif args.data is not None:
         classes, samples = train.list_split(args.data, "val")
-        ds = train.ImageFolder(samples, classes, args.img_size, train=False, crop_ratio=args.crop_ratio)
+        declared = getattr(model, "eval_transform", {})                  # a teacher's library's resize / crop
+        crop = args.crop_ratio or declared.get("crop_pct", 0.875)
+        ds = train.ImageFolder(samples, classes, args.img_size, train=False, crop_ratio=crop,
+                               interpolation=declared.get("interpolation", "bicubic"))
     else:
         raise train.UserError(f"{args.ckpt} was not trained on the demo: give --data DIR (DIR/val/<class>/*)")
     if ck.get("classes") and list(ck["classes"]) != list(classes):
@@ -175,11 +178,11 @@ def bench_models(args, csv_path):
                 if name in slow:
                     row["img_s"] = "skipped (slow)"
                     continue
-                x = torch.randn(bs, 3, res, res, device=device)
+                x = torch.rand(bs, 3, res, res, device=device)                    # pixels in [0, 1]
 
                 def fwd():
                     with torch.no_grad(), amp:
-                        model(x)
+                        model(vl.normalize(x, model))
                 try:
                     t0 = time.perf_counter()
                     mem = peak_mb(device, fwd)                                        # also the first warm-up
@@ -189,13 +192,13 @@ def bench_models(args, csv_path):
                     row.update(img_s=f"{bs / sec:.1f}", latency_ms=f"{1000 * sec:.1f}",
                                peak_mb="n/a" if mem is None else f"{mem:.0f}")
                     if res in (224, 448) and bs == max(int_list(args.batch_sizes, "--batch-sizes")):
-                        row["train_mem_mb"] = train_step_mem(model, x, device, amp)
+                        row["train_mem_mb"] = train_step_mem(model, vl.normalize(x, model), device, amp)
                     if name == "student":
                         teacher_row = rows[-2]
                         if teacher_row["latency_ms"]:
                             row["vs_teacher"] = f"{float(teacher_row['latency_ms']) / (1000 * sec):.2f}x"
                         with amp:
-                            parts, total = student_time_split(model, x, device)
+                            parts, total = student_time_split(model, vl.normalize(x, model), device)
                         row["time_split"] = " ".join(f"{k.split()[0]} {100 * v / total:.0f}%" for k, v in parts.items())
                 except torch.cuda.OutOfMemoryError:
                     row["img_s"] = "OOM"
@@ -535,20 +538,20 @@ def model_speed(res, batch, models, device, repeats=5):
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     for name, model in models.items():
         model.to(device)
-        x = torch.randn(batch, 3, res, res, device=device)
+        x = torch.rand(batch, 3, res, res, device=device)                             # pixels in [0, 1]
         opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
         row = dict(res=res, tokens=1 + (res // 16) ** 2, batch=batch, model=name)
 
         def train_step():
             with amp:
-                loss = model(x).logits.float().logsumexp(-1).mean()
+                loss = model(vl.normalize(x, model)).logits.float().logsumexp(-1).mean()
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
         def infer():
             with torch.no_grad(), amp:
-                model(x)
+                model(vl.normalize(x, model))
         for mode, fn in (("train", train_step), ("infer", infer)):
             model.train(mode == "train")
             try:
@@ -852,7 +855,7 @@ def check_args(args):
             raise train.UserError(f"{flag} {value}: must be a whole number >= {least}")
     if not 0 < args.max_seconds < float("inf"):
         raise train.UserError(f"--max-seconds {args.max_seconds}: must be a finite number > 0")
-    if not 0 < args.crop_ratio <= 1:
+    if args.crop_ratio is not None and not 0 < args.crop_ratio <= 1:
         raise train.UserError(f"--crop-ratio {args.crop_ratio}: must be > 0 and <= 1")
     int_list(args.resolutions, "--resolutions")
     int_list(args.batch_sizes, "--batch-sizes")
@@ -880,8 +883,9 @@ def main(argv=None):
                    "held-out set)")
     p.add_argument("--img-size", type=int, help="default: the checkpoint's training resolution; any multiple of the "
                    "patch size works (position embeddings resampled), e.g. 448 for a 224 px model")
-    p.add_argument("--crop-ratio", type=float, default=0.875, help="--data: resize to img-size / ratio, centre crop "
-                   "(Adventurer evaluates above 224 px with 1.0)")
+    p.add_argument("--crop-ratio", type=float, help="--data: resize to img-size / ratio, centre crop (Adventurer "
+                   "evaluates above 224 px with 1.0); default: a teacher's library's crop_pct and interpolation where "
+                   "declared (timm, transformers, CLIP), else 0.875, bicubic")
     p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights (--ema-decay runs)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=4 if cuda else 0)

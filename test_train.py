@@ -1126,3 +1126,33 @@ def test_init_from_with_another_class_count_keeps_every_other_tensor(tmp_path):
             assert torch.equal(new.state_dict()[k], v), k
     ours = vl.model_from_checkpoint(torch.load(tmp_path / "c.pt", weights_only=True), num_classes=0)
     assert ours.head is None and torch.equal(ours.pos_embed, old.pos_embed)
+
+
+def test_distillation_and_kd_hand_each_model_its_own_normalisation(tmp_path, capsys, monkeypatch):
+    """a step of distillation and of fine-tuning with logit KD: the teacher gets exactly (pixels - its mean) / its
+    std (here --teacher-norm half), the student its own (ImageNet's), from the same pixels in [0, 1]"""
+    pixels, seen = [], {"ViT": [], "VisionMamba": []}
+    real_pixels = train.to_pixels
+    monkeypatch.setattr(train, "to_pixels", lambda x, d: pixels.append(real_pixels(x, d)) or pixels[-1].clone())
+    for cls in (vl.ViT, vl.VisionMamba):
+        def forward(self, images, *a, real=cls.forward):
+            seen[type(self).__name__].append(images.detach().clone())
+            return real(self, images, *a)
+        monkeypatch.setattr(cls, "forward", forward)
+    teacher = tiny_teacher(tmp_path / "t.pt")
+    view = lambda t: torch.tensor(t).view(1, 3, 1, 1)                                 # noqa: E731
+    for stage in (["--stage", "distill"], ["--stage", "finetune", "--kd-weight", "0.5"]):
+        pixels.clear(), seen["ViT"].clear(), seen["VisionMamba"].clear()
+        rc, _, err = run_train(capsys, *stage, "--teacher", teacher, "--teacher-norm", "half", *TINY, "--max-steps", 1,
+                               "--epochs", 1, "--out", tmp_path / stage[1])
+        assert rc == 0, err
+        x = pixels[0]
+        assert 0 <= x.min() and x.max() <= 1
+        torch.testing.assert_close(seen["ViT"][0], (x - 0.5) / 0.5, rtol=0, atol=0)
+        torch.testing.assert_close(seen["VisionMamba"][0], (x - view(vl.IMAGENET_MEAN)) / view(vl.IMAGENET_STD),
+                                   rtol=0, atol=0)
+    ck = torch.load(tmp_path / "distill" / "distill" / "last.pt", weights_only=True)
+    assert ck["config"]["pixel_mean"] == vl.IMAGENET_MEAN and ck["args"]["teacher_norm"] == "half"
+    rc, _, err = run_train(capsys, "--stage", "distill", "--teacher", teacher, "--teacher-norm", "0.5,0.5/1,1,1",
+                           *TINY, "--out", tmp_path / "bad")
+    assert rc == 2 and "--teacher-norm '0.5,0.5/1,1,1'" in one_error_line(err)

@@ -628,7 +628,8 @@ def test_each_family_gets_the_pixel_stats_its_library_declares(tmp_path, capsys,
     entry = ZOO_MANIFEST["pixels"][family]
     spec, load = with_pixel_file(tmp_path, family)
     teacher = vl.load_teacher(spec, **load)
-    assert teacher.cfg.pixel_mean == pytest.approx(entry["mean"]) and teacher.cfg.pixel_std == pytest.approx(entry["std"])
+    assert teacher.cfg.pixel_mean == pytest.approx(entry["mean"])
+    assert teacher.cfg.pixel_std == pytest.approx(entry["std"])
     assert all(type(v) is float for v in teacher.cfg.pixel_mean + teacher.cfg.pixel_std)
     want = dict(crop_pct=entry["crop_pct"], interpolation=entry["interpolation"]) if entry["crop_pct"] else {}
     assert teacher.eval_transform == want

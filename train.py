@@ -638,12 +638,14 @@ class ImageFolder(Dataset):
     """DIR/<class>/* decoded with Pillow (grayscale, CMYK, palette, PNG: converted to RGB).
     train: random-resized-crop (bicubic) + flip with probability hflip, then `augment` (RandAugment / 3-Augment), all
     from a per-(seed, epoch, index) RNG, so a resumed run sees the same images.
-    eval: resize to size/crop_ratio then centre crop. An unreadable image gives None (skipped and counted by
-    collate)."""
+    eval: resize to size/crop_ratio then centre crop (interpolation: "bicubic" or "bilinear"). An unreadable image
+    gives None (skipped and counted by collate)."""
 
-    def __init__(self, samples, classes, img_size, train, augment=None, hflip=0.5, crop_ratio=0.875):
+    def __init__(self, samples, classes, img_size, train, augment=None, hflip=0.5, crop_ratio=0.875,
+                 interpolation="bicubic"):
         self.samples, self.classes, self.size, self.train = samples, classes, img_size, train
         self.augment, self.hflip, self.crop_ratio = augment, hflip, crop_ratio
+        self.resample = Image.BILINEAR if interpolation == "bilinear" else Image.BICUBIC
 
     def __len__(self):
         return len(self.samples)
@@ -668,7 +670,7 @@ class ImageFolder(Dataset):
         else:
             s = min(w, h) * self.crop_ratio                                 # == resize(size/ratio) + centre crop(size)
             box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
-            im = im.resize((self.size, self.size), Image.BICUBIC, box=box)
+            im = im.resize((self.size, self.size), self.resample, box=box)
         return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1), label, None
 
 
