@@ -1156,3 +1156,49 @@ def test_distillation_and_kd_hand_each_model_its_own_normalisation(tmp_path, cap
     rc, _, err = run_train(capsys, "--stage", "distill", "--teacher", teacher, "--teacher-norm", "0.5,0.5/1,1,1",
                            *TINY, "--out", tmp_path / "bad")
     assert rc == 2 and "--teacher-norm '0.5,0.5/1,1,1'" in one_error_line(err)
+
+
+def test_no_collective_or_item_per_step_beyond_ddps_own(tmp_path):
+    """two gloo processes distil: between two steps our code calls no collective and no .item() / .tolist() / bool()
+    of a tensor (a host sync on a GPU); the finite-loss check and the unreadable-image counts are gathered at log
+    lines (--log-every 4: only the step after a log line sees them)"""
+    wrapper = tmp_path / "count.py"
+    wrapper.write_text(f"""import json, os, sys
+sys.path.insert(0, {HERE!r})
+import torch, torch.distributed as dist
+import train
+calls, per_step = [], []
+OURS = tuple(os.path.join({HERE!r}, f) for f in ("train.py", "vitlinearizer.py", "scan_kernel.py"))
+def counted(name, real, ours_only=False):
+    def f(*a, **kw):
+        if not ours_only or sys._getframe(1).f_code.co_filename in OURS:
+            calls.append(name)
+        return real(*a, **kw)
+    return f
+for name in ("all_reduce", "all_gather", "all_gather_object", "broadcast", "barrier", "reduce", "gather_object"):
+    setattr(dist, name, counted(name, getattr(dist, name)))
+for name in ("item", "tolist", "__bool__"):
+    setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name), ours_only=True))
+real_lr_at = train.lr_at
+def lr_at(step, *a):                                                  # once per step, before its forward
+    per_step.append(list(calls))
+    return real_lr_at(step, *a)
+train.lr_at = lr_at
+rc = train.main()
+json.dump(per_step, open(f"{tmp_path}/calls{{os.environ['RANK']}}.json", "w"))
+sys.exit(rc)
+""")
+    teacher = tiny_teacher(tmp_path / "t.pt")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(wrapper),
+           "--stage", "distill", "--teacher", teacher, "--out", str(tmp_path / "r"), *map(str, TINY),
+           "--batch-size", "4", "--epochs", "1", "--log-every", "4", "--ckpt-every", "1000"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for rank in (0, 1):
+        per_step = json.load(open(tmp_path / f"calls{rank}.json"))
+        assert len(per_step) == 8                                                      # 64 images / (2 x 4)
+        between = [b[len(a):] for a, b in zip(per_step, per_step[1:])]               # step k's calls, k = 1 .. 7
+        assert [bool(c) for c in between] == [False, False, False, True, False, False, False], between
+        assert "all_reduce" in between[3]                                              # the log line's sums, checks
+

@@ -824,7 +824,7 @@ class BadImages:
 
     def __init__(self, max_frac, repeats=1):
         self.max_frac, self.seen, self.bad, self.first, self.empty_batches = max_frac, 0, 0, None, 0
-        self.repeats = repeats
+        self.repeats, self.pending = repeats, None
 
     def add(self, n_good, errors):
         self.seen += (n_good + len(errors)) / self.repeats
@@ -839,20 +839,27 @@ class BadImages:
                             f"--max-bad-frac {self.max_frac}); first: {self.first}")
 
     def add_batch(self, n_good, errors, ctx):
-        """a training batch (collective: every rank calls it): counted; any rank's UserError stops every rank.
-        -> whether every rank skips the batch (a rank has no readable image in it)"""
-        err = None
+        """a training batch, counted on this rank alone (no collective, so no extra synchronisation per step): a
+        UserError is raised at once by a single process, else kept for `sync` (every log line and checkpoint), which
+        stops every rank. -> whether this rank has no readable image in it (a single process skips the batch; with
+        several ranks it takes a step on a stand-in image that weighs nothing, so DDP's ranks stay in step)"""
         try:
             self.add(n_good, errors)
         except UserError as e:
-            err = e
-        if stop_together(err, ctx, skip=not n_good):
-            self.empty_batches += 1
-            return True
-        return False
+            if ctx.world == 1:
+                raise
+            self.pending = self.pending or e
+        self.empty_batches += not n_good
+        return not n_good
+
+    def sync(self, ctx):
+        """collective: an error kept by add_batch on any rank stops every rank"""
+        stop_together(self.pending, ctx)
 
     def end_pass(self, what, ctx):
         """the end of an epoch or of an evaluation: rank 0 reports (and counts afresh), the other ranks check"""
+        if self.pending is not None:
+            raise self.pending
         if ctx.main:
             self.report(what)
         else:
@@ -1796,6 +1803,8 @@ class Run:
     history: list = dataclasses.field(default_factory=list)  # this run's log lines
     saved_step: int | None = None               # the step of the last checkpoint of this run (None: none yet)
     metrics: dict = dataclasses.field(default_factory=dict)  # the last epoch-end validation's, for the last checkpoint
+    nonfinite: torch.Tensor | None = None       # on the device: [step, loss, grad norm] of the first non-finite step
+                                                # since the start (step -1: none), read at log lines and checkpoints
 
     @property
     def steps_per_epoch(self):
@@ -1893,6 +1902,7 @@ def start_or_resume(args, stage, data, ctx):
     else:
         torch.manual_seed(args.seed + 1000 * ctx.rank + 1)                  # per-rank dropout / drop-path streams
     open_log(run, ctx, fresh=ck is None)
+    run.nonfinite = torch.full((3,), -1.0, device=ctx.device)
     if args.compile:
         run.model = torch.compile(run.model)
     if ctx.world > 1:
@@ -1918,9 +1928,13 @@ def train_one_epoch(run, args, ctx):
         for images, *labels, errors in bar:                                 # distill: (images, errors), no labels
             # get the batch: unreadable images are counted and left out; a batch left with none (on some rank) is
             # skipped by every rank
-            if run.bad.add_batch(len(images), errors, ctx):
+            empty = run.bad.add_batch(len(images), errors, ctx)
+            if empty and ctx.world == 1:
                 run.batch_in_epoch += 1
                 continue
+            if empty:                                                       # a stand-in that weighs nothing
+                images = torch.zeros(1, 3, args.img_size, args.img_size, dtype=torch.uint8)
+                labels = [torch.zeros(1, dtype=torch.long)] if labels else labels
             x = to_pixels(images, ctx.device)
             y = labels[0].to(ctx.device, non_blocking=True) if labels else None
             # augment: random erasing, then mixup / cutmix (the labels become soft targets)
@@ -1932,16 +1946,19 @@ def train_one_epoch(run, args, ctx):
             # forward: the stage's loss (distill: one masked student forward, AM + lambda MP)
             with autocast(args, ctx.device):
                 out = run.loss_fn(run.model, x, y, run.step)
+            if empty:
+                out = {k: v * 0 for k, v in out.items()}
             # backward
             run.opt.zero_grad(set_to_none=True)
             run.scaler.scale(out["loss"]).backward()
-            # clip the gradient norm; a non-finite loss or gradient stops the run
+            # clip the gradient norm; a non-finite loss or gradient is noted on the device (no host sync) and stops the
+            # run at the next log line or checkpoint (check_health), before anything is written
             run.scaler.unscale_(run.opt)
             grad_norm = nn.utils.clip_grad_norm_(run.params, args.clip_grad if args.clip_grad > 0 else float("inf"))
-            if not torch.isfinite(torch.stack([out["loss"].detach().float(), grad_norm.float()])).all():
-                raise NonFinite(f"{run.label}: non-finite loss/gradient at step {run.step} (loss "
-                                f"{out['loss'].item():.4g}, grad norm {grad_norm.item():.4g}); stopped, "
-                                f"{run.kept()} (try a lower --lr or --amp none)")
+            values = torch.stack([out["loss"].detach().float(), grad_norm.float()])
+            first = ~torch.isfinite(values).all() & (run.nonfinite[0] < 0)
+            here = torch.cat([torch.full((1,), float(run.step), device=values.device), values])
+            run.nonfinite = torch.where(first, here, run.nonfinite)
             # step: the optimizer, then the EMA of the weights
             run.scaler.step(run.opt)
             run.scaler.update()
@@ -1956,8 +1973,10 @@ def train_one_epoch(run, args, ctx):
             if run.val_loader is not None and every and run.step % every == 0 and run.step < run.total_steps:
                 validate(run, args, ctx, run.epoch + run.batch_in_epoch / run.steps_per_epoch)
             # log: the means since the last line
-            run.sums.add(out, grad_norm, len(images))
+            if not empty:
+                run.sums.add(out, grad_norm, len(images))
             if run.step % args.log_every == 0:
+                check_health(run, ctx)
                 means = run.sums.means(ctx)
                 log(run, dict(step=run.step, epoch=round(run.epoch + run.batch_in_epoch / run.steps_per_epoch, 4),
                               **means, lr=lr, img_per_s=run.sums.img_per_s(ctx), peak_mem_mb=peak_mem_mb(ctx)), ctx)
@@ -1970,6 +1989,17 @@ def train_one_epoch(run, args, ctx):
             if args.max_steps and run.step >= args.max_steps:
                 return True
     return False
+
+
+def check_health(run, ctx):
+    """collective, at log lines and checkpoints (never per step): a non-finite loss or gradient since the start, or
+    too many unreadable images on any rank, stops every rank"""
+    step, loss, grad_norm = run.nonfinite.tolist()
+    err = run.bad.pending
+    if step >= 0:
+        err = NonFinite(f"{run.label}: non-finite loss/gradient at step {int(step)} (loss {loss:.4g}, grad norm "
+                        f"{grad_norm:.4g}); stopped, {run.kept()} (try a lower --lr or --amp none)")
+    stop_together(err, ctx)
 
 
 def end_epoch(run, args, ctx):
@@ -2010,6 +2040,7 @@ def log(run, record, ctx):
 def save(run, args, ctx, finished=False):
     """OUT/NAME/last.pt: the models, optimizer, schedule, where the run is, every rank's RNG states and the log
     (collective: every rank calls it). A first checkpoint over an older run's folder makes its log.jsonl this run's."""
+    check_health(run, ctx)
     if not all(torch.isfinite(p).all() for p in run.params):
         raise NonFinite(f"{run.label}: parameters became non-finite at step {run.step}; {run.kept()}")
     rng = rng_state(ctx)                                                    # collective: every rank
@@ -2039,6 +2070,8 @@ def save(run, args, ctx, finished=False):
 
 def save_snapshot(run, args, ctx):
     """--save-steps: OUT/NAME/step<N>.pt, the model alone (for eval.py --probe curves)"""
+    if run.nonfinite is not None:
+        check_health(run, ctx)
     if ctx.main:
         save_checkpoint(os.path.join(args.run_dir, f"step{run.step}.pt"), dict(
             kind=vl.model_kind(run.saved), config=dataclasses.asdict(run.saved.cfg), model=run.saved.state_dict(),
