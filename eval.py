@@ -914,8 +914,10 @@ def main(argv=None):
                    f"weights from zero; full-batch L-BFGS, fp64, L2 {train.PROBE_L2:g}, at most {train.PROBE_ITERS} "
                    "iterations; trained on the demo's probe set (or DIR/train with --data), measured on the held-out "
                    "set (DIR/val); results also go to <ckpt folder>/probe.json")
-    p.add_argument("--probe-train", type=int, default=0, help="probe: training images (demo: default the run's "
-                   "--demo-probe; --data: 0 = the whole train split)")
+    p.add_argument("--probe-train", type=int, help="probe: training images (demo: default the run's --demo-probe; "
+                   f"--data: class-balanced, default {train.PROBE_PER_CLASS} per class, e.g. 100 k for ImageNet-1k: "
+                   "0.6 GB of ViT-B features, 1.2 GB in the fp64 solver, a few minutes; 0 = the whole train split, "
+                   "for ImageNet 1.28 M x 1,536 features: 7.9 GB fp32 + 15.7 GB fp64)")
     p.add_argument("--random-init", action="store_true", help="probe: the checkpoint's architecture at its training "
                    "initialisation instead of its weights")
     p.add_argument("--random-init-seed", type=int, default=0)

@@ -1202,3 +1202,25 @@ sys.exit(rc)
         assert [bool(c) for c in between] == [False, False, False, True, False, False, False], between
         assert "all_reduce" in between[3]                                              # the log line's sums, checks
 
+
+def test_probe_memory_does_not_grow_with_the_split():
+    """--data: the probe trains on PROBE_PER_CLASS images per class (a fixed shuffle), whatever the split's size, and
+    holds their features in fp32: ImageNet-sized splits cost what 100 images per class cost"""
+    import argparse
+    sizes = {}
+    for per_class in (150, 1500):                                                  # a 10x larger split
+        d = train.Data.__new__(train.Data)
+        d.args, d.classes = argparse.Namespace(data="DIR", img_size=16), [f"c{c}" for c in range(100)]
+        d._train = [(f"c{c}/{i}.JPEG", c) for c in range(100) for i in range(per_class)]
+        probe_set = d.probe()
+        counts = np.bincount([label for _, label in probe_set.samples], minlength=100)
+        assert (counts == train.PROBE_PER_CLASS).all()
+        assert len(d.probe(250).samples) == 250 and len(d.probe(0).samples) == len(d._train)
+        sizes[per_class] = len(probe_set)
+    assert sizes[150] == sizes[1500] == 100 * train.PROBE_PER_CLASS
+    # the features held: fp32, n x 2 dim
+    model = vl.VisionMamba(TINY_STUDENT)
+    loader = [(torch.randint(0, 256, (50, 3, 16, 16), dtype=torch.uint8), torch.zeros(50, dtype=torch.long), [])] * 4
+    args = train.parse_args(["--amp", "none"])
+    x, y = train.probe_features(model, loader, args, train.Ctx())
+    assert x.dtype == torch.float32 and x.shape == (200, 2 * TINY_STUDENT.dim) and len(y) == 200
