@@ -23,6 +23,8 @@ def test_eval_accuracy_on_a_hand_made_case():
                            [1, 2, 3, 4, 5, 6]])        # label 0: miss (its lowest score)
 
     class Fixed(torch.nn.Module):                      # image i is filled with the value i: logits row i
+        cfg = vl.ViTConfig()                           # its pixel mean / std: ImageNet's
+
         def forward(self, x):
             i = ((x[:, 0, 0, 0] * train.STD[0] + train.MEAN[0]) * 255).round().long()
             return vl.Output(logits[i], None, [])
