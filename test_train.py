@@ -702,9 +702,17 @@ def bad_file(tmp_path, kind):
     if kind == "incomplete teacher":                        # a timm file that lost a tensor
         torch.save({k: v for k, v in random_vit_state_dict().items() if k != "pos_embed"}, path)
         return path, "has no 'pos_embed'"
+    if kind == "image":                                     # e.g. a tab-completed cat.png
+        Image.new("RGB", (8, 8)).save(path, format="PNG")
+        return path, "it is a PNG image"
+    if kind == "truncated":                                 # an interrupted copy
+        torch.save(random_vit_state_dict(), path)
+        path.write_bytes(path.read_bytes()[:-100])
+        return path, "truncated or damaged zip archive"
 
 
-@pytest.mark.parametrize("kind", ["missing", "folder", "empty", "text", "student", "incomplete teacher"])
+@pytest.mark.parametrize("kind", ["missing", "folder", "empty", "text", "student", "incomplete teacher", "image",
+                                  "truncated"])
 @pytest.mark.parametrize("flag", ["--teacher", "--init", "--resume", "eval --ckpt"])
 def test_bad_file_arguments_get_one_line(tmp_path, capsys, flag, kind):
     path, words = bad_file(tmp_path, kind)
