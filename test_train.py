@@ -7,15 +7,17 @@ import math
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFile
 
 import eval as evaluate_cli
 import train
@@ -114,6 +116,56 @@ def test_image_folder_training_skips_a_corrupt_file(tmp_path, capsys):
     assert rc == 0, err
     assert "skipped 1 unreadable image(s) of 13" in err and "bad0.JPEG" in err
     assert [r["epoch"] for r in log(tmp_path / "r" / "teacher" / "log.jsonl") if "val_top1" in r] == [1, 2]
+
+
+def png_declaring(path, w, h):
+    """a valid-looking PNG header that declares w x h pixels, followed by a few bytes of pixel data"""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+
+
+def test_decompression_bombs_are_skipped_undecoded_and_odd_images_train(tmp_path, capsys, monkeypatch):
+    """PNGs that declare 10 G and 100 M pixels (over PIL's MAX_IMAGE_PIXELS) among good images: skipped and counted,
+    never decoded. Legal but odd images (1x1, every mode, 16-bit, .JPEG, non-ASCII names) all train."""
+    root = write_tree(tmp_path / "d", corrupt=0)
+    png_declaring(tmp_path / "d" / "train" / "dog" / "bomb.png", 100_000, 100_000)     # PIL: an error at open
+    png_declaring(tmp_path / "d" / "train" / "fox" / "bomb.PNG", 10_000, 10_000)      # PIL: a warning, then decodes
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8))
+    odd = {"1x1.png": rgb.resize((1, 1)), "2x3.JPEG": rgb.resize((2, 3)), "la.png": rgb.convert("LA"),
+           "bw.png": rgb.convert("1"), "i.tif": rgb.convert("I"), "f.tif": rgb.convert("F"),
+           "cmyk.jpg": rgb.convert("CMYK"), "lab.tif": rgb.convert("LAB"), "pal.gif": rgb.convert("P"),
+           "16bit.png": Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257),
+           "ünïcødé 名前.webp": rgb}
+    for i, (name, im) in enumerate(odd.items()):
+        im.save(tmp_path / "d" / "train" / ("cat", "dog", "fox")[i % 3] / name)
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: decoded.append(im.filename) or real_load(im))
+    rc, out, err = run_train(capsys, "--data", root, "--out", tmp_path / "r", "--stage", "teacher", "--epochs", 1,
+                             "--teacher-preset", "demo", "--teacher-opts", "dim=32,depth=2,heads=2", "--img-size", 16,
+                             "--batch-size", 5, "--workers", 0, "--recipe", "none")
+    assert rc == 0, err
+    assert "skipped 2 unreadable image(s) of 25" in err and "DecompressionBomb" in err, err
+    assert not [f for f in decoded if os.path.basename(f).startswith("bomb")] and len(set(decoded)) == 23 + 12
+    ds = train.ImageFolder([(str(tmp_path / "d" / "train" / "cat" / "16bit.png"), 0)], ["cat"], 16, False)
+    assert abs(ds[(0, None)][0].float().mean().item() - np.asarray(rgb.convert("L")).mean()) < 20  # not all white
+
+
+def test_a_symlink_loop_in_the_image_folder_does_not_hang_the_walk(tmp_path):
+    """--distill-data (and DIR/train, which distillation walks by default) with links back up the tree: two links per
+    level make 2^40 paths before the kernel's ELOOP; each folder is walked once, each image listed once"""
+    root = write_tree(tmp_path / "d", corrupt=0)
+    for c in ("cat", "dog"):
+        os.symlink("..", tmp_path / "d" / "train" / c / "up")
+        os.symlink("../..", tmp_path / "d" / "train" / c / "up2")
+    os.symlink(tmp_path / "d" / "val", tmp_path / "d" / "train" / "fox" / "val")  # a 2nd way to a folder: walked once
+    code = f"import sys; sys.path.insert(0, {HERE!r}); import train; print(len(train.list_images({str(root)!r})))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0 and p.stdout.split()[-1] == "24", p.stderr[-2000:]         # train and val, once each
 
 
 def same_log(path):

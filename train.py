@@ -18,7 +18,7 @@ Sections: config, data, augmentations, distributed, checkpoints, build (models, 
 training loop, the demo's story (stage all), main.
 """
 import argparse, ast, contextlib, copy, dataclasses, errno, functools, glob, json, math, os, random, re, resource
-import socket, sys, time
+import socket, sys, time, warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -648,8 +648,12 @@ class ImageFolder(Dataset):
         i, seed = key
         path, label = self.samples[i]
         try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
+            with warnings.catch_warnings():                                 # over Image.MAX_IMAGE_PIXELS (a decompression
+                warnings.simplefilter("error", Image.DecompressionBombWarning)  # bomb?): an error, before decoding
+                with Image.open(path) as im:
+                    if im.mode.startswith("I;16"):                          # 16-bit: the top 8 bits, not clipped at 255
+                        im = Image.fromarray((np.asarray(im) >> 8).astype(np.uint8))
+                    im = im.convert("RGB")
         except Exception as e:                                              # truncated, corrupt, not an image, ...
             return None, label, f"{path}: {type(e).__name__}: {e}"
         w, h = im.size
@@ -683,8 +687,15 @@ def list_images(root):
     """every image file under root (any depth, sorted), with a one-line error when there is none"""
     if not os.path.isdir(root):
         raise UserError(f"--distill-data {root}: no such folder")
-    files = sorted(os.path.join(d, f) for d, _, names in os.walk(root, followlinks=True) for f in names
-                   if f.lower().endswith(IMG_EXT))
+    files, seen = [], set()
+    for d, dirs, names in os.walk(root, followlinks=True):
+        dirs.sort()                                                         # the first of two links to a folder wins
+        if os.path.realpath(d) in seen:                                     # a symlink loop, or a folder seen before
+            dirs.clear()
+            continue
+        seen.add(os.path.realpath(d))
+        files += [os.path.join(d, f) for f in names if f.lower().endswith(IMG_EXT)]
+    files.sort()
     if not files:
         raise UserError(f"--distill-data {root}: no images in it ({', '.join(IMG_EXT)})")
     return files
