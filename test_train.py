@@ -7,9 +7,11 @@ import math
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import time
 import zlib
 
 import numpy as np
@@ -876,6 +878,40 @@ sys.exit(train.main())
     # no worker traceback
     assert 'train.py", line' not in p.stderr and "gloo" not in p.stderr.lower(), p.stderr[-3000:]
     assert not list((tmp_path / "r").rglob("*.tmp*"))
+
+
+def test_sigterm_stops_the_run_like_ctrl_c_and_the_same_command_resumes(tmp_path, capsys):
+    """SIGTERM to the whole process group (as a scheduler sends it; DataLoader workers included) during training:
+    one line within seconds, exit code 143, no traceback; the same command continues from the last checkpoint"""
+    root = write_tree(tmp_path / "d", corrupt=0)
+    wrapper = tmp_path / "slow_log.py"                                  # slow log lines: a run that lasts a while
+    wrapper.write_text(f"""import sys, time
+sys.path.insert(0, {HERE!r})
+import train
+real = train.log
+train.log = lambda *a: (real(*a), time.sleep(0.3))
+sys.exit(train.main())
+""")
+    args = ["--data", root, "--out", tmp_path / "r", "--stage", "teacher", "--epochs", 3, "--teacher-preset", "demo",
+            "--teacher-opts", "dim=32,depth=2,heads=2", "--img-size", 16, "--batch-size", 4, "--workers", 1,
+            "--log-every", 1, "--ckpt-every", 1, "--recipe", "none"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, str(wrapper), *map(str, args)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    ckpt = tmp_path / "r" / "teacher" / "last.pt"
+    t = time.time()
+    while not ckpt.exists() and p.poll() is None and time.time() - t < 120:
+        time.sleep(0.02)
+    t = time.time()
+    os.killpg(p.pid, signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert time.time() - t < 10 and p.returncode == 143, err[-3000:]
+    assert "terminated (SIGTERM): run the same command again" in err and "Traceback" not in err, err[-3000:]
+    step = torch.load(ckpt, weights_only=True)["step"]
+    assert 1 <= step < 9 and not list(ckpt.parent.glob("*.tmp*"))
+    rc, out, err = run_train(capsys, *args)
+    assert rc == 0 and f"resuming from {ckpt} at step {step}" in out, err
+    assert [r["step"] for r in log(ckpt.parent / "log.jsonl") if "loss" in r] == list(range(1, 10))
 
 
 def full_disk_save(real, fail_at):

@@ -18,7 +18,7 @@ Sections: config, data, augmentations, distributed, checkpoints, build (models, 
 training loop, the demo's story (stage all), main.
 """
 import argparse, ast, contextlib, copy, dataclasses, errno, functools, glob, json, math, os, random, re, resource
-import socket, sys, time, warnings
+import signal, socket, sys, time, warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -818,7 +818,14 @@ def make_loader(ds, args, ctx, train):
                            repeats=args.repeated_aug if train else 1)
     return DataLoader(ds, batch_sampler=sampler, num_workers=args.workers, collate_fn=collate,
                       pin_memory=ctx.device.type == "cuda", persistent_workers=args.workers > 0,
-                      generator=torch.Generator())                          # leaves the global RNG alone
+                      generator=torch.Generator(),                          # leaves the global RNG alone
+                      worker_init_fn=quiet_on_sigterm)
+
+
+def quiet_on_sigterm(worker_id):
+    """a DataLoader worker ends quietly on SIGTERM (a scheduler signals every process of the job), as on Ctrl-C: the
+    training process says what happened (main), not torch's 'worker killed by signal'"""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 class BadImages:
@@ -2177,9 +2184,19 @@ def run_all(args, data, ctx):
 # ----------------------------------------------------------------------------------------------------------------
 # 13. main
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what torchrun and cluster schedulers send): the run stops as it does on Ctrl-C"""
+
+
 def main(argv=None):
     args = parse_args(argv)
     ctx = setup_dist()
+
+    def on_sigterm(signum, frame):
+        raise Terminated()
+    handlers = {}
+    with contextlib.suppress(ValueError):                   # (not the main thread: no handler)
+        handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         with together(ctx):                                                 # fail fast, before any stage trains
             check_args(args)
@@ -2208,10 +2225,13 @@ def main(argv=None):
         if not e.shared or int(os.environ.get("LOCAL_RANK", 0)) == 0:     # a shared error: once per node
             print(f"error{f' (rank {ctx.rank})' if ctx.world > 1 and not e.shared else ''}: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to continue from the last checkpoint", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"{what}: run the same command again to continue from the last checkpoint", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         release_locks()
         if dist.is_initialized():
             dist.destroy_process_group()
