@@ -205,6 +205,34 @@ def test_resume_follows_the_uninterrupted_trajectory(tmp_path, capsys, monkeypat
     assert same_log(tmp_path / "c" / "distill" / "log.jsonl") == ref
 
 
+def test_a_log_line_cut_mid_write_is_repaired_by_the_same_command(tmp_path, capsys, monkeypatch):
+    """a kill during a log write leaves half a line at the end of log.jsonl: the same command resumes and the log is
+    valid JSON lines again, the same as an uninterrupted run's (with a checkpoint: from it; before the first
+    checkpoint: a fresh run, whose first checkpoint replaces the log)"""
+    args = ["--stage", "teacher", *TINY, "--epochs", 2, "--ckpt-every", 3]
+    assert run_train(capsys, "--out", tmp_path / "a", *args)[0] == 0
+    ref = same_log(tmp_path / "a" / "teacher" / "log.jsonl")
+    real = train.write_log
+
+    def killed_at(step):
+        def write_log(path, text, mode):
+            if f'"step": {step},' in text and mode == "a":
+                with open(path, "a") as f:
+                    f.write(text[:len(text) // 2])
+                raise KeyboardInterrupt
+            return real(path, text, mode)
+        return write_log
+    for run, step in (("b", 5), ("c", 2)):                                  # after the checkpoint of step 3; before
+        monkeypatch.setattr(train, "write_log", killed_at(step))
+        assert run_train(capsys, "--out", tmp_path / run, *args)[0] == 130
+        with pytest.raises(json.JSONDecodeError):
+            log(tmp_path / run / "teacher" / "log.jsonl")
+        monkeypatch.setattr(train, "write_log", real)
+        rc, out, err = run_train(capsys, "--out", tmp_path / run, *args)
+        assert rc == 0 and ("resuming from" in out) == (step > 3), err
+        assert same_log(tmp_path / run / "teacher" / "log.jsonl") == ref
+
+
 def test_ddp_two_processes_gloo(tmp_path):
     teacher = tiny_teacher(tmp_path / "t.pt")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

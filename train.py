@@ -648,8 +648,8 @@ class ImageFolder(Dataset):
         i, seed = key
         path, label = self.samples[i]
         try:
-            with warnings.catch_warnings():                                 # over Image.MAX_IMAGE_PIXELS (a decompression
-                warnings.simplefilter("error", Image.DecompressionBombWarning)  # bomb?): an error, before decoding
+            with warnings.catch_warnings():                                 # over Image.MAX_IMAGE_PIXELS (a bomb?):
+                warnings.simplefilter("error", Image.DecompressionBombWarning)  # an error before decoding, no warning
                 with Image.open(path) as im:
                     if im.mode.startswith("I;16"):                          # 16-bit: the top 8 bits, not clipped at 255
                         im = Image.fromarray((np.asarray(im) >> 8).astype(np.uint8))
