@@ -991,6 +991,25 @@ def test_a_full_disk_says_so_in_one_line_and_keeps_the_last_checkpoint(tmp_path,
     assert (run_dir / "log.jsonl").read_text() == before
 
 
+def test_a_full_disk_at_the_start_or_in_a_json_write_gets_one_line(tmp_path, capsys, monkeypatch):
+    """the run folder's lock (the first write of a run) and the JSON results (results.json, eval.py's probe.json)"""
+    real_open = open
+
+    def full(path, mode="r", *a, **kw):
+        f = real_open(path, mode, *a, **kw)
+        if "r" not in mode or "+" in mode:
+            def write(text):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            f.write = write
+        return f
+    monkeypatch.setattr(train, "open", full, raising=False)
+    rc, _, err = run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 1, "--out", tmp_path / "r")
+    assert rc == 2 and "disk full while writing " + str(tmp_path / "r" / "teacher" / ".lock") in one_error_line(err)
+    with pytest.raises(train.UserError, match="disk full while writing .*results.json"):
+        train.save_json(str(tmp_path / "results.json"), {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]                        # no partial file
+
+
 def test_partial_files_of_a_killed_write_are_removed(tmp_path, capsys):
     run_dir = tmp_path / "r" / "teacher"
     run_dir.mkdir(parents=True)

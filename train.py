@@ -1227,10 +1227,14 @@ def lock_run_dir(run_dir):
             f.close()
             raise UserError(f"{run_dir} is in use by another run ({holder}): wait for it to end or stop it, "
                             "or give another --out / --name") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+    except OSError as e:                                                    # e.g. a full disk
+        f.close()
+        raise write_error(e, os.path.join(run_dir, ".lock")) from None
     _held_locks[run_dir] = f
     for stale in glob.glob(os.path.join(glob.escape(run_dir), "*.tmp[0-9]*")):
         os.remove(stale)
@@ -1246,9 +1250,14 @@ def release_locks():
 def save_json(path, obj):
     """atomic, like save_checkpoint"""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise write_error(e, path) from None
 
 
 def load_checkpoint(path):
@@ -2176,9 +2185,9 @@ def run_all(args, data, ctx):
         for name, n_lab, n_steps, r, p in rows:
             print(f"| {name} | {n_lab} | {n_steps} | " + (f"{r['top1']:.1f} | {r['top5']:.1f}" if r else "- | -")
                   + f" | {'-' if p is None else f'{p:.1f}'} |")
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump({name: dict(labelled_images=n_lab, steps=n_steps, **(r or {}), probe_top1=p)
-                       for name, n_lab, n_steps, r, p in rows}, f, indent=1)
+        save_json(os.path.join(args.out, "results.json"), {
+            name: dict(labelled_images=n_lab, steps=n_steps, **(r or {}), probe_top1=p)
+            for name, n_lab, n_steps, r, p in rows})
 
 
 # ----------------------------------------------------------------------------------------------------------------
