@@ -158,12 +158,14 @@ def test_decompression_bombs_are_skipped_undecoded_and_odd_images_train(tmp_path
 
 def test_a_symlink_loop_in_the_image_folder_does_not_hang_the_walk(tmp_path):
     """--distill-data (and DIR/train, which distillation walks by default) with links back up the tree: two links per
-    level make 2^40 paths before the kernel's ELOOP; each folder is walked once, each image listed once"""
+    level make 2^40 paths before the kernel's ELOOP; each folder is walked once, each image listed once; a named pipe
+    called *.jpg is not listed"""
     root = write_tree(tmp_path / "d", corrupt=0)
     for c in ("cat", "dog"):
         os.symlink("..", tmp_path / "d" / "train" / c / "up")
         os.symlink("../..", tmp_path / "d" / "train" / c / "up2")
     os.symlink(tmp_path / "d" / "val", tmp_path / "d" / "train" / "fox" / "val")  # a 2nd way to a folder: walked once
+    os.mkfifo(tmp_path / "d" / "train" / "fox" / "pipe.jpg")                 # opening it would wait for a writer
     code = f"import sys; sys.path.insert(0, {HERE!r}); import train; print(len(train.list_images({str(root)!r})))"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -825,6 +827,12 @@ def test_unreadable_files_and_folders_get_one_line(tmp_path, capsys):
              (["--out", tmp_path / "file"], "is a file: give a folder"),
              (["--out", tmp_path / "file" / "sub"], "cannot write there"),
              (["--data", tmp_path / "file"], "--data " + str(tmp_path / "file") + ": not a folder")]
+    root = write_tree(tmp_path / "d", corrupt=0)
+    os.chmod(tmp_path / "d" / "train" / "dog", 0)
+    (tmp_path / "w").mkdir(mode=0o777)
+    os.chmod(tmp_path / "w", 0o777)
+    cases.append((["--data", root, "--stage", "teacher", "--teacher-preset", "demo", "--epochs", 1, "--out",
+                   tmp_path / "w"], f"class folder {os.path.join(root, 'train', 'dog')}: cannot read it (Permission"))
     root = os.geteuid() == 0
     for extra, words in cases:
         if root and "Permission" in words:

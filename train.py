@@ -607,8 +607,11 @@ def list_split(root, split):
         raise UserError(f"data folder {d} has no class sub-folders")
     samples = []
     for label, c in enumerate(classes):
-        files = sorted(e.path for e in os.scandir(os.path.join(d, c))
-                       if e.is_file() and e.name.lower().endswith(IMG_EXT))
+        try:
+            files = sorted(e.path for e in os.scandir(os.path.join(d, c))
+                           if e.is_file() and e.name.lower().endswith(IMG_EXT))
+        except OSError as e:                                                # permissions
+            raise UserError(f"class folder {os.path.join(d, c)}: cannot read it ({e.strerror})") from None
         if not files and split == "train":
             raise UserError(f"class folder {os.path.join(d, c)} has no images ({', '.join(IMG_EXT)})")
         samples += [(f, label) for f in files]
@@ -694,7 +697,8 @@ def list_images(root):
             dirs.clear()
             continue
         seen.add(os.path.realpath(d))
-        files += [os.path.join(d, f) for f in names if f.lower().endswith(IMG_EXT)]
+        files += [os.path.join(d, f) for f in names if f.lower().endswith(IMG_EXT)
+                  and os.path.isfile(os.path.join(d, f))]                   # not a pipe (it would block), a device
     files.sort()
     if not files:
         raise UserError(f"--distill-data {root}: no images in it ({', '.join(IMG_EXT)})")
