@@ -734,8 +734,16 @@ def run_log(run_dir):
     path = os.path.join(run_dir, "log.jsonl")
     if not os.path.exists(path):
         return [], False, None
-    with open(path) as f:
-        records = [json.loads(line) for line in f]
+    with open(path, errors="replace") as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:             # cut off mid-write (a kill; or the run is writing it): not counted
+                break
+            raise train.UserError(f"{path}: line {i + 1} is not JSON ({line[:30]!r}...): a damaged log") from None
     curve = [(rec["step"], rec["val_top1"]) for rec in records if "val_top1" in rec]
     return curve, bool(records) and records[-1].get("finished", False), records[-1]["step"] if records else None
 

@@ -119,6 +119,23 @@ def test_runs_table_over_seeds(tmp_path, capsys):
     assert evaluate_cli.main(["--runs", str(tmp_path / "nope")]) == 2
 
 
+def test_runs_reads_a_log_whose_last_line_was_cut_mid_write(tmp_path, capsys):
+    """a log.jsonl that ends in half a line (a run killed mid-write, or writing now): the complete lines count, the run
+    stays unfinished; a broken line before the end is a damaged log: one line"""
+    run_dir = tmp_path / "am+mp-s0" / "finetune"
+    run_dir.mkdir(parents=True)
+    lines = [json.dumps({"step": 9, "val_top1": 50.0}), json.dumps({"step": 10, "loss": 1.0})]
+    (run_dir / "log.jsonl").write_text(lines[0] + "\n" + lines[1] + "\n" + lines[1][:9])
+    (tmp_path / "am+mp-s1" / "finetune").mkdir(parents=True)                           # another seed, finished
+    (tmp_path / "am+mp-s1" / "finetune" / "log.jsonl").write_text(lines[0] + "\n" + json.dumps(
+        {"step": 9, "finished": True}) + "\n")
+    assert evaluate_cli.main(["--runs", str(tmp_path)]) == 0
+    assert "unfinished, not counted: am+mp-s0/finetune (step 10)" in capsys.readouterr().out
+    (run_dir / "log.jsonl").write_text(lines[0] + "\n" + lines[1][:9] + "\n" + json.dumps({"step": 9, "finished": 1}))
+    assert evaluate_cli.main(["--runs", str(tmp_path)]) == 2
+    assert "log.jsonl: line 2 is not JSON" in one_error_line(capsys.readouterr().err)
+
+
 def test_gpu_report_parts_run_small_on_cpu(monkeypatch):
     """The report's checks and timers on tiny shapes, on the CPU: the kernel (interpreter) passes its check, a wrong
     scan fails it, the three bidirectional ways agree, and the tables have the rows the README quotes."""

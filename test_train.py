@@ -7,15 +7,19 @@ import math
 import os
 import re
 import shutil
+import signal
+import struct
 import subprocess
 import sys
+import time
+import zlib
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFile
 
 import eval as evaluate_cli
 import train
@@ -116,6 +120,58 @@ def test_image_folder_training_skips_a_corrupt_file(tmp_path, capsys):
     assert [r["epoch"] for r in log(tmp_path / "r" / "teacher" / "log.jsonl") if "val_top1" in r] == [1, 2]
 
 
+def png_declaring(path, w, h):
+    """a valid-looking PNG header that declares w x h pixels, followed by a few bytes of pixel data"""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+
+
+def test_decompression_bombs_are_skipped_undecoded_and_odd_images_train(tmp_path, capsys, monkeypatch):
+    """PNGs that declare 10 G and 100 M pixels (over PIL's MAX_IMAGE_PIXELS) among good images: skipped and counted,
+    never decoded. Legal but odd images (1x1, every mode, 16-bit, .JPEG, non-ASCII names) all train."""
+    root = write_tree(tmp_path / "d", corrupt=0)
+    png_declaring(tmp_path / "d" / "train" / "dog" / "bomb.png", 100_000, 100_000)     # PIL: an error at open
+    png_declaring(tmp_path / "d" / "train" / "fox" / "bomb.PNG", 10_000, 10_000)      # PIL: a warning, then decodes
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8))
+    odd = {"1x1.png": rgb.resize((1, 1)), "2x3.JPEG": rgb.resize((2, 3)), "la.png": rgb.convert("LA"),
+           "bw.png": rgb.convert("1"), "i.tif": rgb.convert("I"), "f.tif": rgb.convert("F"),
+           "cmyk.jpg": rgb.convert("CMYK"), "lab.tif": rgb.convert("LAB"), "pal.gif": rgb.convert("P"),
+           "16bit.png": Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257),
+           "ünïcødé 名前.webp": rgb}
+    for i, (name, im) in enumerate(odd.items()):
+        im.save(tmp_path / "d" / "train" / ("cat", "dog", "fox")[i % 3] / name)
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: decoded.append(im.filename) or real_load(im))
+    rc, out, err = run_train(capsys, "--data", root, "--out", tmp_path / "r", "--stage", "teacher", "--epochs", 1,
+                             "--teacher-preset", "demo", "--teacher-opts", "dim=32,depth=2,heads=2", "--img-size", 16,
+                             "--batch-size", 5, "--workers", 0, "--recipe", "none")
+    assert rc == 0, err
+    assert "skipped 2 unreadable image(s) of 25" in err and "DecompressionBomb" in err, err
+    assert not [f for f in decoded if os.path.basename(f).startswith("bomb")] and len(set(decoded)) == 23 + 12
+    ds = train.ImageFolder([(str(tmp_path / "d" / "train" / "cat" / "16bit.png"), 0)], ["cat"], 16, False)
+    assert abs(ds[(0, None)][0].float().mean().item() - np.asarray(rgb.convert("L")).mean()) < 20  # not all white
+
+
+def test_a_symlink_loop_in_the_image_folder_does_not_hang_the_walk(tmp_path):
+    """--distill-data (and DIR/train, which distillation walks by default) with links back up the tree: two links per
+    level make 2^40 paths before the kernel's ELOOP; each folder is walked once, each image listed once; a named pipe
+    called *.jpg is not listed"""
+    root = write_tree(tmp_path / "d", corrupt=0)
+    for c in ("cat", "dog"):
+        os.symlink("..", tmp_path / "d" / "train" / c / "up")
+        os.symlink("../..", tmp_path / "d" / "train" / c / "up2")
+    os.symlink(tmp_path / "d" / "val", tmp_path / "d" / "train" / "fox" / "val")  # a 2nd way to a folder: walked once
+    os.mkfifo(tmp_path / "d" / "train" / "fox" / "pipe.jpg")                 # opening it would wait for a writer
+    code = f"import sys; sys.path.insert(0, {HERE!r}); import train; print(len(train.list_images({str(root)!r})))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0 and p.stdout.split()[-1] == "24", p.stderr[-2000:]         # train and val, once each
+
+
 def same_log(path):
     """the log without the measured fields (speed and memory differ from run to run)"""
     return [{k: v for k, v in r.items() if k not in ("img_per_s", "peak_mem_mb")} for r in log(path)]
@@ -149,6 +205,34 @@ def test_resume_follows_the_uninterrupted_trajectory(tmp_path, capsys, monkeypat
     rc, out, err = run_train(capsys, "--out", tmp_path / "c", *args)
     assert rc == 0 and "resuming" in out and "at step 8" in out
     assert same_log(tmp_path / "c" / "distill" / "log.jsonl") == ref
+
+
+def test_a_log_line_cut_mid_write_is_repaired_by_the_same_command(tmp_path, capsys, monkeypatch):
+    """a kill during a log write leaves half a line at the end of log.jsonl: the same command resumes and the log is
+    valid JSON lines again, the same as an uninterrupted run's (with a checkpoint: from it; before the first
+    checkpoint: a fresh run, whose first checkpoint replaces the log)"""
+    args = ["--stage", "teacher", *TINY, "--epochs", 2, "--ckpt-every", 3]
+    assert run_train(capsys, "--out", tmp_path / "a", *args)[0] == 0
+    ref = same_log(tmp_path / "a" / "teacher" / "log.jsonl")
+    real = train.write_log
+
+    def killed_at(step):
+        def write_log(path, text, mode):
+            if f'"step": {step},' in text and mode == "a":
+                with open(path, "a") as f:
+                    f.write(text[:len(text) // 2])
+                raise KeyboardInterrupt
+            return real(path, text, mode)
+        return write_log
+    for run, step in (("b", 5), ("c", 2)):                                  # after the checkpoint of step 3; before
+        monkeypatch.setattr(train, "write_log", killed_at(step))
+        assert run_train(capsys, "--out", tmp_path / run, *args)[0] == 130
+        with pytest.raises(json.JSONDecodeError):
+            log(tmp_path / run / "teacher" / "log.jsonl")
+        monkeypatch.setattr(train, "write_log", real)
+        rc, out, err = run_train(capsys, "--out", tmp_path / run, *args)
+        assert rc == 0 and ("resuming from" in out) == (step > 3), err
+        assert same_log(tmp_path / run / "teacher" / "log.jsonl") == ref
 
 
 def test_ddp_two_processes_gloo(tmp_path):
@@ -703,9 +787,17 @@ def bad_file(tmp_path, kind):
     if kind == "incomplete teacher":                        # a timm file that lost a tensor
         torch.save({k: v for k, v in random_vit_state_dict().items() if k != "pos_embed"}, path)
         return path, "has no 'pos_embed'"
+    if kind == "image":                                     # e.g. a tab-completed cat.png
+        Image.new("RGB", (8, 8)).save(path, format="PNG")
+        return path, "it is a PNG image"
+    if kind == "truncated":                                 # an interrupted copy
+        torch.save(random_vit_state_dict(), path)
+        path.write_bytes(path.read_bytes()[:-100])
+        return path, "truncated or damaged zip archive"
 
 
-@pytest.mark.parametrize("kind", ["missing", "folder", "empty", "text", "student", "incomplete teacher"])
+@pytest.mark.parametrize("kind", ["missing", "folder", "empty", "text", "student", "incomplete teacher", "image",
+                                  "truncated"])
 @pytest.mark.parametrize("flag", ["--teacher", "--init", "--resume", "eval --ckpt"])
 def test_bad_file_arguments_get_one_line(tmp_path, capsys, flag, kind):
     path, words = bad_file(tmp_path, kind)
@@ -736,6 +828,12 @@ def test_unreadable_files_and_folders_get_one_line(tmp_path, capsys):
              (["--out", tmp_path / "file"], "is a file: give a folder"),
              (["--out", tmp_path / "file" / "sub"], "cannot write there"),
              (["--data", tmp_path / "file"], "--data " + str(tmp_path / "file") + ": not a folder")]
+    root = write_tree(tmp_path / "d", corrupt=0)
+    os.chmod(tmp_path / "d" / "train" / "dog", 0)
+    (tmp_path / "w").mkdir(mode=0o777)
+    os.chmod(tmp_path / "w", 0o777)
+    cases.append((["--data", root, "--stage", "teacher", "--teacher-preset", "demo", "--epochs", 1, "--out",
+                   tmp_path / "w"], f"class folder {os.path.join(root, 'train', 'dog')}: cannot read it (Permission"))
     root = os.geteuid() == 0
     for extra, words in cases:
         if root and "Permission" in words:
@@ -819,6 +917,40 @@ sys.exit(train.main())
     assert not list((tmp_path / "r").rglob("*.tmp*"))
 
 
+def test_sigterm_stops_the_run_like_ctrl_c_and_the_same_command_resumes(tmp_path, capsys):
+    """SIGTERM to the whole process group (as a scheduler sends it; DataLoader workers included) during training:
+    one line within seconds, exit code 143, no traceback; the same command continues from the last checkpoint"""
+    root = write_tree(tmp_path / "d", corrupt=0)
+    wrapper = tmp_path / "slow_log.py"                                  # slow log lines: a run that lasts a while
+    wrapper.write_text(f"""import sys, time
+sys.path.insert(0, {HERE!r})
+import train
+real = train.log
+train.log = lambda *a: (real(*a), time.sleep(0.3))
+sys.exit(train.main())
+""")
+    args = ["--data", root, "--out", tmp_path / "r", "--stage", "teacher", "--epochs", 3, "--teacher-preset", "demo",
+            "--teacher-opts", "dim=32,depth=2,heads=2", "--img-size", 16, "--batch-size", 4, "--workers", 1,
+            "--log-every", 1, "--ckpt-every", 1, "--recipe", "none"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, str(wrapper), *map(str, args)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    ckpt = tmp_path / "r" / "teacher" / "last.pt"
+    t = time.time()
+    while not ckpt.exists() and p.poll() is None and time.time() - t < 120:
+        time.sleep(0.02)
+    t = time.time()
+    os.killpg(p.pid, signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert time.time() - t < 10 and p.returncode == 143, err[-3000:]
+    assert "terminated (SIGTERM): run the same command again" in err and "Traceback" not in err, err[-3000:]
+    step = torch.load(ckpt, weights_only=True)["step"]
+    assert 1 <= step < 9 and not list(ckpt.parent.glob("*.tmp*"))
+    rc, out, err = run_train(capsys, *args)
+    assert rc == 0 and f"resuming from {ckpt} at step {step}" in out, err
+    assert [r["step"] for r in log(ckpt.parent / "log.jsonl") if "loss" in r] == list(range(1, 10))
+
+
 def full_disk_save(real, fail_at):
     """torch.save that fails like a full disk from its fail_at-th call on: part of the file written, then ENOSPC
     (torch raises OSError through a Python file object, a RuntimeError of its own when it opens the path itself)"""
@@ -866,6 +998,25 @@ def test_a_full_disk_says_so_in_one_line_and_keeps_the_last_checkpoint(tmp_path,
     with pytest.raises(train.UserError, match="disk full while writing"):
         train.write_log(str(run_dir / "log.jsonl"), json.dumps({"step": 99, "loss": 1.0}) + "\n", "a")
     assert (run_dir / "log.jsonl").read_text() == before
+
+
+def test_a_full_disk_at_the_start_or_in_a_json_write_gets_one_line(tmp_path, capsys, monkeypatch):
+    """the run folder's lock (the first write of a run) and the JSON results (results.json, eval.py's probe.json)"""
+    real_open = open
+
+    def full(path, mode="r", *a, **kw):
+        f = real_open(path, mode, *a, **kw)
+        if "r" not in mode or "+" in mode:
+            def write(text):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            f.write = write
+        return f
+    monkeypatch.setattr(train, "open", full, raising=False)
+    rc, _, err = run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 1, "--out", tmp_path / "r")
+    assert rc == 2 and "disk full while writing " + str(tmp_path / "r" / "teacher" / ".lock") in one_error_line(err)
+    with pytest.raises(train.UserError, match="disk full while writing .*results.json"):
+        train.save_json(str(tmp_path / "results.json"), {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]                        # no partial file
 
 
 def test_partial_files_of_a_killed_write_are_removed(tmp_path, capsys):

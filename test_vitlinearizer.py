@@ -3,8 +3,10 @@ student, the masks and the losses against the paper's formulas written out with 
 import json
 import math
 import os
+import re
 import shutil
 import sys
+import tracemalloc
 from dataclasses import replace
 
 import pytest
@@ -314,6 +316,49 @@ def test_read_safetensors_without_the_package(tmp_path):
         (tmp_path / "bad.safetensors").write_bytes(bad)
         with pytest.raises(ValueError, match="cannot read .* as safetensors"):
             vl.load_teacher(str(tmp_path / "bad.safetensors"))
+
+
+def test_weights_files_that_lie_get_one_error_and_no_large_allocation(tmp_path):
+    """A header that claims more than the file holds is checked against the file size before anything is allocated;
+    an image, a truncated checkpoint or a Hub config.json that is not a JSON object get one error naming the file."""
+    def safetensors(header, data=b""):
+        h = header if isinstance(header, bytes) else json.dumps(header).encode()
+        (tmp_path / "w.safetensors").write_bytes(len(h).to_bytes(8, "little") + h + data)
+    f32 = lambda shape, begin, end: {"dtype": "F32", "shape": shape, "data_offsets": [begin, end]}
+    cases = [(lambda: (tmp_path / "w.safetensors").write_bytes((2**62).to_bytes(8, "little") + b"{}"),
+              "header length 4611686018427387904 for a 10-byte file"),
+             (lambda: safetensors({"w": f32([2**40], 0, 2**42)}, b"\0" * 16), "bytes 0..4398046511104 do not hold"),
+             (lambda: safetensors({"w": f32([4], 0, 16), "v": f32([4], 8, 24)}, b"\0" * 24), "w and v overlap"),
+             (lambda: safetensors({"w": f32([5], 0, 16)}, b"\0" * 16), "do not hold [5] F32"),
+             (lambda: safetensors({"w": f32([-2, -2], 0, 16)}, b"\0" * 16), "not whole numbers >= 0"),
+             (lambda: safetensors({"w": f32([4], 0.5, 16.5)}, b"\0" * 17), "not whole numbers >= 0"),
+             (lambda: safetensors(b"[" * 100_000), "RecursionError")]
+    for make, words in cases:
+        make()
+        tracemalloc.start()
+        try:
+            with pytest.raises(ValueError, match="cannot read .* as safetensors: .*" + re.escape(words)):
+                vl.load_teacher(str(tmp_path / "w.safetensors"))
+            assert tracemalloc.get_traced_memory()[1] < 2**20, words
+        finally:
+            tracemalloc.stop()
+    from PIL import Image
+    Image.new("RGB", (4, 4)).save(tmp_path / "cat.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "cat.pt", format="JPEG")                 # an image by another name
+    for name, kind in (("cat.png", "PNG"), ("cat.pt", "JPEG")):
+        with pytest.raises(ValueError, match=f"cannot read checkpoint .*{name}': it is a {kind} image"):
+            vl.load_teacher(str(tmp_path / name))
+    torch.save(random_vit_state_dict(), tmp_path / "t.pth")
+    whole = (tmp_path / "t.pth").read_bytes()
+    for cut in (len(whole) // 2, len(whole) - 10):
+        (tmp_path / "t.pth").write_bytes(whole[:cut])
+        with pytest.raises(ValueError, match="truncated or damaged zip archive"):
+            vl.load_teacher(str(tmp_path / "t.pth"))
+    shutil.copytree(os.path.join(ZOO, "hf_vit"), tmp_path / "hub")
+    for text, words in (("{not json", "config.json is not valid JSON"), ("[1, 2]", "config.json holds a JSON list")):
+        (tmp_path / "hub" / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=words):
+            vl.load_teacher(str(tmp_path / "hub"))
 
 
 def test_hub_folders_bad_configs_and_unknown_layouts_get_one_clear_error(tmp_path):

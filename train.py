@@ -18,7 +18,7 @@ Sections: config, data, augmentations, distributed, checkpoints, build (models, 
 training loop, the demo's story (stage all), main.
 """
 import argparse, ast, contextlib, copy, dataclasses, errno, functools, glob, json, math, os, random, re, resource
-import socket, sys, time
+import signal, socket, sys, time, warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -611,8 +611,11 @@ def list_split(root, split):
         raise UserError(f"data folder {d} has no class sub-folders")
     samples = []
     for label, c in enumerate(classes):
-        files = sorted(e.path for e in os.scandir(os.path.join(d, c))
-                       if e.is_file() and e.name.lower().endswith(IMG_EXT))
+        try:
+            files = sorted(e.path for e in os.scandir(os.path.join(d, c))
+                           if e.is_file() and e.name.lower().endswith(IMG_EXT))
+        except OSError as e:                                                # permissions
+            raise UserError(f"class folder {os.path.join(d, c)}: cannot read it ({e.strerror})") from None
         if not files and split == "train":
             raise UserError(f"class folder {os.path.join(d, c)} has no images ({', '.join(IMG_EXT)})")
         samples += [(f, label) for f in files]
@@ -654,8 +657,12 @@ class ImageFolder(Dataset):
         i, seed = key
         path, label = self.samples[i]
         try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
+            with warnings.catch_warnings():                                 # over Image.MAX_IMAGE_PIXELS (a bomb?):
+                warnings.simplefilter("error", Image.DecompressionBombWarning)  # an error before decoding, no warning
+                with Image.open(path) as im:
+                    if im.mode.startswith("I;16"):                          # 16-bit: the top 8 bits, not clipped at 255
+                        im = Image.fromarray((np.asarray(im) >> 8).astype(np.uint8))
+                    im = im.convert("RGB")
         except Exception as e:                                              # truncated, corrupt, not an image, ...
             return None, label, f"{path}: {type(e).__name__}: {e}"
         w, h = im.size
@@ -689,8 +696,16 @@ def list_images(root):
     """every image file under root (any depth, sorted), with a one-line error when there is none"""
     if not os.path.isdir(root):
         raise UserError(f"--distill-data {root}: no such folder")
-    files = sorted(os.path.join(d, f) for d, _, names in os.walk(root, followlinks=True) for f in names
-                   if f.lower().endswith(IMG_EXT))
+    files, seen = [], set()
+    for d, dirs, names in os.walk(root, followlinks=True):
+        dirs.sort()                                                         # the first of two links to a folder wins
+        if os.path.realpath(d) in seen:                                     # a symlink loop, or a folder seen before
+            dirs.clear()
+            continue
+        seen.add(os.path.realpath(d))
+        files += [os.path.join(d, f) for f in names if f.lower().endswith(IMG_EXT)
+                  and os.path.isfile(os.path.join(d, f))]                   # not a pipe (it would block), a device
+    files.sort()
     if not files:
         raise UserError(f"--distill-data {root}: no images in it ({', '.join(IMG_EXT)})")
     return files
@@ -821,7 +836,14 @@ def make_loader(ds, args, ctx, train):
                            repeats=args.repeated_aug if train else 1)
     return DataLoader(ds, batch_sampler=sampler, num_workers=args.workers, collate_fn=collate,
                       pin_memory=ctx.device.type == "cuda", persistent_workers=args.workers > 0,
-                      generator=torch.Generator())                          # leaves the global RNG alone
+                      generator=torch.Generator(),                          # leaves the global RNG alone
+                      worker_init_fn=quiet_on_sigterm)
+
+
+def quiet_on_sigterm(worker_id):
+    """a DataLoader worker ends quietly on SIGTERM (a scheduler signals every process of the job), as on Ctrl-C: the
+    training process says what happened (main), not torch's 'worker killed by signal'"""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 class BadImages:
@@ -1237,10 +1259,14 @@ def lock_run_dir(run_dir):
             f.close()
             raise UserError(f"{run_dir} is in use by another run ({holder}): wait for it to end or stop it, "
                             "or give another --out / --name") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+    except OSError as e:                                                    # e.g. a full disk
+        f.close()
+        raise write_error(e, os.path.join(run_dir, ".lock")) from None
     _held_locks[run_dir] = f
     for stale in glob.glob(os.path.join(glob.escape(run_dir), "*.tmp[0-9]*")):
         os.remove(stale)
@@ -1256,9 +1282,14 @@ def release_locks():
 def save_json(path, obj):
     """atomic, like save_checkpoint"""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise write_error(e, path) from None
 
 
 def load_checkpoint(path):
@@ -2232,17 +2263,27 @@ def run_all(args, data, ctx):
         for name, n_lab, n_steps, r, p in rows:
             print(f"| {name} | {n_lab} | {n_steps} | " + (f"{r['top1']:.1f} | {r['top5']:.1f}" if r else "- | -")
                   + f" | {'-' if p is None else f'{p:.1f}'} |")
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump({name: dict(labelled_images=n_lab, steps=n_steps, **(r or {}), probe_top1=p)
-                       for name, n_lab, n_steps, r, p in rows}, f, indent=1)
+        save_json(os.path.join(args.out, "results.json"), {
+            name: dict(labelled_images=n_lab, steps=n_steps, **(r or {}), probe_top1=p)
+            for name, n_lab, n_steps, r, p in rows})
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 13. main
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what torchrun and cluster schedulers send): the run stops as it does on Ctrl-C"""
+
+
 def main(argv=None):
     args = parse_args(argv)
     ctx = setup_dist()
+
+    def on_sigterm(signum, frame):
+        raise Terminated()
+    handlers = {}
+    with contextlib.suppress(ValueError):                   # (not the main thread: no handler)
+        handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         with together(ctx):                                                 # fail fast, before any stage trains
             check_args(args)
@@ -2271,10 +2312,13 @@ def main(argv=None):
         if not e.shared or int(os.environ.get("LOCAL_RANK", 0)) == 0:     # a shared error: once per node
             print(f"error{f' (rank {ctx.rank})' if ctx.world > 1 and not e.shared else ''}: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to continue from the last checkpoint", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"{what}: run the same command again to continue from the last checkpoint", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         release_locks()
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -590,19 +590,32 @@ def read_safetensors(path):
             header = json.loads(f.read(n))
             data = bytearray(size - 8 - n)
             f.readinto(data)
-            out = {}
+            out, spans = {}, []
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
                 dtype, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
+                if not all(type(v) is int and v >= 0 for v in (begin, end, *info["shape"])):
+                    raise ValueError(f"{name}: shape {info['shape']}, offsets {begin}..{end}: not whole numbers >= 0")
                 count = math.prod(info["shape"])
                 if not 0 <= begin <= end <= len(data) or end - begin != count * dtype.itemsize:
                     raise ValueError(f"{name}: bytes {begin}..{end} do not hold {info['shape']} {info['dtype']}")
+                spans.append((begin, end, name))
+            for (_, end, a), (begin, _, b) in zip(sorted(spans), sorted(spans)[1:]):
+                if begin < end:
+                    raise ValueError(f"the bytes of {a} and {b} overlap")
+            for begin, end, name in spans:                                      # each checked against the file above
+                dtype, count = SAFETENSORS_DTYPES[header[name]["dtype"]], math.prod(header[name]["shape"])
                 t = torch.frombuffer(data, dtype=dtype, count=count, offset=begin) if count else torch.empty(0)
-                out[name] = t.to(dtype).reshape(info["shape"]).clone()                 # own, aligned memory
-        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+                out[name] = t.to(dtype).reshape(header[name]["shape"]).clone()         # own, aligned memory
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, RecursionError,
+                RuntimeError) as e:                                             # RuntimeError: torch (e.g. reshape)
             raise ValueError(f"cannot read {path!r} as safetensors: {type(e).__name__} {e}") from None
     return out
+
+
+IMAGE_MAGIC = ((b"\x89PNG", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"), (b"RIFF", "WebP"), (b"BM", "BMP"),
+               (b"II*\0", "TIFF"), (b"MM\0*", "TIFF"))
 
 
 def read_state_dict(path):
@@ -614,6 +627,13 @@ def read_state_dict(path):
         return read_safetensors(path)
     if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
         return torch.jit.load(path, map_location="cpu").state_dict()
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):         # torch.save: a zip, or (old) a pickle
+        image = next((k for m, k in IMAGE_MAGIC if head.startswith(m)), None)
+        raise ValueError(f"cannot read checkpoint {path!r}: " + (
+            f"it is a {image} image" if image else "a truncated or damaged zip archive (an interrupted copy or "
+            "download?)" if head.startswith(b"PK") else "neither a zip archive nor a pickle, as torch.save writes"))
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -637,8 +657,11 @@ def read_checkpoint(spec):
             try:
                 with open(os.path.join(folder, name)) as f:
                     configs[name] = json.load(f)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 raise ValueError(f"{os.path.join(folder, name)} is not valid JSON: {e}") from None
+            if not isinstance(configs[name], dict):
+                raise ValueError(f"{os.path.join(folder, name)} holds a JSON {type(configs[name]).__name__}, not an "
+                                 "object {...}")
     if path.endswith(".index.json"):                                                   # sharded: index -> shard files
         with open(path) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
