@@ -24,6 +24,8 @@ def test_eval_accuracy_on_a_hand_made_case():
                            [1, 2, 3, 4, 5, 6]])        # label 0: miss (its lowest score)
 
     class Fixed(torch.nn.Module):                      # image i is filled with the value i: logits row i
+        cfg = vl.ViTConfig()                           # its pixel mean / std: ImageNet's
+
         def forward(self, x):
             i = ((x[:, 0, 0, 0] * train.STD[0] + train.MEAN[0]) * 255).round().long()
             return vl.Output(logits[i], None, [])
@@ -133,6 +135,23 @@ def test_runs_table_over_seeds(tmp_path, capsys):
         assert (int(seeds), float(mean), float(std)) == (len(values), round(statistics.mean(values), 1),
                                                          round(statistics.stdev(values), 1))
     assert evaluate_cli.main(["--runs", str(tmp_path / "nope")]) == 2
+
+
+def test_runs_reads_a_log_whose_last_line_was_cut_mid_write(tmp_path, capsys):
+    """a log.jsonl that ends in half a line (a run killed mid-write, or writing now): the complete lines count, the run
+    stays unfinished; a broken line before the end is a damaged log: one line"""
+    run_dir = tmp_path / "am+mp-s0" / "finetune"
+    run_dir.mkdir(parents=True)
+    lines = [json.dumps({"step": 9, "val_top1": 50.0}), json.dumps({"step": 10, "loss": 1.0})]
+    (run_dir / "log.jsonl").write_text(lines[0] + "\n" + lines[1] + "\n" + lines[1][:9])
+    (tmp_path / "am+mp-s1" / "finetune").mkdir(parents=True)                           # another seed, finished
+    (tmp_path / "am+mp-s1" / "finetune" / "log.jsonl").write_text(lines[0] + "\n" + json.dumps(
+        {"step": 9, "finished": True}) + "\n")
+    assert evaluate_cli.main(["--runs", str(tmp_path)]) == 0
+    assert "unfinished, not counted: am+mp-s0/finetune (step 10)" in capsys.readouterr().out
+    (run_dir / "log.jsonl").write_text(lines[0] + "\n" + lines[1][:9] + "\n" + json.dumps({"step": 9, "finished": 1}))
+    assert evaluate_cli.main(["--runs", str(tmp_path)]) == 2
+    assert "log.jsonl: line 2 is not JSON" in one_error_line(capsys.readouterr().err)
 
 
 def test_gpu_report_parts_run_small_on_cpu(monkeypatch):

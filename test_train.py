@@ -8,8 +8,12 @@ import math
 import os
 import re
 import shutil
+import signal
+import struct
 import subprocess
 import sys
+import time
+import zlib
 from dataclasses import replace
 
 import numpy as np
@@ -17,7 +21,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFile
 
 import eval as evaluate_cli
 import train
@@ -118,6 +122,58 @@ def test_image_folder_training_skips_a_corrupt_file(tmp_path, capsys):
     assert [r["epoch"] for r in log(tmp_path / "r" / "teacher" / "log.jsonl") if "val_top1" in r] == [1, 2]
 
 
+def png_declaring(path, w, h):
+    """a valid-looking PNG header that declares w x h pixels, followed by a few bytes of pixel data"""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+
+
+def test_decompression_bombs_are_skipped_undecoded_and_odd_images_train(tmp_path, capsys, monkeypatch):
+    """PNGs that declare 10 G and 100 M pixels (over PIL's MAX_IMAGE_PIXELS) among good images: skipped and counted,
+    never decoded. Legal but odd images (1x1, every mode, 16-bit, .JPEG, non-ASCII names) all train."""
+    root = write_tree(tmp_path / "d", corrupt=0)
+    png_declaring(tmp_path / "d" / "train" / "dog" / "bomb.png", 100_000, 100_000)     # PIL: an error at open
+    png_declaring(tmp_path / "d" / "train" / "fox" / "bomb.PNG", 10_000, 10_000)      # PIL: a warning, then decodes
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8))
+    odd = {"1x1.png": rgb.resize((1, 1)), "2x3.JPEG": rgb.resize((2, 3)), "la.png": rgb.convert("LA"),
+           "bw.png": rgb.convert("1"), "i.tif": rgb.convert("I"), "f.tif": rgb.convert("F"),
+           "cmyk.jpg": rgb.convert("CMYK"), "lab.tif": rgb.convert("LAB"), "pal.gif": rgb.convert("P"),
+           "16bit.png": Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257),
+           "ünïcødé 名前.webp": rgb}
+    for i, (name, im) in enumerate(odd.items()):
+        im.save(tmp_path / "d" / "train" / ("cat", "dog", "fox")[i % 3] / name)
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: decoded.append(im.filename) or real_load(im))
+    rc, out, err = run_train(capsys, "--data", root, "--out", tmp_path / "r", "--stage", "teacher", "--epochs", 1,
+                             "--teacher-preset", "demo", "--teacher-opts", "dim=32,depth=2,heads=2", "--img-size", 16,
+                             "--batch-size", 5, "--workers", 0, "--recipe", "none")
+    assert rc == 0, err
+    assert "skipped 2 unreadable image(s) of 25" in err and "DecompressionBomb" in err, err
+    assert not [f for f in decoded if os.path.basename(f).startswith("bomb")] and len(set(decoded)) == 23 + 12
+    ds = train.ImageFolder([(str(tmp_path / "d" / "train" / "cat" / "16bit.png"), 0)], ["cat"], 16, False)
+    assert abs(ds[(0, None)][0].float().mean().item() - np.asarray(rgb.convert("L")).mean()) < 20  # not all white
+
+
+def test_a_symlink_loop_in_the_image_folder_does_not_hang_the_walk(tmp_path):
+    """--distill-data (and DIR/train, which distillation walks by default) with links back up the tree: two links per
+    level make 2^40 paths before the kernel's ELOOP; each folder is walked once, each image listed once; a named pipe
+    called *.jpg is not listed"""
+    root = write_tree(tmp_path / "d", corrupt=0)
+    for c in ("cat", "dog"):
+        os.symlink("..", tmp_path / "d" / "train" / c / "up")
+        os.symlink("../..", tmp_path / "d" / "train" / c / "up2")
+    os.symlink(tmp_path / "d" / "val", tmp_path / "d" / "train" / "fox" / "val")  # a 2nd way to a folder: walked once
+    os.mkfifo(tmp_path / "d" / "train" / "fox" / "pipe.jpg")                 # opening it would wait for a writer
+    code = f"import sys; sys.path.insert(0, {HERE!r}); import train; print(len(train.list_images({str(root)!r})))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0 and p.stdout.split()[-1] == "24", p.stderr[-2000:]         # train and val, once each
+
+
 def same_log(path):
     """the log without the measured fields (speed and memory differ from run to run)"""
     return [{k: v for k, v in r.items() if k not in ("img_per_s", "peak_mem_mb")} for r in log(path)]
@@ -151,6 +207,34 @@ def test_resume_follows_the_uninterrupted_trajectory(tmp_path, capsys, monkeypat
     rc, out, err = run_train(capsys, "--out", tmp_path / "c", *args)
     assert rc == 0 and "resuming" in out and "at step 8" in out
     assert same_log(tmp_path / "c" / "distill" / "log.jsonl") == ref
+
+
+def test_a_log_line_cut_mid_write_is_repaired_by_the_same_command(tmp_path, capsys, monkeypatch):
+    """a kill during a log write leaves half a line at the end of log.jsonl: the same command resumes and the log is
+    valid JSON lines again, the same as an uninterrupted run's (with a checkpoint: from it; before the first
+    checkpoint: a fresh run, whose first checkpoint replaces the log)"""
+    args = ["--stage", "teacher", *TINY, "--epochs", 2, "--ckpt-every", 3]
+    assert run_train(capsys, "--out", tmp_path / "a", *args)[0] == 0
+    ref = same_log(tmp_path / "a" / "teacher" / "log.jsonl")
+    real = train.write_log
+
+    def killed_at(step):
+        def write_log(path, text, mode):
+            if f'"step": {step},' in text and mode == "a":
+                with open(path, "a") as f:
+                    f.write(text[:len(text) // 2])
+                raise KeyboardInterrupt
+            return real(path, text, mode)
+        return write_log
+    for run, step in (("b", 5), ("c", 2)):                                  # after the checkpoint of step 3; before
+        monkeypatch.setattr(train, "write_log", killed_at(step))
+        assert run_train(capsys, "--out", tmp_path / run, *args)[0] == 130
+        with pytest.raises(json.JSONDecodeError):
+            log(tmp_path / run / "teacher" / "log.jsonl")
+        monkeypatch.setattr(train, "write_log", real)
+        rc, out, err = run_train(capsys, "--out", tmp_path / run, *args)
+        assert rc == 0 and ("resuming from" in out) == (step > 3), err
+        assert same_log(tmp_path / run / "teacher" / "log.jsonl") == ref
 
 
 def test_ddp_two_processes_gloo(tmp_path):
@@ -210,8 +294,8 @@ def test_bad_input_gets_one_clear_line(tmp_path, capsys, case):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
     args = ["--stage", "teacher", "--out", tmp_path / "r", *TINY, "--epochs", 2, "--ckpt-every", 1]
     assert run_train(capsys, *args, "--max-steps", 2)[0] == 0
-    real = train.normalize
-    monkeypatch.setattr(train, "normalize", lambda x, device: real(x, device) * float("inf"))   # a diverged step
+    real = train.to_pixels
+    monkeypatch.setattr(train, "to_pixels", lambda x, device: real(x, device) * float("inf"))   # a diverged step
     rc, out, err = run_train(capsys, *args)
     assert rc == 2 and "non-finite" in one_error_line(err) and "last good checkpoint" in err
     ck = torch.load(tmp_path / "r" / "teacher" / "last.pt", weights_only=True)
@@ -410,9 +494,10 @@ def test_mixup_blends_images_and_targets_convexly_with_label_smoothing():
     assert abs(np.mean(lams) - 0.5) < 0.02 and abs(np.var(lams) - 1 / (4 * (2 * 0.8 + 1))) < 0.01   # Beta(.8, .8)
 
 
-def test_soft_target_loss_is_cross_entropy_with_smoothing():
+def test_soft_target_loss_is_cross_entropy_with_smoothing(monkeypatch):
     args = train.parse_args([])
-    loss = train.supervised_loss(None, args)
+    monkeypatch.setattr(vl, "normalize", lambda x, model: x)                          # the "images" are the logits
+    loss = train.supervised_loss(None, args, None)
 
     def model(x):
         return vl.Output(x, None, [])
@@ -779,9 +864,17 @@ def bad_file(tmp_path, kind):
     if kind == "incomplete teacher":                        # a timm file that lost a tensor
         torch.save({k: v for k, v in random_vit_state_dict().items() if k != "pos_embed"}, path)
         return path, "has no 'pos_embed'"
+    if kind == "image":                                     # e.g. a tab-completed cat.png
+        Image.new("RGB", (8, 8)).save(path, format="PNG")
+        return path, "it is a PNG image"
+    if kind == "truncated":                                 # an interrupted copy
+        torch.save(random_vit_state_dict(), path)
+        path.write_bytes(path.read_bytes()[:-100])
+        return path, "truncated or damaged zip archive"
 
 
-@pytest.mark.parametrize("kind", ["missing", "folder", "empty", "text", "student", "incomplete teacher"])
+@pytest.mark.parametrize("kind", ["missing", "folder", "empty", "text", "student", "incomplete teacher", "image",
+                                  "truncated"])
 @pytest.mark.parametrize("flag", ["--teacher", "--init", "--resume", "eval --ckpt"])
 def test_bad_file_arguments_get_one_line(tmp_path, capsys, flag, kind):
     path, words = bad_file(tmp_path, kind)
@@ -812,6 +905,12 @@ def test_unreadable_files_and_folders_get_one_line(tmp_path, capsys):
              (["--out", tmp_path / "file"], "is a file: give a folder"),
              (["--out", tmp_path / "file" / "sub"], "cannot write there"),
              (["--data", tmp_path / "file"], "--data " + str(tmp_path / "file") + ": not a folder")]
+    root = write_tree(tmp_path / "d", corrupt=0)
+    os.chmod(tmp_path / "d" / "train" / "dog", 0)
+    (tmp_path / "w").mkdir(mode=0o777)
+    os.chmod(tmp_path / "w", 0o777)
+    cases.append((["--data", root, "--stage", "teacher", "--teacher-preset", "demo", "--epochs", 1, "--out",
+                   tmp_path / "w"], f"class folder {os.path.join(root, 'train', 'dog')}: cannot read it (Permission"))
     root = os.geteuid() == 0
     for extra, words in cases:
         if root and "Permission" in words:
@@ -895,6 +994,40 @@ sys.exit(train.main())
     assert not list((tmp_path / "r").rglob("*.tmp*"))
 
 
+def test_sigterm_stops_the_run_like_ctrl_c_and_the_same_command_resumes(tmp_path, capsys):
+    """SIGTERM to the whole process group (as a scheduler sends it; DataLoader workers included) during training:
+    one line within seconds, exit code 143, no traceback; the same command continues from the last checkpoint"""
+    root = write_tree(tmp_path / "d", corrupt=0)
+    wrapper = tmp_path / "slow_log.py"                                  # slow log lines: a run that lasts a while
+    wrapper.write_text(f"""import sys, time
+sys.path.insert(0, {HERE!r})
+import train
+real = train.log
+train.log = lambda *a: (real(*a), time.sleep(0.3))
+sys.exit(train.main())
+""")
+    args = ["--data", root, "--out", tmp_path / "r", "--stage", "teacher", "--epochs", 3, "--teacher-preset", "demo",
+            "--teacher-opts", "dim=32,depth=2,heads=2", "--img-size", 16, "--batch-size", 4, "--workers", 1,
+            "--log-every", 1, "--ckpt-every", 1, "--recipe", "none"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, str(wrapper), *map(str, args)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    ckpt = tmp_path / "r" / "teacher" / "last.pt"
+    t = time.time()
+    while not ckpt.exists() and p.poll() is None and time.time() - t < 120:
+        time.sleep(0.02)
+    t = time.time()
+    os.killpg(p.pid, signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert time.time() - t < 10 and p.returncode == 143, err[-3000:]
+    assert "terminated (SIGTERM): run the same command again" in err and "Traceback" not in err, err[-3000:]
+    step = torch.load(ckpt, weights_only=True)["step"]
+    assert 1 <= step < 9 and not list(ckpt.parent.glob("*.tmp*"))
+    rc, out, err = run_train(capsys, *args)
+    assert rc == 0 and f"resuming from {ckpt} at step {step}" in out, err
+    assert [r["step"] for r in log(ckpt.parent / "log.jsonl") if "loss" in r] == list(range(1, 10))
+
+
 def full_disk_save(real, fail_at):
     """torch.save that fails like a full disk from its fail_at-th call on: part of the file written, then ENOSPC
     (torch raises OSError through a Python file object, a RuntimeError of its own when it opens the path itself)"""
@@ -942,6 +1075,25 @@ def test_a_full_disk_says_so_in_one_line_and_keeps_the_last_checkpoint(tmp_path,
     with pytest.raises(train.UserError, match="disk full while writing"):
         train.write_log(str(run_dir / "log.jsonl"), json.dumps({"step": 99, "loss": 1.0}) + "\n", "a")
     assert (run_dir / "log.jsonl").read_text() == before
+
+
+def test_a_full_disk_at_the_start_or_in_a_json_write_gets_one_line(tmp_path, capsys, monkeypatch):
+    """the run folder's lock (the first write of a run) and the JSON results (results.json, eval.py's probe.json)"""
+    real_open = open
+
+    def full(path, mode="r", *a, **kw):
+        f = real_open(path, mode, *a, **kw)
+        if "r" not in mode or "+" in mode:
+            def write(text):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            f.write = write
+        return f
+    monkeypatch.setattr(train, "open", full, raising=False)
+    rc, _, err = run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 1, "--out", tmp_path / "r")
+    assert rc == 2 and "disk full while writing " + str(tmp_path / "r" / "teacher" / ".lock") in one_error_line(err)
+    with pytest.raises(train.UserError, match="disk full while writing .*results.json"):
+        train.save_json(str(tmp_path / "results.json"), {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]                        # no partial file
 
 
 def test_partial_files_of_a_killed_write_are_removed(tmp_path, capsys):
@@ -998,12 +1150,12 @@ def test_misleading_messages_name_the_right_thing(tmp_path, capsys, monkeypatch)
                            "--batch-size", 8)
     assert rc == 2 and "cannot resume with another global batch (16 -> 8)" in one_error_line(err)
     # a non-finite loss before any checkpoint: no "kept the last good checkpoint"
-    real = train.normalize
-    monkeypatch.setattr(train, "normalize", lambda x, device: real(x, device) * float("inf"))
+    real = train.to_pixels
+    monkeypatch.setattr(train, "to_pixels", lambda x, device: real(x, device) * float("inf"))
     rc, _, err = run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 1, "--out", tmp_path / "c")
     line = one_error_line(err)
     assert rc == 2 and "no checkpoint of this run was written yet" in line and "kept" not in line
-    monkeypatch.setattr(train, "normalize", real)
+    monkeypatch.setattr(train, "to_pixels", real)
     # patch sizes that differ: the message names the student options that match the teacher
     rc, _, err = run_train(capsys, "--stage", "distill", "--teacher", tiny_teacher(tmp_path / "t.pt"), *TINY,
                            "--student", "tiny", "--out", tmp_path / "d")
@@ -1203,3 +1355,101 @@ def test_init_from_with_another_class_count_keeps_every_other_tensor(tmp_path):
             assert torch.equal(new.state_dict()[k], v), k
     ours = vl.model_from_checkpoint(torch.load(tmp_path / "c.pt", weights_only=True), num_classes=0)
     assert ours.head is None and torch.equal(ours.pos_embed, old.pos_embed)
+
+
+def test_distillation_and_kd_hand_each_model_its_own_normalisation(tmp_path, capsys, monkeypatch):
+    """a step of distillation and of fine-tuning with logit KD: the teacher gets exactly (pixels - its mean) / its
+    std (here --teacher-norm half), the student its own (ImageNet's), from the same pixels in [0, 1]"""
+    pixels, seen = [], {"ViT": [], "VisionMamba": []}
+    real_pixels = train.to_pixels
+    monkeypatch.setattr(train, "to_pixels", lambda x, d: pixels.append(real_pixels(x, d)) or pixels[-1].clone())
+    for cls in (vl.ViT, vl.VisionMamba):
+        def forward(self, images, *a, real=cls.forward):
+            seen[type(self).__name__].append(images.detach().clone())
+            return real(self, images, *a)
+        monkeypatch.setattr(cls, "forward", forward)
+    teacher = tiny_teacher(tmp_path / "t.pt")
+    view = lambda t: torch.tensor(t).view(1, 3, 1, 1)                                 # noqa: E731
+    for stage in (["--stage", "distill"], ["--stage", "finetune", "--kd-weight", "0.5"]):
+        pixels.clear(), seen["ViT"].clear(), seen["VisionMamba"].clear()
+        rc, _, err = run_train(capsys, *stage, "--teacher", teacher, "--teacher-norm", "half", *TINY, "--max-steps", 1,
+                               "--epochs", 1, "--out", tmp_path / stage[1])
+        assert rc == 0, err
+        x = pixels[0]
+        assert 0 <= x.min() and x.max() <= 1
+        torch.testing.assert_close(seen["ViT"][0], (x - 0.5) / 0.5, rtol=0, atol=0)
+        torch.testing.assert_close(seen["VisionMamba"][0], (x - view(vl.IMAGENET_MEAN)) / view(vl.IMAGENET_STD),
+                                   rtol=0, atol=0)
+    ck = torch.load(tmp_path / "distill" / "distill" / "last.pt", weights_only=True)
+    assert ck["config"]["pixel_mean"] == vl.IMAGENET_MEAN and ck["args"]["teacher_norm"] == "half"
+    rc, _, err = run_train(capsys, "--stage", "distill", "--teacher", teacher, "--teacher-norm", "0.5,0.5/1,1,1",
+                           *TINY, "--out", tmp_path / "bad")
+    assert rc == 2 and "--teacher-norm '0.5,0.5/1,1,1'" in one_error_line(err)
+
+
+def test_no_collective_or_item_per_step_beyond_ddps_own(tmp_path):
+    """two gloo processes distil: between two steps our code calls no collective and no .item() / .tolist() / bool()
+    of a tensor (a host sync on a GPU); the finite-loss check and the unreadable-image counts are gathered at log
+    lines (--log-every 4: only the step after a log line sees them)"""
+    wrapper = tmp_path / "count.py"
+    wrapper.write_text(f"""import json, os, sys
+sys.path.insert(0, {HERE!r})
+import torch, torch.distributed as dist
+import train
+calls, per_step = [], []
+OURS = tuple(os.path.join({HERE!r}, f) for f in ("train.py", "vitlinearizer.py", "scan_kernel.py"))
+def counted(name, real, ours_only=False):
+    def f(*a, **kw):
+        if not ours_only or sys._getframe(1).f_code.co_filename in OURS:
+            calls.append(name)
+        return real(*a, **kw)
+    return f
+for name in ("all_reduce", "all_gather", "all_gather_object", "broadcast", "barrier", "reduce", "gather_object"):
+    setattr(dist, name, counted(name, getattr(dist, name)))
+for name in ("item", "tolist", "__bool__"):
+    setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name), ours_only=True))
+real_lr_at = train.lr_at
+def lr_at(step, *a):                                                  # once per step, before its forward
+    per_step.append(list(calls))
+    return real_lr_at(step, *a)
+train.lr_at = lr_at
+rc = train.main()
+json.dump(per_step, open(f"{tmp_path}/calls{{os.environ['RANK']}}.json", "w"))
+sys.exit(rc)
+""")
+    teacher = tiny_teacher(tmp_path / "t.pt")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(wrapper),
+           "--stage", "distill", "--teacher", teacher, "--out", str(tmp_path / "r"), *map(str, TINY),
+           "--batch-size", "4", "--epochs", "1", "--log-every", "4", "--ckpt-every", "1000"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for rank in (0, 1):
+        per_step = json.load(open(tmp_path / f"calls{rank}.json"))
+        assert len(per_step) == 8                                                      # 64 images / (2 x 4)
+        between = [b[len(a):] for a, b in zip(per_step, per_step[1:])]               # step k's calls, k = 1 .. 7
+        assert [bool(c) for c in between] == [False, False, False, True, False, False, False], between
+        assert "all_reduce" in between[3]                                              # the log line's sums, checks
+
+
+def test_probe_memory_does_not_grow_with_the_split():
+    """--data: the probe trains on PROBE_PER_CLASS images per class (a fixed shuffle), whatever the split's size, and
+    holds their features in fp32: ImageNet-sized splits cost what 100 images per class cost"""
+    import argparse
+    sizes = {}
+    for per_class in (150, 1500):                                                  # a 10x larger split
+        d = train.Data.__new__(train.Data)
+        d.args, d.classes = argparse.Namespace(data="DIR", img_size=16), [f"c{c}" for c in range(100)]
+        d._train = [(f"c{c}/{i}.JPEG", c) for c in range(100) for i in range(per_class)]
+        probe_set = d.probe()
+        counts = np.bincount([label for _, label in probe_set.samples], minlength=100)
+        assert (counts == train.PROBE_PER_CLASS).all()
+        assert len(d.probe(250).samples) == 250 and len(d.probe(0).samples) == len(d._train)
+        sizes[per_class] = len(probe_set)
+    assert sizes[150] == sizes[1500] == 100 * train.PROBE_PER_CLASS
+    # the features held: fp32, n x 2 dim
+    model = vl.VisionMamba(TINY_STUDENT)
+    loader = [(torch.randint(0, 256, (50, 3, 16, 16), dtype=torch.uint8), torch.zeros(50, dtype=torch.long), [])] * 4
+    args = train.parse_args(["--amp", "none"])
+    x, y = train.probe_features(model, loader, args, train.Ctx())
+    assert x.dtype == torch.float32 and x.shape == (200, 2 * TINY_STUDENT.dim) and len(y) == 200

@@ -4,8 +4,10 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import sys
+import tracemalloc
 from dataclasses import asdict, replace
 
 import pytest
@@ -315,6 +317,49 @@ def test_read_safetensors_without_the_package(tmp_path):
         (tmp_path / "bad.safetensors").write_bytes(bad)
         with pytest.raises(ValueError, match="cannot read .* as safetensors"):
             vl.load_teacher(str(tmp_path / "bad.safetensors"))
+
+
+def test_weights_files_that_lie_get_one_error_and_no_large_allocation(tmp_path):
+    """A header that claims more than the file holds is checked against the file size before anything is allocated;
+    an image, a truncated checkpoint or a Hub config.json that is not a JSON object get one error naming the file."""
+    def safetensors(header, data=b""):
+        h = header if isinstance(header, bytes) else json.dumps(header).encode()
+        (tmp_path / "w.safetensors").write_bytes(len(h).to_bytes(8, "little") + h + data)
+    f32 = lambda shape, begin, end: {"dtype": "F32", "shape": shape, "data_offsets": [begin, end]}
+    cases = [(lambda: (tmp_path / "w.safetensors").write_bytes((2**62).to_bytes(8, "little") + b"{}"),
+              "header length 4611686018427387904 for a 10-byte file"),
+             (lambda: safetensors({"w": f32([2**40], 0, 2**42)}, b"\0" * 16), "bytes 0..4398046511104 do not hold"),
+             (lambda: safetensors({"w": f32([4], 0, 16), "v": f32([4], 8, 24)}, b"\0" * 24), "w and v overlap"),
+             (lambda: safetensors({"w": f32([5], 0, 16)}, b"\0" * 16), "do not hold [5] F32"),
+             (lambda: safetensors({"w": f32([-2, -2], 0, 16)}, b"\0" * 16), "not whole numbers >= 0"),
+             (lambda: safetensors({"w": f32([4], 0.5, 16.5)}, b"\0" * 17), "not whole numbers >= 0"),
+             (lambda: safetensors(b"[" * 100_000), "RecursionError")]
+    for make, words in cases:
+        make()
+        tracemalloc.start()
+        try:
+            with pytest.raises(ValueError, match="cannot read .* as safetensors: .*" + re.escape(words)):
+                vl.load_teacher(str(tmp_path / "w.safetensors"))
+            assert tracemalloc.get_traced_memory()[1] < 2**20, words
+        finally:
+            tracemalloc.stop()
+    from PIL import Image
+    Image.new("RGB", (4, 4)).save(tmp_path / "cat.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "cat.pt", format="JPEG")                 # an image by another name
+    for name, kind in (("cat.png", "PNG"), ("cat.pt", "JPEG")):
+        with pytest.raises(ValueError, match=f"cannot read checkpoint .*{name}': it is a {kind} image"):
+            vl.load_teacher(str(tmp_path / name))
+    torch.save(random_vit_state_dict(), tmp_path / "t.pth")
+    whole = (tmp_path / "t.pth").read_bytes()
+    for cut in (len(whole) // 2, len(whole) - 10):
+        (tmp_path / "t.pth").write_bytes(whole[:cut])
+        with pytest.raises(ValueError, match="truncated or damaged zip archive"):
+            vl.load_teacher(str(tmp_path / "t.pth"))
+    shutil.copytree(os.path.join(ZOO, "hf_vit"), tmp_path / "hub")
+    for text, words in (("{not json", "config.json is not valid JSON"), ("[1, 2]", "config.json holds a JSON list")):
+        (tmp_path / "hub" / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=words):
+            vl.load_teacher(str(tmp_path / "hub"))
 
 
 def test_hub_folders_bad_configs_and_unknown_layouts_get_one_clear_error(tmp_path):
@@ -812,3 +857,92 @@ def test_distiller_trains_student_and_mp_proj_never_the_teacher(target):
     assert distiller.mp_proj.weight.grad.abs().sum() > 0
     assert student.blocks[0].mixer.A_log.grad.abs().sum() > 0
     assert student.head.weight.grad is None                                           # labels play no part
+
+
+# ----------------------------------------------------------------------------------------------- pixel mean / std
+
+def with_pixel_file(tmp_path, family):
+    """the fixture's weights with its library's pixel file beside them (tests/fixtures/teachers/pixels) -> spec"""
+    entry = ZOO_MANIFEST["pixels"][family]
+    weights = ZOO_MANIFEST["fixtures"][entry["weights"]]
+    shutil.copytree(os.path.join(ZOO, entry["weights"]), tmp_path / entry["weights"])
+    shutil.copy(os.path.join(ZOO, "pixels", family, entry["file"]), tmp_path / entry["weights"] / entry["file"])
+    return str(tmp_path / weights["spec"]), weights["load"]
+
+
+@pytest.mark.parametrize("family", sorted(ZOO_MANIFEST["pixels"]))
+def test_each_family_gets_the_pixel_stats_its_library_declares(tmp_path, capsys, family):
+    """timm's pretrained_cfg and transformers' preprocessor_config.json, as the libraries wrote them: the teacher's
+    pixel mean / std, and its eval resize / crop where declared"""
+    entry = ZOO_MANIFEST["pixels"][family]
+    spec, load = with_pixel_file(tmp_path, family)
+    teacher = vl.load_teacher(spec, **load)
+    assert teacher.cfg.pixel_mean == pytest.approx(entry["mean"])
+    assert teacher.cfg.pixel_std == pytest.approx(entry["std"])
+    assert all(type(v) is float for v in teacher.cfg.pixel_mean + teacher.cfg.pixel_std)
+    want = dict(crop_pct=entry["crop_pct"], interpolation=entry["interpolation"]) if entry["crop_pct"] else {}
+    assert teacher.eval_transform == want
+    assert "note" not in capsys.readouterr().err
+
+
+IMAGENET, CLIP, HALF = (vl.IMAGENET_MEAN, vl.IMAGENET_STD), (vl.OPENAI_CLIP_MEAN, vl.OPENAI_CLIP_STD), (vl.HALF,) * 2
+
+
+@pytest.mark.parametrize("name, want, note", [
+    ("timm_clip_laion", CLIP, False), ("timm_siglip", HALF, False), ("timm_dinov2", IMAGENET, False),
+    ("timm_dinov2_reg4", IMAGENET, False), ("timm_deit3", IMAGENET, False), ("hub_dinov2_reg4", IMAGENET, False),
+    ("timm_vit_augreg", IMAGENET, True), ("timm_clip_openai", CLIP, False), ("open_clip_openai", CLIP, False),
+    ("open_clip_laion_ls", HALF, False), ("hf_clip", CLIP, False), ("hf_siglip_vision", HALF, False),
+    ("hf_dinov2", IMAGENET, False), ("hf_vit", IMAGENET, True)])
+def test_files_without_a_pixel_file_get_their_familys_convention(capsys, name, want, note):
+    """bare weights: the family the architecture names (CLIP towers: OpenAI's; SigLIP: 0.5; DINOv2, DeiT-III:
+    ImageNet's); OpenAI's visual.* layout and open_clip: open_clip_config.json's preprocess_cfg, else OpenAI's
+    constants; nothing to go by (a plain ViT): ImageNet's, with a one-line note"""
+    entry = ZOO_MANIFEST["fixtures"][name]
+    teacher = vl.load_teacher(os.path.join(ZOO, entry["spec"]), **entry["load"])
+    assert (teacher.cfg.pixel_mean, teacher.cfg.pixel_std) == want
+    err = capsys.readouterr().err
+    assert ("no pixel mean / std declared" in err) == note and len(err.splitlines()) == note, err
+
+
+def test_pixel_stats_override_and_own_checkpoints(tmp_path, capsys):
+    entry = ZOO_MANIFEST["fixtures"]["timm_vit_augreg"]
+    spec = os.path.join(ZOO, entry["spec"])
+    teacher = vl.load_teacher(spec, pixel_mean=[0.5] * 3, pixel_std=(0.5, 0.5, 0.5), **entry["load"])
+    assert (teacher.cfg.pixel_mean, teacher.cfg.pixel_std) == HALF and not capsys.readouterr().err   # no note
+    with pytest.raises(ValueError, match="3 numbers each"):
+        vl.load_teacher(spec, pixel_mean=(0.5, 0.5), **entry["load"])
+    with pytest.raises(ValueError, match="std > 0"):
+        vl.load_teacher(spec, pixel_std=(0.5, 0.5, 0), **entry["load"])
+    # our checkpoints keep theirs; ones written before the fields existed load with ImageNet's
+    cfg = vl.ViTConfig(**{**vl.asdict(TINY_TEACHER), "pixel_mean": CLIP[0], "pixel_std": CLIP[1]})
+    torch.save({"kind": "vit", "config": vl.asdict(cfg), "model": vl.ViT(cfg).state_dict()}, tmp_path / "own.pt")
+    own = vl.load_teacher(str(tmp_path / "own.pt")).cfg
+    assert (own.pixel_mean, own.pixel_std) == CLIP
+    old = {k: v for k, v in vl.asdict(cfg).items() if not k.startswith("pixel_")}
+    torch.save({"kind": "vit", "config": old, "model": vl.ViT(cfg).state_dict()}, tmp_path / "old.pt")
+    assert vl.load_teacher(str(tmp_path / "old.pt")).cfg.pixel_mean == IMAGENET[0]
+    assert vl.load_teacher(str(tmp_path / "own.pt"), pixel_mean=vl.HALF).cfg.pixel_mean == vl.HALF
+
+
+def recording(model, seen):
+    """model whose forward records its input images"""
+    real = model.forward
+
+    def forward(images, *args):
+        seen.append(images.detach().clone())
+        return real(images, *args)
+    model.forward = forward
+    return model
+
+
+def test_distiller_hands_each_model_its_own_normalisation():
+    t_cfg = vl.ViTConfig(**{**vl.asdict(TINY_TEACHER), "pixel_mean": CLIP[0], "pixel_std": CLIP[1]})
+    tea_in, stu_in = [], []
+    distiller = vl.Distiller(recording(vl.ViT(t_cfg), tea_in), recording(vl.VisionMamba(TINY_STUDENT), stu_in),
+                             stages=2)
+    x = torch.rand(2, 3, 16, 16)                                                       # pixels in [0, 1]
+    distiller(x, vl.sample_mask(2, (4, 4), 0.5))
+    view = lambda t: torch.tensor(t).view(1, 3, 1, 1)                                 # noqa: E731
+    assert torch.equal(tea_in[0], (x - view(CLIP[0])) / view(CLIP[1]))
+    assert torch.equal(stu_in[0], (x - view(IMAGENET[0])) / view(IMAGENET[1]))

@@ -20,7 +20,7 @@ Sections: config, data, augmentations, distributed, checkpoints, build (models, 
 training loop, the demo's story (stage all), main.
 """
 import argparse, ast, contextlib, copy, dataclasses, errno, functools, glob, json, math, os, random, re, resource
-import socket, sys, time
+import signal, socket, sys, time, warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -79,6 +79,7 @@ DEMO_THREADS = 1
 DEFAULTS = dict(
     # run
     data=None, stage="all", out=None, name=None, teacher=None, init=None, resume="auto", fresh=False, max_steps=None,
+    teacher_norm=None,
     threads=Mode(DEMO_THREADS, None), no_baseline=False, recipe=Mode("none", "deit"), distill_data=None,
     save_steps=None,
     # models
@@ -194,6 +195,8 @@ def get_parser():
     g.add_argument("--name", help="this stage's sub-folder of --out (default: the stage)")
     g.add_argument("--teacher", help="teacher for distill (and finetune --kd-weight): what load_teacher takes "
                    "(timm/DeiT or CLIP file, own checkpoint, timm:NAME); stage all trains one if not given")
+    g.add_argument("--teacher-norm", help="the teacher's pixel mean / std instead of what its library declares: "
+                   f"{' | '.join(vl.PIXEL_NORMS)} | 'M,M,M/S,S,S' (pixels in [0, 1]); default: declared")
     g.add_argument("--init", help="start the stage's model from this checkpoint of train.py (finetune: e.g. "
                    "OUT/distill/last.pt; any stage: a run at another --img-size, position embeddings resized); "
                    "none = from scratch")
@@ -414,6 +417,7 @@ def check_args(args):
             image_augment(spec)
         except ValueError as e:
             raise UserError(str(e)) from None
+    teacher_norm(args.teacher_norm)
     if args.lam == 0 and args.am_weight == 0:
         raise UserError("--lam 0 and --am-weight 0 leave no distillation loss: give one of them a weight > 0")
     if args.lr is not None and args.min_lr > args.lr:
@@ -597,7 +601,7 @@ def demo_set(args, split):
 # 3. Data: image folders
 
 IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MEAN, STD = vl.IMAGENET_MEAN, vl.IMAGENET_STD          # RandAugment's fill; a model's input: vl.normalize
 
 
 def list_split(root, split):
@@ -611,8 +615,11 @@ def list_split(root, split):
         raise UserError(f"data folder {d} has no class sub-folders")
     samples = []
     for label, c in enumerate(classes):
-        files = sorted(e.path for e in os.scandir(os.path.join(d, c))
-                       if e.is_file() and e.name.lower().endswith(IMG_EXT))
+        try:
+            files = sorted(e.path for e in os.scandir(os.path.join(d, c))
+                           if e.is_file() and e.name.lower().endswith(IMG_EXT))
+        except OSError as e:                                                # permissions
+            raise UserError(f"class folder {os.path.join(d, c)}: cannot read it ({e.strerror})") from None
         if not files and split == "train":
             raise UserError(f"class folder {os.path.join(d, c)} has no images ({', '.join(IMG_EXT)})")
         samples += [(f, label) for f in files]
@@ -638,12 +645,14 @@ class ImageFolder(Dataset):
     """DIR/<class>/* decoded with Pillow (grayscale, CMYK, palette, PNG: converted to RGB).
     train: random-resized-crop (bicubic) + flip with probability hflip, then `augment` (RandAugment / 3-Augment), all
     from a per-(seed, epoch, index) RNG, so a resumed run sees the same images.
-    eval: resize to size/crop_ratio then centre crop. An unreadable image gives None (skipped and counted by
-    collate)."""
+    eval: resize to size/crop_ratio then centre crop (interpolation: "bicubic" or "bilinear"). An unreadable image
+    gives None (skipped and counted by collate)."""
 
-    def __init__(self, samples, classes, img_size, train, augment=None, hflip=0.5, crop_ratio=0.875):
+    def __init__(self, samples, classes, img_size, train, augment=None, hflip=0.5, crop_ratio=0.875,
+                 interpolation="bicubic"):
         self.samples, self.classes, self.size, self.train = samples, classes, img_size, train
         self.augment, self.hflip, self.crop_ratio = augment, hflip, crop_ratio
+        self.resample = Image.BILINEAR if interpolation == "bilinear" else Image.BICUBIC
 
     def __len__(self):
         return len(self.samples)
@@ -652,8 +661,12 @@ class ImageFolder(Dataset):
         i, seed = key
         path, label = self.samples[i]
         try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
+            with warnings.catch_warnings():                                 # over Image.MAX_IMAGE_PIXELS (a bomb?):
+                warnings.simplefilter("error", Image.DecompressionBombWarning)  # an error before decoding, no warning
+                with Image.open(path) as im:
+                    if im.mode.startswith("I;16"):                          # 16-bit: the top 8 bits, not clipped at 255
+                        im = Image.fromarray((np.asarray(im) >> 8).astype(np.uint8))
+                    im = im.convert("RGB")
         except Exception as e:                                              # truncated, corrupt, not an image, ...
             return None, label, f"{path}: {type(e).__name__}: {e}"
         w, h = im.size
@@ -668,7 +681,7 @@ class ImageFolder(Dataset):
         else:
             s = min(w, h) * self.crop_ratio                                 # == resize(size/ratio) + centre crop(size)
             box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
-            im = im.resize((self.size, self.size), Image.BICUBIC, box=box)
+            im = im.resize((self.size, self.size), self.resample, box=box)
         return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1), label, None
 
 
@@ -687,8 +700,16 @@ def list_images(root):
     """every image file under root (any depth, sorted), with a one-line error when there is none"""
     if not os.path.isdir(root):
         raise UserError(f"--distill-data {root}: no such folder")
-    files = sorted(os.path.join(d, f) for d, _, names in os.walk(root, followlinks=True) for f in names
-                   if f.lower().endswith(IMG_EXT))
+    files, seen = [], set()
+    for d, dirs, names in os.walk(root, followlinks=True):
+        dirs.sort()                                                         # the first of two links to a folder wins
+        if os.path.realpath(d) in seen:                                     # a symlink loop, or a folder seen before
+            dirs.clear()
+            continue
+        seen.add(os.path.realpath(d))
+        files += [os.path.join(d, f) for f in names if f.lower().endswith(IMG_EXT)
+                  and os.path.isfile(os.path.join(d, f))]                   # not a pipe (it would block), a device
+    files.sort()
     if not files:
         raise UserError(f"--distill-data {root}: no images in it ({', '.join(IMG_EXT)})")
     return files
@@ -789,16 +810,24 @@ class Data:
             return UnlabelledImages(demo_images(a.demo_pool, a.img_size, a.demo_seed + 3, a.demo_task))
         return UnlabelledImages(self.train.images)
 
-    def probe(self, limit=0):
+    def probe(self, limit=None):
         """the linear probe's labelled training images (evaluation transform): demo: --demo-probe fresh images;
-        --data: the train split (the first `limit` of a fixed shuffle when limit > 0)"""
+        --data: `limit` images of the train split, class-balanced (each class's first of a fixed shuffle; None:
+        PROBE_PER_CLASS per class, so the probe's memory does not grow with the split; 0: the whole split)"""
         a = self.args
         if a.data is None:
             return demo_set(a, "probe")
         samples = self._train
+        limit = PROBE_PER_CLASS * len(self.classes) if limit is None else limit
         if limit and limit < len(samples):
-            keep = sorted(torch.randperm(len(samples), generator=torch.Generator().manual_seed(0))[:limit].tolist())
-            samples = [samples[i] for i in keep]
+            order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0)).tolist()
+            share = [limit // len(self.classes) + (c < limit % len(self.classes)) for c in range(len(self.classes))]
+            keep = []
+            for i in order:                                                 # each class its share (or all it has)
+                if share[samples[i][1]] > 0:
+                    share[samples[i][1]] -= 1
+                    keep.append(i)
+            samples = [samples[i] for i in sorted(keep)]
         return ImageFolder(samples, self.classes, a.img_size, False)
 
 
@@ -811,7 +840,14 @@ def make_loader(ds, args, ctx, train):
                            repeats=args.repeated_aug if train else 1)
     return DataLoader(ds, batch_sampler=sampler, num_workers=args.workers, collate_fn=collate,
                       pin_memory=ctx.device.type == "cuda", persistent_workers=args.workers > 0,
-                      generator=torch.Generator())                          # leaves the global RNG alone
+                      generator=torch.Generator(),                          # leaves the global RNG alone
+                      worker_init_fn=quiet_on_sigterm)
+
+
+def quiet_on_sigterm(worker_id):
+    """a DataLoader worker ends quietly on SIGTERM (a scheduler signals every process of the job), as on Ctrl-C: the
+    training process says what happened (main), not torch's 'worker killed by signal'"""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 class BadImages:
@@ -822,7 +858,7 @@ class BadImages:
 
     def __init__(self, max_frac, repeats=1):
         self.max_frac, self.seen, self.bad, self.first, self.empty_batches = max_frac, 0, 0, None, 0
-        self.repeats = repeats
+        self.repeats, self.pending = repeats, None
 
     def add(self, n_good, errors):
         self.seen += (n_good + len(errors)) / self.repeats
@@ -837,20 +873,27 @@ class BadImages:
                             f"--max-bad-frac {self.max_frac}); first: {self.first}")
 
     def add_batch(self, n_good, errors, ctx):
-        """a training batch (collective: every rank calls it): counted; any rank's UserError stops every rank.
-        -> whether every rank skips the batch (a rank has no readable image in it)"""
-        err = None
+        """a training batch, counted on this rank alone (no collective, so no extra synchronisation per step): a
+        UserError is raised at once by a single process, else kept for `sync` (every log line and checkpoint), which
+        stops every rank. -> whether this rank has no readable image in it (a single process skips the batch; with
+        several ranks it takes a step on a stand-in image that weighs nothing, so DDP's ranks stay in step)"""
         try:
             self.add(n_good, errors)
         except UserError as e:
-            err = e
-        if stop_together(err, ctx, skip=not n_good):
-            self.empty_batches += 1
-            return True
-        return False
+            if ctx.world == 1:
+                raise
+            self.pending = self.pending or e
+        self.empty_batches += not n_good
+        return not n_good
+
+    def sync(self, ctx):
+        """collective: an error kept by add_batch on any rank stops every rank"""
+        stop_together(self.pending, ctx)
 
     def end_pass(self, what, ctx):
         """the end of an epoch or of an evaluation: rank 0 reports (and counts afresh), the other ranks check"""
+        if self.pending is not None:
+            raise self.pending
         if ctx.main:
             self.report(what)
         else:
@@ -871,7 +914,7 @@ class BadImages:
 # 5. Augmentations
 # The DeiT / timm training augmentations, written from their documented behaviour (timm's RandAugment, RandomErasing
 # and Mixup; DeiT III's 3-Augment). Per image on PIL inside ImageFolder (RandAugment or 3-Augment, after crop and flip),
-# then per batch on the normalised tensor (random erasing, then mixup / cutmix). Every draw comes from a seeded
+# then per batch on the pixels in [0, 1] (random erasing, then mixup / cutmix). Every draw comes from a seeded
 # generator (per image: seed, epoch, index; per batch: seed, step, rank), so a resumed run repeats them.
 
 FILL = tuple(round(255 * m) for m in MEAN)                                  # uncovered pixels get the mean colour
@@ -984,11 +1027,13 @@ def image_augment(spec):
     return ThreeAugment() if spec == "3augment" else RandAugment(spec)
 
 
-def random_erase(x, prob, g, gen):
+def random_erase(x, prob, g, gen, cfg=None):
     """timm's RandomErasing as DeiT uses it (mode 'pixel', one box), in place on a normalised batch (B, C, H, W): with
     probability prob an image gets one box of 2 % .. 1/3 of its area, aspect ratio log-uniform in 0.3 .. 1/0.3, at a
     uniform position, filled with N(0, 1) noise per pixel and channel (up to 10 draws for a box that fits).
-    g: random.Random for the boxes; gen: torch.Generator on x's device for the noise. -> [(top, left, h, w) or None]"""
+    cfg: x holds pixels in [0, 1] for a model of this config: the noise is pixel_mean + pixel_std N(0, 1), N(0, 1)
+    once the model normalises it. g: random.Random for the boxes; gen: torch.Generator on x's device for the noise.
+    -> [(top, left, h, w) or None]"""
     B, _, H, W = x.shape
     boxes = []
     for _ in range(B):
@@ -1003,7 +1048,11 @@ def random_erase(x, prob, g, gen):
                     break
         boxes.append(box)
     if any(boxes):
-        noise = torch.randn(x.shape, generator=gen, device=x.device).to(x.dtype)
+        noise = torch.randn(x.shape, generator=gen, device=x.device)
+        if cfg is not None:
+            noise = noise * torch.tensor(cfg.pixel_std, device=x.device).view(1, 3, 1, 1) \
+                + torch.tensor(cfg.pixel_mean, device=x.device).view(1, 3, 1, 1)
+        noise = noise.to(x.dtype)
         for b, box in enumerate(boxes):
             if box:
                 t, l, h, w = box
@@ -1044,15 +1093,16 @@ def with_augmentation(ds, args):
     return ds
 
 
-def batch_augment(args, n_classes, stage, rank):
-    """-> f(x, y, step) -> (x, y) for a normalised training batch: random erasing, then (labelled stages, where y
-    becomes soft targets) mixup / cutmix, from generators seeded by (seed, step, rank)"""
+def batch_augment(args, n_classes, stage, rank, cfg=None):
+    """-> f(x, y, step) -> (x, y) for a training batch of pixels in [0, 1]: random erasing (noise in the trained
+    model's normalisation, cfg's), then (labelled stages, where y becomes soft targets) mixup / cutmix, from
+    generators seeded by (seed, step, rank)"""
     mix = stage != "distill" and (args.mixup > 0 or args.cutmix > 0)
 
     def augment(x, y, step):
         if args.erase_prob > 0:
             key = hash((args.seed, step, rank, 1)) & (2**63 - 1)
-            random_erase(x, args.erase_prob, random.Random(key), torch.Generator(x.device).manual_seed(key))
+            random_erase(x, args.erase_prob, random.Random(key), torch.Generator(x.device).manual_seed(key), cfg)
         if mix:
             x, y, _, _ = mix_batch(x, y, n_classes, args.mixup, args.cutmix, args.mixup_switch_prob,
                                    args.label_smoothing, random.Random(hash((args.seed, step, rank, 2))))
@@ -1213,10 +1263,14 @@ def lock_run_dir(run_dir):
             f.close()
             raise UserError(f"{run_dir} is in use by another run ({holder}): wait for it to end or stop it, "
                             "or give another --out / --name") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+    except OSError as e:                                                    # e.g. a full disk
+        f.close()
+        raise write_error(e, os.path.join(run_dir, ".lock")) from None
     _held_locks[run_dir] = f
     for stale in glob.glob(os.path.join(glob.escape(run_dir), "*.tmp[0-9]*")):
         os.remove(stale)
@@ -1232,9 +1286,14 @@ def release_locks():
 def save_json(path, obj):
     """atomic, like save_checkpoint"""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise write_error(e, path) from None
 
 
 def load_checkpoint(path):
@@ -1272,7 +1331,7 @@ def set_rng_state(states, ctx):
 
 
 # args whose change makes a checkpoint a different experiment (model and data): resuming with another value is an error
-FIXED_ARGS = ("stage", "teacher", "init", "teacher_preset", "teacher_opts", "student", "student_opts",
+FIXED_ARGS = ("stage", "teacher", "teacher_norm", "init", "teacher_preset", "teacher_opts", "student", "student_opts",
               "img_size", "stages", "am_scope", "target", "demo_train", "demo_teacher_train", "demo_seed", "pos_init",
               "layer_decay", "demo_task", "demo_pool", "distill_data")   # (layer_decay: the optimizer's groups)
 PATH_ARGS = ("teacher", "init", "distill_data")
@@ -1394,10 +1453,26 @@ def sincos_pos_init_(model):
         pos[0, grid, :table.shape[1]] = 0.5 * table
 
 
-def load_teacher(spec, img_size):
-    """a frozen teacher, as vl.load_teacher reads it (any file, Hub folder or timm:NAME it takes), or a UserError"""
+def teacher_norm(text):
+    """--teacher-norm -> (mean, std): a name of vl.PIXEL_NORMS or 'M,M,M/S,S,S'; None -> (None, None)"""
+    if not text:
+        return None, None
+    if text in vl.PIXEL_NORMS:
+        return vl.PIXEL_NORMS[text]
+    mean, _, std = text.partition("/")
+    try:
+        return vl.pixel_stats(mean.split(","), std.split(","), "--teacher-norm")
+    except ValueError:
+        raise UserError(f"--teacher-norm {text!r}: give one of {', '.join(vl.PIXEL_NORMS)} or 'M,M,M/S,S,S' "
+                        "(pixels in [0, 1], std > 0)") from None
+
+
+def load_teacher(spec, img_size, norm=None):
+    """a frozen teacher, as vl.load_teacher reads it (any file, Hub folder or timm:NAME it takes), or a UserError.
+    norm: --teacher-norm (default: the pixel mean / std its library declares)"""
+    mean, std = teacher_norm(norm)
     with as_user_error(f"could not load teacher {spec!r}"):                # the loader says which keys did not fit
-        return vl.load_teacher(spec, img_size=img_size)
+        return vl.load_teacher(spec, img_size=img_size, pixel_mean=mean, pixel_std=std)
 
 
 def init_from(path, args, n_classes, kinds=None, verbose=False):
@@ -1431,7 +1506,7 @@ def build(args, stage, n_classes, ctx):
     torch.manual_seed(args.seed)                                            # same init on every rank
     if stage == "teacher" and args.init:                                    # e.g. a higher-resolution stage
         model = init_from(args.init, args, n_classes, kinds=("vit",), verbose=ctx.main)
-        return model, model, supervised_loss(None, args), None
+        return model, model, supervised_loss(None, args, model), None
     if stage == "teacher":
         cfg = make_config(vl.TEACHER_PRESETS, args.teacher_preset, args.teacher_opts, "teacher",
                           img_size=args.img_size, num_classes=n_classes, drop_path=args.drop_path)
@@ -1439,9 +1514,10 @@ def build(args, stage, n_classes, ctx):
         model = vl.ViT(cfg)
         if args.pos_init == "sincos":
             sincos_pos_init_(model)
-        return model, model, supervised_loss(None, args), None
+        return model, model, supervised_loss(None, args, model), None
     if stage == "finetune":
-        teacher = load_teacher(args.teacher, args.img_size) if args.teacher and args.kd_weight > 0 else None
+        teacher = (load_teacher(args.teacher, args.img_size, args.teacher_norm) if args.teacher and args.kd_weight > 0
+                   else None)
         if teacher is not None and teacher.cfg.num_classes != n_classes:
             if ctx.main:
                 print(f"note: the teacher has no {n_classes}-class head: --kd-weight ignored", file=sys.stderr)
@@ -1456,11 +1532,11 @@ def build(args, stage, n_classes, ctx):
         for n, p in model.named_parameters():                               # unused without a mask (DDP wants all used)
             if n.endswith("mask_token"):
                 p.requires_grad_(False)
-        return model, model, supervised_loss(teacher, args), teacher
+        return model, model, supervised_loss(teacher, args, model), teacher
     # distill
     if not args.teacher:
         raise UserError("--stage distill needs --teacher (a checkpoint, timm/CLIP file or timm:NAME)")
-    teacher = load_teacher(args.teacher, args.img_size)
+    teacher = load_teacher(args.teacher, args.img_size, args.teacher_norm)
     if args.init:                                                           # e.g. progressive resolution
         student = init_from(args.init, args, n_classes, kinds=STUDENT_KINDS, verbose=ctx.main)
         cfg = student.cfg
@@ -1488,18 +1564,19 @@ def build(args, stage, n_classes, ctx):
                 m.requires_grad_(False)
     grid = (args.img_size // cfg.patch_size,) * 2
 
-    def loss(module, x, y, step):                                           # one masked student forward, both losses
+    def loss(module, x, y, step):                     # x: pixels in [0, 1]; one masked student forward, both losses
         g = torch.Generator().manual_seed(hash((args.seed, step, ctx.rank)) & (2**63 - 1))
         mask = vl.sample_mask(len(x), grid, args.mask_ratio, args.mask_kind, generator=g, device=x.device)
         return module(x, mask)                                              # dict(loss, am, mp)
     return student, distiller, loss, teacher
 
 
-def supervised_loss(teacher, args):
+def supervised_loss(teacher, args, model):
     """cross-entropy with label smoothing, or against soft targets (B, classes) from mixup / cutmix, which carry the
-    smoothing already; + soft logit distillation when a teacher is given"""
+    smoothing already; + soft logit distillation when a teacher is given. x: pixels in [0, 1]; the trained model
+    (module: model, compiled or in DDP) and the teacher each get their own normalisation."""
     def loss(module, x, y, step):
-        logits = module(x).logits.float()
+        logits = module(vl.normalize(x, model)).logits.float()
         if y.is_floating_point():
             ce = torch.sum(-y * F.log_softmax(logits, -1), -1).mean()
         else:
@@ -1507,7 +1584,7 @@ def supervised_loss(teacher, args):
         if teacher is None:
             return dict(loss=ce)
         with torch.no_grad():
-            t = teacher(x).logits.float()
+            t = teacher(vl.normalize(x, teacher)).logits.float()
         T = args.kd_temp
         kd = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(t / T, -1), log_target=True,
                       reduction="batchmean") * T * T
@@ -1609,12 +1686,10 @@ def lr_at(step, total, warmup, peak, floor):
 # ----------------------------------------------------------------------------------------------------------------
 # 10. Evaluation: top-1 / top-5, and the linear probe
 
-def normalize(x, device):
-    """uint8 (B,3,H,W) on host -> normalised float on device"""
-    x = x.to(device, non_blocking=True).float().div_(255)
-    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
-    return (x - mean) / std
+def to_pixels(x, device):
+    """uint8 (B,3,H,W) on host -> float pixels in [0, 1] on device; each model normalises them its own way
+    (vl.normalize: its pixel mean / std)"""
+    return x.to(device, non_blocking=True).float().div_(255)
 
 
 def autocast(args, device):
@@ -1637,7 +1712,7 @@ def evaluate(model, loader, args, ctx, desc="eval"):
             if not len(labels):
                 continue
             with autocast(args, ctx.device):
-                logits = model(normalize(images, ctx.device)).logits
+                logits = model(vl.normalize(to_pixels(images, ctx.device), model)).logits
             labels = labels.to(ctx.device)
             top = logits.float().topk(min(5, logits.shape[-1]), -1).indices
             hit = top == labels[:, None]
@@ -1649,20 +1724,22 @@ def evaluate(model, loader, args, ctx, desc="eval"):
 
 
 PROBE_L2, PROBE_ITERS = 1e-3, 500
+PROBE_PER_CLASS = 100      # --data: the probe's training images per class (ImageNet-1k: 100 k images; a ViT-B's
+                           # [class, mean patch] features 100 k x 1,536: 0.6 GB fp32, 1.2 GB in the fp64 solver)
 
 
 @torch.no_grad()
 def probe_features(model, loader, args, ctx):
     """Frozen features for a linear probe: [class token, mean of the patch tokens] of the model's final (normalised)
-    tokens -> (features (n, 2 dim) float64, labels (n,))."""
+    tokens -> (features (n, 2 dim) float32, labels (n,)); linear_probe solves in float64."""
     was = model.training
     model.eval()
     feats, labels = [], []
     for images, y, _ in tqdm(loader, desc="probe features", leave=False, disable=not ctx.main):
         if len(images):
             with autocast(args, ctx.device):
-                tokens = model(normalize(images, ctx.device)).tokens.float()
-            feats.append(torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], 1).double().cpu())
+                tokens = model(vl.normalize(to_pixels(images, ctx.device), model)).tokens.float()
+            feats.append(torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], 1).cpu())
             labels.append(y)
     model.train(was)
     return torch.cat(feats), torch.cat(labels)
@@ -1673,6 +1750,7 @@ def linear_probe(train_x, train_y, val_x, val_y, n_classes, l2=PROBE_L2, max_ite
     set's mean and std; weights and bias start at zero; full-batch L-BFGS (strong Wolfe line search, fp64) on the mean
     cross-entropy + l2 / 2 * ||W||^2 (bias not penalised), at most max_iter iterations. Deterministic.
     -> dict(top1 on val, train_top1) in percent."""
+    train_x, val_x = train_x.double(), val_x.double()
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-8)
     xt, xv = (train_x - mean) / std, (val_x - mean) / std
     W = torch.zeros(xt.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
@@ -1781,6 +1859,8 @@ class Run:
     history: list = dataclasses.field(default_factory=list)  # this run's log lines
     saved_step: int | None = None               # the step of the last checkpoint of this run (None: none yet)
     metrics: dict = dataclasses.field(default_factory=dict)  # the last epoch-end validation's, for the last checkpoint
+    nonfinite: torch.Tensor | None = None       # on the device: [step, loss, grad norm] of the first non-finite step
+                                                # since the start (step -1: none), read at log lines and checkpoints
 
     @property
     def steps_per_epoch(self):
@@ -1866,7 +1946,8 @@ def start_or_resume(args, stage, data, ctx):
     save_steps = {int(v) for v in (args.save_steps or "").split(",") if v.strip()}
     run = Run(stage=stage, label=label, ckpt_path=ckpt_path, log_path=log_path, classes=list(data.classes),
               saved=saved, trained=trained, model=trained, params=[p for p in trained.parameters() if p.requires_grad],
-              teacher=teacher, loss_fn=loss_fn, augment=batch_augment(args, len(data.classes), stage, ctx.rank),
+              teacher=teacher, loss_fn=loss_fn,
+              augment=batch_augment(args, len(data.classes), stage, ctx.rank, saved.cfg),
               ema=ema, opt=opt, scaler=scaler, loader=loader, val_loader=val_loader, peak_lr=peak_lr,
               total_steps=total, warmup=warmup, save_steps=save_steps,
               bad=BadImages(args.max_bad_frac, args.repeated_aug), sums=LogSums(ctx.device), live_log=log_path)
@@ -1877,6 +1958,7 @@ def start_or_resume(args, stage, data, ctx):
     else:
         torch.manual_seed(args.seed + 1000 * ctx.rank + 1)                  # per-rank dropout / drop-path streams
     open_log(run, ctx, fresh=ck is None)
+    run.nonfinite = torch.full((3,), -1.0, device=ctx.device)
     if args.compile:
         run.model = torch.compile(run.model)
     if ctx.world > 1:
@@ -1902,10 +1984,14 @@ def train_one_epoch(run, args, ctx):
         for images, *labels, errors in bar:                                 # distill: (images, errors), no labels
             # get the batch: unreadable images are counted and left out; a batch left with none (on some rank) is
             # skipped by every rank
-            if run.bad.add_batch(len(images), errors, ctx):
+            empty = run.bad.add_batch(len(images), errors, ctx)
+            if empty and ctx.world == 1:
                 run.batch_in_epoch += 1
                 continue
-            x = normalize(images, ctx.device)
+            if empty:                                                       # a stand-in that weighs nothing
+                images = torch.zeros(1, 3, args.img_size, args.img_size, dtype=torch.uint8)
+                labels = [torch.zeros(1, dtype=torch.long)] if labels else labels
+            x = to_pixels(images, ctx.device)
             y = labels[0].to(ctx.device, non_blocking=True) if labels else None
             # augment: random erasing, then mixup / cutmix (the labels become soft targets)
             x, y = run.augment(x, y, run.step)
@@ -1916,16 +2002,19 @@ def train_one_epoch(run, args, ctx):
             # forward: the stage's loss (distill: one masked student forward, AM + lambda MP)
             with autocast(args, ctx.device):
                 out = run.loss_fn(run.model, x, y, run.step)
+            if empty:
+                out = {k: v * 0 for k, v in out.items()}
             # backward
             run.opt.zero_grad(set_to_none=True)
             run.scaler.scale(out["loss"]).backward()
-            # clip the gradient norm; a non-finite loss or gradient stops the run
+            # clip the gradient norm; a non-finite loss or gradient is noted on the device (no host sync) and stops the
+            # run at the next log line or checkpoint (check_health), before anything is written
             run.scaler.unscale_(run.opt)
             grad_norm = nn.utils.clip_grad_norm_(run.params, args.clip_grad if args.clip_grad > 0 else float("inf"))
-            if not torch.isfinite(torch.stack([out["loss"].detach().float(), grad_norm.float()])).all():
-                raise NonFinite(f"{run.label}: non-finite loss/gradient at step {run.step} (loss "
-                                f"{out['loss'].item():.4g}, grad norm {grad_norm.item():.4g}); stopped, "
-                                f"{run.kept()} (try a lower --lr or --amp none)")
+            values = torch.stack([out["loss"].detach().float(), grad_norm.float()])
+            first = ~torch.isfinite(values).all() & (run.nonfinite[0] < 0)
+            here = torch.cat([torch.full((1,), float(run.step), device=values.device), values])
+            run.nonfinite = torch.where(first, here, run.nonfinite)
             # step: the optimizer, then the EMA of the weights
             run.scaler.step(run.opt)
             run.scaler.update()
@@ -1940,8 +2029,10 @@ def train_one_epoch(run, args, ctx):
             if run.val_loader is not None and every and run.step % every == 0 and run.step < run.total_steps:
                 validate(run, args, ctx, run.epoch + run.batch_in_epoch / run.steps_per_epoch)
             # log: the means since the last line
-            run.sums.add(out, grad_norm, len(images))
+            if not empty:
+                run.sums.add(out, grad_norm, len(images))
             if run.step % args.log_every == 0:
+                check_health(run, ctx)
                 means = run.sums.means(ctx)
                 log(run, dict(step=run.step, epoch=round(run.epoch + run.batch_in_epoch / run.steps_per_epoch, 4),
                               **means, lr=lr, img_per_s=run.sums.img_per_s(ctx), peak_mem_mb=peak_mem_mb(ctx)), ctx)
@@ -1954,6 +2045,17 @@ def train_one_epoch(run, args, ctx):
             if args.max_steps and run.step >= args.max_steps:
                 return True
     return False
+
+
+def check_health(run, ctx):
+    """collective, at log lines and checkpoints (never per step): a non-finite loss or gradient since the start, or
+    too many unreadable images on any rank, stops every rank"""
+    step, loss, grad_norm = run.nonfinite.tolist()
+    err = run.bad.pending
+    if step >= 0:
+        err = NonFinite(f"{run.label}: non-finite loss/gradient at step {int(step)} (loss {loss:.4g}, grad norm "
+                        f"{grad_norm:.4g}); stopped, {run.kept()} (try a lower --lr or --amp none)")
+    stop_together(err, ctx)
 
 
 def end_epoch(run, args, ctx):
@@ -1994,6 +2096,7 @@ def log(run, record, ctx):
 def save(run, args, ctx, finished=False):
     """OUT/NAME/last.pt: the models, optimizer, schedule, where the run is, every rank's RNG states and the log
     (collective: every rank calls it). A first checkpoint over an older run's folder makes its log.jsonl this run's."""
+    check_health(run, ctx)
     if not all(torch.isfinite(p).all() for p in run.params):
         raise NonFinite(f"{run.label}: parameters became non-finite at step {run.step}; {run.kept()}")
     rng = rng_state(ctx)                                                    # collective: every rank
@@ -2023,6 +2126,8 @@ def save(run, args, ctx, finished=False):
 
 def save_snapshot(run, args, ctx):
     """--save-steps: OUT/NAME/step<N>.pt, the model alone (for eval.py --probe curves)"""
+    if run.nonfinite is not None:
+        check_health(run, ctx)
     if ctx.main:
         save_checkpoint(os.path.join(args.run_dir, f"step{run.step}.pt"), dict(
             kind=vl.model_kind(run.saved), config=dataclasses.asdict(run.saved.cfg), model=run.saved.state_dict(),
@@ -2129,7 +2234,7 @@ def run_all(args, data, ctx):
 
     def load(path):                         # a checkpoint of this run, or --teacher as given (any format it reads)
         if path == args.teacher:
-            return {}, load_teacher(path, args.img_size)
+            return {}, load_teacher(path, args.img_size, args.teacher_norm)
         ck = load_checkpoint(path)
         return ck, vl.model_from_checkpoint(ck)
 
@@ -2172,17 +2277,27 @@ def run_all(args, data, ctx):
         for name, n_lab, n_steps, r, p in rows:
             print(f"| {name} | {n_lab} | {n_steps} | " + (f"{r['top1']:.1f} | {r['top5']:.1f}" if r else "- | -")
                   + f" | {'-' if p is None else f'{p:.1f}'} |")
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump({name: dict(labelled_images=n_lab, steps=n_steps, **(r or {}), probe_top1=p)
-                       for name, n_lab, n_steps, r, p in rows}, f, indent=1)
+        save_json(os.path.join(args.out, "results.json"), {
+            name: dict(labelled_images=n_lab, steps=n_steps, **(r or {}), probe_top1=p)
+            for name, n_lab, n_steps, r, p in rows})
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 13. main
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what torchrun and cluster schedulers send): the run stops as it does on Ctrl-C"""
+
+
 def main(argv=None):
     args = parse_args(argv)
     ctx = setup_dist()
+
+    def on_sigterm(signum, frame):
+        raise Terminated()
+    handlers = {}
+    with contextlib.suppress(ValueError):                   # (not the main thread: no handler)
+        handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         with together(ctx):                                                 # fail fast, before any stage trains
             check_args(args)
@@ -2211,10 +2326,13 @@ def main(argv=None):
         if not e.shared or int(os.environ.get("LOCAL_RANK", 0)) == 0:     # a shared error: once per node
             print(f"error{f' (rank {ctx.rank})' if ctx.world > 1 and not e.shared else ''}: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to continue from the last checkpoint", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"{what}: run the same command again to continue from the last checkpoint", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         release_locks()
         if dist.is_initialized():
             dist.destroy_process_group()

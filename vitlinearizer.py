@@ -47,8 +47,9 @@ import argparse
 import json
 import math
 import os
+import sys
 import zipfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import NamedTuple
 
 import torch
@@ -70,6 +71,24 @@ def check_resolution(images, patch_size):
         raise ValueError(f"images must be (B, 3, H, W) with H and W multiples of the patch size {patch_size}, "
                          f"got {tuple(images.shape)}: resize or crop them to a multiple of {patch_size}")
     return H // patch_size, W // patch_size
+
+
+# pixel mean / std (pixels in [0, 1]) that the families' libraries declare
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)      # timm / torchvision, DeiT, DINOv2
+OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+HALF = (0.5, 0.5, 0.5)                                                          # SigLIP, AugReg, HF ViT: [-1, 1]
+PIXEL_NORMS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "openai_clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+               "half": (HALF, HALF)}
+
+
+def normalize(images, model):
+    """A model's input from pixels in [0, 1] (B, 3, H, W): (x - pixel_mean) / pixel_std with the model's own stats
+    (model: a ViT / VisionMamba, one wrapped in DDP, or a config). Every model's forward takes this, so that each one
+    sees its pixels as it was trained to: the teacher its library's normalisation, the student its own."""
+    cfg = getattr(model, "cfg", None) or getattr(getattr(model, "module", None), "cfg", None) or model
+    mean = torch.tensor(cfg.pixel_mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.pixel_std, device=images.device).view(1, 3, 1, 1)
+    return (images - mean) / std
 
 
 def resize_pos_embed(pos_embed, grid_hw, antialias=False):
@@ -116,6 +135,8 @@ class ViTConfig:
                                  # on their mean patch token before the head (MAE fine-tuned); "none"
     pos_antialias: bool = False  # resample position embeddings with antialias (timm, open_clip) or without (HF, ours)
     drop_path: float = 0.0     # stochastic depth, rising linearly to this rate in the last block
+    pixel_mean: tuple = (0.485, 0.456, 0.406)   # the input it expects is (pixels in [0, 1] - mean) / std (normalize):
+    pixel_std: tuple = (0.229, 0.224, 0.225)    # ImageNet's, or a loaded teacher's library's (load_teacher)
 
 
 TEACHER_PRESETS = {
@@ -278,6 +299,8 @@ class MambaConfig:
     drop_path: float = 0.0
     scan_backend: str = "auto"      # "auto" | "triton" | "chunked" | "reference", see scan_kernel.selective_scan
     eps: float = 1e-5
+    pixel_mean: tuple = (0.485, 0.456, 0.406)   # the input it expects is (pixels in [0, 1] - mean) / std (normalize)
+    pixel_std: tuple = (0.229, 0.224, 0.225)
 
 
 STUDENT_PRESETS = {
@@ -440,6 +463,8 @@ class AdventurerConfig:
     chunk_size: int = SSD_CHUNK     # SSD chunk Q: any value computes the same (the public code uses 256)
     scan_backend: str = "auto"      # "auto" | "chunked" | "reference", see scan_kernel.ssd_scan
     eps: float = 1e-5
+    pixel_mean: tuple = (0.485, 0.456, 0.406)   # the input it expects is (pixels in [0, 1] - mean) / std (normalize)
+    pixel_std: tuple = (0.229, 0.224, 0.225)
 
 
 # Block i flips its patch tokens (the class token stays last) before the mixer and back after it. "public": the
@@ -705,7 +730,8 @@ def masked_prediction_loss(pred, target, mask):
 
 class Distiller(nn.Module):
     """The distillation objective L = am_weight * L_act + lam * L_mask, no labels. One student forward on the masked
-    image feeds both losses; the frozen teacher sees the full image. Holds the trainable masked-prediction projection
+    image feeds both losses; the frozen teacher sees the full image. It takes pixels in [0, 1] and hands each model
+    its own normalisation (normalize). Holds the trainable masked-prediction projection
     `mp_proj` (student width -> teacher width; identity when they match). target: the teacher's final features after
     ("post_norm") or before ("pre_norm") its final norm — the paper does not say which."""
 
@@ -731,10 +757,10 @@ class Distiller(nn.Module):
         self.teacher.eval()
         return self
 
-    def forward(self, images, mask):                                                   # (B, 3, H, W), (B, N) bool
-        with torch.no_grad():
-            tea = self.teacher(images)
-        stu = self.student(images, mask)
+    def forward(self, images, mask):                                  # pixels in [0, 1] (B, 3, H, W), (B, N) bool
+        with torch.no_grad():                                                          # each its own normalisation
+            tea = self.teacher(normalize(images, self.teacher))
+        stu = self.student(normalize(images, self.student), mask)
         am = activation_matching_loss([tea.hidden[i] for i in self.teacher_stages],
                                       [stu.hidden[i] for i in self.student_stages], mask, self.am_scope)
         target = tea.tokens if self.target == "post_norm" else tea.hidden[-1]
@@ -769,19 +795,32 @@ def read_safetensors(path):
             header = json.loads(f.read(n))
             data = bytearray(size - 8 - n)
             f.readinto(data)
-            out = {}
+            out, spans = {}, []
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
                 dtype, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
+                if not all(type(v) is int and v >= 0 for v in (begin, end, *info["shape"])):
+                    raise ValueError(f"{name}: shape {info['shape']}, offsets {begin}..{end}: not whole numbers >= 0")
                 count = math.prod(info["shape"])
                 if not 0 <= begin <= end <= len(data) or end - begin != count * dtype.itemsize:
                     raise ValueError(f"{name}: bytes {begin}..{end} do not hold {info['shape']} {info['dtype']}")
+                spans.append((begin, end, name))
+            for (_, end, a), (begin, _, b) in zip(sorted(spans), sorted(spans)[1:]):
+                if begin < end:
+                    raise ValueError(f"the bytes of {a} and {b} overlap")
+            for begin, end, name in spans:                                      # each checked against the file above
+                dtype, count = SAFETENSORS_DTYPES[header[name]["dtype"]], math.prod(header[name]["shape"])
                 t = torch.frombuffer(data, dtype=dtype, count=count, offset=begin) if count else torch.empty(0)
-                out[name] = t.to(dtype).reshape(info["shape"]).clone()                 # own, aligned memory
-        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+                out[name] = t.to(dtype).reshape(header[name]["shape"]).clone()         # own, aligned memory
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, RecursionError,
+                RuntimeError) as e:                                             # RuntimeError: torch (e.g. reshape)
             raise ValueError(f"cannot read {path!r} as safetensors: {type(e).__name__} {e}") from None
     return out
+
+
+IMAGE_MAGIC = ((b"\x89PNG", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"), (b"RIFF", "WebP"), (b"BM", "BMP"),
+               (b"II*\0", "TIFF"), (b"MM\0*", "TIFF"))
 
 
 def read_state_dict(path):
@@ -793,6 +832,13 @@ def read_state_dict(path):
         return read_safetensors(path)
     if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
         return torch.jit.load(path, map_location="cpu").state_dict()
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):         # torch.save: a zip, or (old) a pickle
+        image = next((k for m, k in IMAGE_MAGIC if head.startswith(m)), None)
+        raise ValueError(f"cannot read checkpoint {path!r}: " + (
+            f"it is a {image} image" if image else "a truncated or damaged zip archive (an interrupted copy or "
+            "download?)" if head.startswith(b"PK") else "neither a zip archive nor a pickle, as torch.save writes"))
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):                  # the public Adventurer files'
             return torch.load(path, map_location="cpu", weights_only=True)              # training arguments
@@ -812,13 +858,16 @@ def read_checkpoint(spec):
         path = os.path.join(spec, found[0])
     folder = os.path.dirname(path)
     configs = {}
-    for name in ("config.json", "open_clip_config.json"):
+    for name in ("config.json", "open_clip_config.json", "preprocessor_config.json"):
         if os.path.isfile(os.path.join(folder, name)):
             try:
                 with open(os.path.join(folder, name)) as f:
                     configs[name] = json.load(f)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 raise ValueError(f"{os.path.join(folder, name)} is not valid JSON: {e}") from None
+            if not isinstance(configs[name], dict):
+                raise ValueError(f"{os.path.join(folder, name)} holds a JSON {type(configs[name]).__name__}, not an "
+                                 "object {...}")
     if path.endswith(".index.json"):                                                   # sharded: index -> shard files
         with open(path) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
@@ -1110,7 +1159,53 @@ def timm_checkpoint(name):
     return model.state_dict(), {"config.json": config}
 
 
-def load_teacher(spec, img_size=None, num_classes=None, heads=None, act=None):
+def declared_pixels(family, sd, configs):
+    """What a teacher's library declares about its input -> (mean, std, eval transform, where from). family: "timm",
+    "clip" or "hf" (load_teacher's); sd: the converted weights; configs: read_checkpoint's. The eval transform is
+    {crop_pct, interpolation} where declared (resize to size / crop_pct, centre crop), else {}. Nothing declared: the
+    family's convention where the architecture names it (CLIP towers: OpenAI's constants; SigLIP, no class token:
+    0.5 / 0.5; LayerScale or registers, DINOv2 / DeiT-III: ImageNet's), else ImageNet's and where-from None."""
+    def transform(crop_pct, interpolation):
+        ok = isinstance(crop_pct, (int, float)) and 0 < crop_pct <= 1 and interpolation in ("bicubic", "bilinear")
+        return dict(crop_pct=float(crop_pct), interpolation=interpolation) if ok else {}
+    if family == "timm":
+        pre = (configs.get("config.json") or {}).get("pretrained_cfg") or {}
+        if pre.get("mean") and pre.get("std"):
+            crop = pre.get("crop_pct") if pre.get("crop_mode", "center") == "center" else None
+            return pre["mean"], pre["std"], transform(crop, pre.get("interpolation")), "timm's pretrained_cfg"
+    elif family == "hf":
+        pre = configs.get("preprocessor_config.json") or {}
+        if pre.get("image_mean") and pre.get("image_std"):
+            size, crop = pre.get("size") or {}, pre.get("crop_size") or {}
+            crop_pct = (crop["height"] / size["shortest_edge"] if pre.get("do_center_crop") and "shortest_edge" in size
+                        and "height" in crop else None)
+            interpolation = {2: "bilinear", 3: "bicubic"}.get(pre.get("resample"))
+            return pre["image_mean"], pre["image_std"], transform(crop_pct, interpolation), "preprocessor_config.json"
+    elif family == "clip":                                  # open_clip's preprocess_cfg; its default is OpenAI's
+        pre = (configs.get("open_clip_config.json") or {}).get("preprocess_cfg") or {}
+        return (pre.get("mean", OPENAI_CLIP_MEAN), pre.get("std", OPENAI_CLIP_STD),
+                transform(1.0, pre.get("interpolation", "bicubic")), "open_clip / OpenAI CLIP")
+    if "norm_pre.weight" in sd and "patch_embed.bias" not in sd:
+        return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, {}, "CLIP's convention"
+    if "cls_token" not in sd:
+        return HALF, HALF, {}, "SigLIP's convention"
+    if "blocks.0.ls1.gamma" in sd or "reg_token" in sd:
+        return IMAGENET_MEAN, IMAGENET_STD, {}, "DINOv2's / DeiT-III's convention"
+    return IMAGENET_MEAN, IMAGENET_STD, {}, None
+
+
+def pixel_stats(mean, std, source):
+    """3 means and 3 stds > 0 as tuples of floats, or a ValueError naming source"""
+    try:
+        mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    except (TypeError, ValueError):
+        mean = std = ()
+    if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
+        raise ValueError(f"{source}: pixel mean / std must be 3 numbers each (std > 0), got {mean!r} / {std!r}")
+    return mean, std
+
+
+def load_teacher(spec, img_size=None, num_classes=None, heads=None, act=None, pixel_mean=None, pixel_std=None):
     """A frozen ViT teacher (eval mode, no grad) from one of:
     - a timm checkpoint (.pth / .bin / .safetensors; DeiT files wrap it in "model"): plain / AugReg / DeiT / MAE ViTs,
       CLIP ViTs, DeiT-III, DINOv2 (registers, SwiGLU), SigLIP; also DINOv2's torch-hub files;
@@ -1122,7 +1217,10 @@ def load_teacher(spec, img_size=None, num_classes=None, heads=None, act=None):
     img_size: the resolution you will run at (checked against the patch size; any multiple works).
     num_classes: a new, randomly initialised head when it differs from the checkpoint's (0 removes the head).
     heads / act ("gelu" | "gelu_tanh" | "quick_gelu"): override what the checkpoint's config file or its family's
-    convention says (see convert_timm / convert_clip / convert_hf and default_heads)."""
+    convention says (see convert_timm / convert_clip / convert_hf and default_heads).
+    pixel_mean / pixel_std (3 each, pixels in [0, 1]): override the input normalisation the model gets in its config,
+    which is otherwise what its library declares (declared_pixels; a note on stderr when nothing says, ImageNet's);
+    our own checkpoints keep theirs. model.eval_transform: the library's {crop_pct, interpolation} where declared."""
     if spec.startswith("timm:"):
         sd, configs = timm_checkpoint(spec[len("timm:"):])
     else:
@@ -1150,7 +1248,19 @@ def load_teacher(spec, img_size=None, num_classes=None, heads=None, act=None):
             sd, hints = convert(sd, config)
         except KeyError as e:
             raise ValueError(f"{spec} looks like {family} checkpoint but has no {e}") from None
-        model = load_model(ViT, infer_vit_config(sd, hints, heads=heads, act=act), sd, spec, num_classes)
+        library = {convert_clip: "clip", convert_hf: "hf", convert_timm: "timm"}[convert]
+        mean, std, model_eval, source = declared_pixels(library, sd, configs)
+        if source is None and pixel_mean is None:
+            print(f"note: {spec}: no pixel mean / std declared and no family known by its architecture: ImageNet's "
+                  "assumed (override: train.py --teacher-norm, load_teacher(pixel_mean=, pixel_std=))", file=sys.stderr)
+        mean, std = pixel_stats(mean, std, spec)
+        model = load_model(ViT, infer_vit_config(sd, hints, heads=heads, act=act, pixel_mean=mean, pixel_std=std),
+                           sd, spec, num_classes)
+        model.eval_transform = model_eval
+    if pixel_mean is not None or pixel_std is not None:
+        mean, std = pixel_stats(pixel_mean if pixel_mean is not None else model.cfg.pixel_mean,
+                                pixel_std if pixel_std is not None else model.cfg.pixel_std, "pixel_mean / pixel_std")
+        model.cfg = replace(model.cfg, pixel_mean=mean, pixel_std=std)
     if img_size is not None:
         check_resolution(torch.empty(1, 3, img_size, img_size, device="meta"), model.cfg.patch_size)
     return model.eval().requires_grad_(False)
