@@ -461,13 +461,15 @@ def test_ssd_chunked_fp32_stays_finite_with_strong_decays():
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
-def test_ssd_chunked_memory_is_linear_in_L():
-    """Saved for the backward: nothing grows like L^2 (the L x L matrix of the unrolled form is never built)."""
-    heads, p, N, Q = 2, 4, 8, 16
+def test_ssd_chunked_saves_inputs_and_one_state_per_chunk():
+    """Saved for the backward: the inputs and the state entering each chunk, nothing that grows like L^2 or like
+    L x chunk (the Q x Q decays and products are recomputed)."""
+    heads, p, N, Q = 4, 4, 8, 16
     for L in (256, 1024):
-        x = make_ssd(1, L, heads, p, 1, N, dtype=torch.float32)
-        numels = saved_numels(lambda: sk.ssd_scan(**x, chunk_size=Q, dt_softplus=True))
-        assert max(numels) <= heads * L * max(Q, p, N), (L, max(numels))
+        x = make_ssd(1, L, heads, p, 2, N, dtype=torch.float32)
+        shapes = saved_shapes(lambda: sk.ssd_scan(**x, chunk_size=Q, dt_softplus=True))
+        assert (1, L // Q, 2, N, heads // 2 * p) in shapes
+        assert max(math.prod(s) for s in shapes) <= L * heads * max(p, N), (L, shapes)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
