@@ -52,6 +52,7 @@ def build(preset, res):
 
 
 def seconds(fn, device):
+    """seconds of one call of fn (CUDA: synchronised before and after)"""
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
@@ -59,6 +60,26 @@ def seconds(fn, device):
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t
+
+
+def median_ms(fn, device, warmup=3, repeats=20):
+    """median milliseconds of fn(); on CUDA each call is timed with its own pair of events"""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t))
+    return sorted(times)[len(times) // 2]
 
 
 def model_flops(model, res, device):
@@ -244,37 +265,18 @@ def run_side_by_side(args, device):
     print(f"{where}; torch {torch.__version__}; {args.rounds} rounds; ratio = {names[0]} time / model time, median "
           f"(min-max) over rounds; > 1: faster than {names[0]}\n")
     print(TABLE_HEAD, flush=True)
-    rows = []
+    rows, records = [], []
     for res in int_list(args.resolutions, "--resolutions"):
-        rows += side_by_side(names, res, args.batch_size, args.rounds, device)
-        print("\n".join(table_lines(rows[-len(names):])), flush=True)
+        got = side_by_side(names, res, args.batch_size, args.rounds, device)
+        print("\n".join(table_lines(got)), flush=True)
+        rows, records = rows + got, records + csv_rows(got)
     if args.csv:
-        write_csv(args.csv, CSV_COLS, [r for i in range(0, len(rows), len(names))
-                                       for r in csv_rows(rows[i:i + len(names)])])
+        write_csv(args.csv, CSV_COLS, records)
         print(f"\nwrote {args.csv}")
     return rows
 
 
 # ----------------------------------------------------------------------------------------------- selective scan
-
-def timed(fn, warmup, repeats, device):
-    """-> seconds per call (CUDA events on GPU, wall clock on CPU)"""
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1000 / repeats
-    t = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - t) / repeats
-
 
 def scan_baseline(u, delta, A, B, C, D, z, delta_bias):
     """Per-step-slicing baseline in the way of mamba-ssm's selective_scan_ref: deltaA and deltaB_u materialised
@@ -332,7 +334,7 @@ def bench_scan(args, device):
                             if mode == "fwd+bwd":
                                 y.backward(gy)
                     try:
-                        sec = timed(call, warmup, args.rounds, device)
+                        sec = median_ms(call, device, warmup, args.rounds) / 1000
                     except torch.cuda.OutOfMemoryError:
                         torch.cuda.empty_cache()
                         rows.append(dict(shape=f"{b}x{d}x{n}x{L}", dtype=str(dt)[6:], mode=mode, impl=name, ms="OOM",
@@ -344,7 +346,7 @@ def bench_scan(args, device):
                                      GB_s=f"{unavoidable[mode] / sec / 1e9:.0f}" if device.type == "cuda" else "n/a"))
     cols = ["shape", "dtype", "mode", "impl", "ms", "vs_baseline", "GB_s"]
     print(f"\nselective scan on {device.type.upper()} (b x dim x N x L; vs_baseline = baseline time / time; GB_s = "
-          f"unavoidable bytes / time), warm-up {warmup}, mean of {args.rounds}\n")
+          f"unavoidable bytes / time), warm-up {warmup}, median of {args.rounds}\n")
     print_table(cols, rows)
     if args.csv:
         write_csv(args.csv, cols, rows)
@@ -353,26 +355,6 @@ def bench_scan(args, device):
 
 
 # ----------------------------------------------------------------------------------------------- GPU report
-
-def median_ms(fn, device, warmup=3, repeats=20):
-    """median milliseconds of fn(); on CUDA each call is timed with its own pair of events"""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - t))
-    return sorted(times)[len(times) // 2]
-
 
 def copy_bandwidth(device):
     """GB/s of a 2 GiB device-to-device copy, bytes read + written: the practical memory ceiling of this device"""
@@ -662,11 +644,6 @@ def run_log(run_dir):
     return curve, bool(records) and records[-1].get("finished", False), records[-1]["step"] if records else None
 
 
-def val_curve(run_dir):
-    """[(step, top-1)] of the validations in RUN_DIR/log.jsonl"""
-    return run_log(run_dir)[0]
-
-
 def final_top1(run_dir):
     """top-1 of the last validation in RUN_DIR/log.jsonl, None until the run has finished"""
     curve, finished, _ = run_log(run_dir)
@@ -818,18 +795,27 @@ def figure_data(root=None, csv_path=None):
 
 
 def plot_figures(data, out, prefix=""):
-    """PNG files of figure_data's series in OUT -> their paths"""
+    """PNG files of figure_data's series in OUT (the runs' figures named PREFIX...) -> their paths"""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
     except ImportError:
         raise BenchError("--plot needs matplotlib: pip install matplotlib") from None
     paths = []
 
+    def plain_log_ticks(axis, ticks=None):               # 224, 448 (or 1, 2, 5, 10, ...) rather than 2 x 10^2
+        if ticks:
+            axis.set_ticks(sorted(set(ticks)))
+        else:
+            axis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        axis.set_major_formatter(FormatStrFormatter("%g"))
+        axis.set_minor_formatter(NullFormatter())
+
     def save(fig, name):
         fig.tight_layout()
-        paths.append(os.path.join(out, prefix + name))
+        paths.append(os.path.join(out, name))
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
 
@@ -846,22 +832,25 @@ def plot_figures(data, out, prefix=""):
         ax.set(xlabel="distillation step", ylabel="linear probe top-1 (%)", title="linear probe over distillation "
                "(mean, min-max over seeds)")
         ax.legend()
-        save(fig, "probe_curve.png")
+        save(fig, prefix + "probe_curve.png")
     if data["label_efficiency"]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for config, points in data["label_efficiency"].items():
             series(ax, points, ("labels only: " if config.startswith("labels") else "distilled: ") + config)
         ax.set(xscale="log", xlabel="labelled images", ylabel="top-1 (%)",
                title="top-1 against labelled images (mean, min-max over seeds)")
+        plain_log_ticks(ax.xaxis, [p[0] for points in data["label_efficiency"].values() for p in points])
         ax.legend()
-        save(fig, "label_efficiency.png")
+        save(fig, prefix + "label_efficiency.png")
     if data["speed"]:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for i, (ax, what) in enumerate(zip(axes, ("training forward + backward", "inference"))):
             for model, points in data["speed"].items():
                 points = sorted(points)
                 ax.plot([p[0] for p in points], [p[1 + i] for p in points], marker="o", label=model)
-            ax.set(xscale="log", yscale="log", xlabel="resolution (px)", ylabel="ms", title=what)
+            ax.set(xscale="log", yscale="log", xlabel="resolution (px)", ylabel="ms (median over rounds)", title=what)
+            plain_log_ticks(ax.xaxis, [p[0] for points in data["speed"].values() for p in points])
+            plain_log_ticks(ax.yaxis)
             ax.legend()
         save(fig, "speed.png")
     return paths

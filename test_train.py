@@ -1319,7 +1319,7 @@ def test_learning_curve_every_n_steps(tmp_path, capsys):
     assert rc == 0, err
     curve = [(r["step"], r["val_top1"]) for r in log(tmp_path / "r" / "finetune" / "log.jsonl") if "val_top1" in r]
     assert [s for s, _ in curve] == [5, 10, 12]                                        # 4 steps/epoch x 3, then the end
-    assert bench.val_curve(tmp_path / "r" / "finetune") == curve
+    assert bench.run_log(tmp_path / "r" / "finetune")[0] == curve
 
 
 def test_help_shows_every_default_for_both_modes():
