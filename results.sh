@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Re-runs every measurement of README "Results" and prints its tables. Every run is one train.py / eval.py command
 # with one thread; a finished run is skipped and an interrupted one resumes, so the script can be stopped and started
-# again at any point. Runs go to $R (default runs/results); the tables to stdout and $R/<task>/tables.md.
+# again at any point. Runs go to $R (default runs/results); the tables (bench.py --runs) to stdout and
+# $R/<task>/tables.md; with matplotlib installed, the figures (bench.py --plot) to $R/<task>/<task>_*.png.
 #
 #   bash results.sh               # everything: ~8 h of CPU time, LANES=2 runs side by side
 #   TASKS=pairs bash results.sh   # one demo task only
@@ -125,5 +126,6 @@ run_jobs
 
 # 3. the tables
 for task in $TASKS; do
-  echo; echo "## $task"; $PY eval.py --runs "$R/$task" | tee "$R/$task/tables.md"
+  echo; echo "## $task"; $PY bench.py --runs "$R/$task" | tee "$R/$task/tables.md"
+  if $PY -c "import matplotlib" 2>/dev/null; then $PY bench.py --plot "$R/$task" --out "$R/$task"; fi
 done

@@ -589,7 +589,7 @@ def _stacked(x):  # a leading direction axis of 1, as a view
     return None if x is None else x[None]
 
 
-@torch.profiler.record_function("selective_scan")  # a label for profilers (eval.py's student time split)
+@torch.profiler.record_function("selective_scan")  # a label for profilers (bench.py's student time split)
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, reverse=False, backend="auto"):
     """Selective scan, mamba-ssm selective_scan_fn semantics and backends: see the module docstring.
@@ -653,7 +653,7 @@ def bidirectional_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=N
 # another; the upper triangle is -inf before exp, so no inf * 0 arises. L is padded to a multiple of Q with dt = 0
 # (decay 1, input 0): padded steps change nothing before them and are cut off.
 
-SSD_CHUNK = 64  # the default chunk size Q (eval.py --bench-ssd measures others)
+SSD_CHUNK = 64  # the default chunk size Q
 
 
 def _check_ssd(fn, x, dt, A, B, C, chunk_size, D, z, dt_bias):
@@ -841,7 +841,7 @@ def ssd_scan_chunked(x, dt, A, B, C, chunk_size=SSD_CHUNK, D=None, z=None, dt_bi
     return _ssd_out(_SSDChunkedFn.apply(x, dt, A, B, C, chunk_size), x, D, z, dtype)
 
 
-@torch.profiler.record_function("ssd_scan")  # a label for profilers (eval.py's student time split)
+@torch.profiler.record_function("ssd_scan")  # a label for profilers (bench.py's student time split)
 def ssd_scan(x, dt, A, B, C, chunk_size=SSD_CHUNK, D=None, z=None, dt_bias=None, dt_softplus=False,
              backend="auto"):
     """The Mamba-2 (SSD) scan with mamba-ssm's mamba_chunk_scan_combined arguments (see the section comment):

@@ -333,9 +333,9 @@ def test_kernel_compiles_for_a100_and_h100_within_its_budget():
     stays within the register / spill / occupancy budget above."""
     import triton
     if not hasattr(triton.runtime.jit.JITFunction, "_pack_args"):
-        pytest.skip(f"eval.kernel_budget needs triton >= 3.6 (have {triton.__version__}); CI runs it on the newest")
+        pytest.skip(f"bench.kernel_budget needs triton >= 3.6 (have {triton.__version__}); CI runs it on the newest")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", "import json, eval; print(json.dumps(eval.kernel_budget()))"],
+    res = subprocess.run([sys.executable, "-c", "import json, bench; print(json.dumps(bench.kernel_budget()))"],
                          cwd=HERE, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = json.loads(res.stdout.strip().splitlines()[-1])

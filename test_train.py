@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageFile
 
+import bench
 import eval as evaluate_cli
 import train
 import vitlinearizer as vl
@@ -924,11 +925,13 @@ def test_unreadable_files_and_folders_get_one_line(tmp_path, capsys):
             if root:
                 os.seteuid(0)
         assert rc == 2 and words in one_error_line(err), err
-    for argv, words in ((["--ckpt", str(tmp_path / "t.pt"), "--data", str(tmp_path / "file")], "not a folder"),
-                        (["--runs", str(tmp_path / "file")], "--runs " + str(tmp_path / "file") + ": not a folder"),
-                        (["--bench", "--out", str(tmp_path / "file")], "is a file: give a folder")):
+    for cli, argv, words in (
+            (evaluate_cli, ["--ckpt", str(tmp_path / "t.pt"), "--data", str(tmp_path / "file")], "not a folder"),
+            (bench, ["--runs", str(tmp_path / "file")], "--runs " + str(tmp_path / "file") + ": not a folder"),
+            (bench, ["--plot", "--csv", str(tmp_path / "file"), "--out", str(tmp_path / "file")],
+             "is a file: give a folder")):
         capsys.readouterr()
-        assert evaluate_cli.main(argv) == 2 and words in one_error_line(capsys.readouterr().err)
+        assert cli.main(argv) == 2 and words in one_error_line(capsys.readouterr().err)
 
 
 def test_fresh_keeps_the_old_record_until_the_new_run_has_a_checkpoint(tmp_path, capsys, monkeypatch):
@@ -937,7 +940,7 @@ def test_fresh_keeps_the_old_record_until_the_new_run_has_a_checkpoint(tmp_path,
     assert run_train(capsys, *args)[0] == 0
     run_dir = root / "cfg-s0" / "finetune"
     before = (run_dir / "log.jsonl").read_bytes(), (run_dir / "last.pt").read_bytes()
-    top1 = evaluate_cli.final_top1(run_dir)
+    top1 = bench.final_top1(run_dir)
     assert top1 is not None
     real = train.lr_at
 
@@ -949,7 +952,7 @@ def test_fresh_keeps_the_old_record_until_the_new_run_has_a_checkpoint(tmp_path,
     with pytest.raises(MemoryError):                                                  # a fresh run dies at step 1
         run_train(capsys, *args, "--fresh", "--seed", 1)
     assert ((run_dir / "log.jsonl").read_bytes(), (run_dir / "last.pt").read_bytes()) == before
-    assert evaluate_cli.main(["--runs", str(root)]) == 0 and f"| cfg | 1 | {top1:.1f} |" in capsys.readouterr().out
+    assert bench.main(["--runs", str(root)]) == 0 and f"| cfg | 1 | {top1:.1f} |" in capsys.readouterr().out
     monkeypatch.setattr(train, "lr_at", real)
     assert run_train(capsys, *args, "--fresh", "--seed", 1)[0] == 0                    # its replacement exists: swapped
     assert (run_dir / "log.jsonl").read_bytes() != before[0] and not list(run_dir.glob("log.jsonl.*"))
@@ -1316,7 +1319,7 @@ def test_learning_curve_every_n_steps(tmp_path, capsys):
     assert rc == 0, err
     curve = [(r["step"], r["val_top1"]) for r in log(tmp_path / "r" / "finetune" / "log.jsonl") if "val_top1" in r]
     assert [s for s, _ in curve] == [5, 10, 12]                                        # 4 steps/epoch x 3, then the end
-    assert evaluate_cli.val_curve(tmp_path / "r" / "finetune") == curve
+    assert bench.run_log(tmp_path / "r" / "finetune")[0] == curve
 
 
 def test_help_shows_every_default_for_both_modes():

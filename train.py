@@ -1890,7 +1890,7 @@ def run_stage(args, stage, data, ctx):
                 print(f"{run.label}: stopped at step {run.step} (--max-steps); run the same command again to continue")
             barrier(ctx)
             return None
-    log(run, dict(step=run.step, finished=True), ctx)                     # eval.py --runs counts finished runs only
+    log(run, dict(step=run.step, finished=True), ctx)                     # bench.py --runs counts finished runs only
     save(run, args, ctx, finished=True)
     barrier(ctx)
     return run.ckpt_path
