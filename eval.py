@@ -11,6 +11,7 @@ Evaluate a checkpoint, or benchmark the teacher against the student.
 import argparse, csv, json, os, re, sys, time
 import torch, torch.nn as nn, torch.nn.functional as F
 
+import data
 import train
 import vitlinearizer as vl
 import scan_kernel
@@ -48,13 +49,13 @@ def accuracy(args):
     args.img_size = args.img_size or run.get("img_size") or model.cfg.img_size
     train.check_img_size(args.img_size, model.cfg.patch_size, "model")
     if args.data is None and run and run.get("data") is None:                            # the demo's held-out set
-        ds = train.demo_set(demo_args(run, args.img_size), "val")
+        ds = data.demo_set(demo_args(run, args.img_size), "val")
         classes = ds.classes
     elif args.data is not None:
-        classes, samples = train.list_split(args.data, "val")
+        classes, samples = data.list_split(args.data, "val")
         declared = getattr(model, "eval_transform", {})                  # a teacher's library's resize / crop
         crop = args.crop_ratio or declared.get("crop_pct", 0.875)
-        ds = train.ImageFolder(samples, classes, args.img_size, train=False, crop_ratio=crop,
+        ds = data.ImageFolder(samples, classes, args.img_size, train=False, crop_ratio=crop,
                                interpolation=declared.get("interpolation", "bicubic"))
     else:
         raise train.UserError(f"{args.ckpt} was not trained on the demo: give --data DIR (DIR/val/<class>/*)")
@@ -65,7 +66,7 @@ def accuracy(args):
         raise train.UserError(f"the model has {model.cfg.num_classes} outputs but the set has {len(classes)} classes")
     ctx = train.Ctx(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     args.seed, args.max_bad_frac = 0, 0.01
-    res = train.evaluate(model.to(ctx.device), train.make_loader(ds, args, ctx, train=False), args, ctx)
+    res = train.evaluate(model.to(ctx.device), data.make_loader(ds, args, ctx, train=False), args, ctx)
     print(f"{args.ckpt}{' (EMA weights)' if args.ema else ''}: top-1 {res['top1']:.2f}  top-5 {res['top5']:.2f}  "
           f"({len(ds)} images, {len(classes)} classes, {args.img_size} px)")
     return res
@@ -102,9 +103,9 @@ def probe_ckpts(args):
         if args.data is None and run.get("data") is None and run:
             a = demo_args(run, img_size)
             a.demo_probe = args.probe_train or a.demo_probe
-            probe_set, val = train.demo_set(a, "probe"), train.demo_set(a, "val")
+            probe_set, val = data.demo_set(a, "probe"), data.demo_set(a, "val")
         elif args.data is not None:
-            d = train.Data(argparse.Namespace(data=args.data, img_size=img_size, distill_data=None))
+            d = data.Data(argparse.Namespace(data=args.data, img_size=img_size, distill_data=None))
             probe_set, val = d.probe(args.probe_train), d.val
         else:
             raise train.UserError(f"{path} was not trained on the demo: give --data DIR (DIR/{{train,val}}/<class>/*)")
@@ -928,7 +929,7 @@ def main(argv=None):
                    "iterations; trained on the demo's probe set (or DIR/train with --data), measured on the held-out "
                    "set (DIR/val); results also go to <ckpt folder>/probe.json")
     p.add_argument("--probe-train", type=int, help="probe: training images (demo: default the run's --demo-probe; "
-                   f"--data: class-balanced, default {train.PROBE_PER_CLASS} per class, e.g. 100 k for ImageNet-1k: "
+                   f"--data: class-balanced, default {data.PROBE_PER_CLASS} per class, e.g. 100 k for ImageNet-1k: "
                    "0.6 GB of ViT-B features, 1.2 GB in the fp64 solver, a few minutes; 0 = the whole train split, "
                    "for ImageNet 1.28 M x 1,536 features: 7.9 GB fp32 + 15.7 GB fp64)")
     p.add_argument("--random-init", action="store_true", help="probe: the checkpoint's architecture at its training "
