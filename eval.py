@@ -74,7 +74,7 @@ def accuracy(args):
 
 def demo_args(run, img_size):
     """the demo arguments of a run (checkpoints from before --demo-task used the relations task)"""
-    before = {"demo_task": "relations", "demo_probe": train.DEFAULTS["demo_probe"].demo}
+    before = {"demo_task": "relations", "demo_probe": train.get_parser().get_default("demo_probe")}
     return argparse.Namespace(**{**before, **run, "img_size": img_size})
 
 

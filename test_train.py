@@ -303,9 +303,10 @@ def test_stage_all_checks_the_student_before_training_the_teacher(tmp_path, caps
 
 
 def test_stage_teacher_uses_the_teacher_lr():
-    assert train.parse_args(["--stage", "teacher"]).lr == train.DEFAULTS["teacher_lr"].demo != train.DEFAULTS["lr"].demo
+    default = train.get_parser().get_default
+    assert train.parse_args(["--stage", "teacher"]).lr == default("teacher_lr") != default("lr")
     assert train.parse_args(["--stage", "teacher", "--lr", "2e-3"]).lr == 2e-3
-    assert train.parse_args(["--stage", "distill"]).lr == train.DEFAULTS["lr"].demo
+    assert train.parse_args(["--stage", "distill"]).lr == default("lr")
 
 
 def test_soft_target_loss_is_cross_entropy_with_smoothing(monkeypatch):
@@ -1052,7 +1053,7 @@ def test_warmup_in_steps_epochs_or_fraction():
     def warmup(*argv, steps_per_epoch=1000, epochs=1):
         return train.warmup_steps(train.parse_args(list(argv)), steps_per_epoch, epochs * steps_per_epoch,
                                   distributed.Ctx())
-    assert warmup() == round(train.DEFAULTS["warmup_frac"].demo * 1000) < 500         # demo: a fraction of the run
+    assert warmup() == round(train.get_parser().get_default("warmup_frac") * 1000) < 500         # demo: a fraction of the run
     assert warmup("--warmup-frac", "0.1", epochs=3) == 300
     assert warmup("--warmup-steps", "7") == 7
     assert warmup("--warmup-epochs", "0.5") == 500                                     # explicit: no mode default
@@ -1074,25 +1075,24 @@ def test_learning_curve_every_n_steps(tmp_path, capsys):
 
 
 def test_help_shows_every_default_for_both_modes():
-    """--help is true: every flag's default comes from train.DEFAULTS, and each flag's help names the value that
-    parse_args gives it on the demo and in a --data run (recipe deit); no help says None"""
-    parser = train.get_parser()
-    flags = {a.dest: a for a in parser._actions if a.dest != "help"}
-    assert set(flags) == set(train.DEFAULTS)
-    assert "None" not in parser.format_help()
-    runs = {"demo": vars(train.parse_args([])), "data": vars(train.parse_args(["--data", "d"]))}
-    computed = {"threads", "workers", "out"}                                # from the CPU cores, --data's name
-    for k, action in flags.items():
-        text = " ".join(action.help.split())
-        words = re.split(r"[\s/()]+", text[text.rfind("(default:"):])
-        for mode, values in runs.items():
+    """--help is true: on the demo and in a --data run (recipe deit), each flag's help names the value that parse_args
+    gives it when it is not given; no help says None"""
+    for argv in ([], ["--data", "d"]):
+        parser = train.get_parser()
+        parser.set_defaults(**train.defaults_for(train.given_flags(argv)))
+        assert "None" not in parser.format_help()
+        values, formatter = vars(train.parse_args(argv)), parser._get_formatter()
+        flags = {a.dest: a for a in parser._actions if a.dest != "help"}
+        assert set(flags) == set(values) - {"given"}
+        for k, action in flags.items():
+            text = " ".join(formatter._get_help_string(action).split())
+            words = re.split(r"[\s/()]+", text[text.rfind("(default:"):])
             v = values[k]
-            skip = k in computed or k in values["given"] or mode == "data" and k.startswith("demo_")
-            if skip or v is None or v is False:
+            if k in values["given"] or v is None or v is False:
                 continue
             for x in (v.values() if isinstance(v, dict) else [v]):         # a recipe's per-stage values
-                want = "empty" if x == "" else "the" if x is None else f"{x:g}" if isinstance(x, float) else str(x)
-                assert want in words, (k, mode, want, text)                 # (None: "the preset's")
+                want = "empty" if x == "" else "unset" if x is None else f"{x:g}" if isinstance(x, float) else str(x)
+                assert want in words or f"(default: {want})" in text, (k, argv, want, text)   # a path: whole
 
 
 def test_init_from_with_another_class_count_keeps_every_other_tensor(tmp_path):

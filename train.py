@@ -19,7 +19,6 @@ One training step, from main() down: run_stage -> start_or_resume (models, optim
 The images, loaders and augmentations are in data.py, checkpoint files in checkpoint.py, ranks in distributed.py.
 """
 import argparse, ast, contextlib, copy, dataclasses, json, math, os, resource, signal, sys, time
-from typing import NamedTuple
 
 import torch, torch.nn as nn, torch.nn.functional as F, torch.distributed as dist
 from torch.utils.data import DataLoader
@@ -34,18 +33,9 @@ from distributed import Ctx, UserError, all_sum, as_user_error, barrier, setup_d
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 1. Config: every flag's default (DEFAULTS), the recipes, the command line and its checks
-
-class Mode(NamedTuple):
-    """a default that depends on the mode: the built-in demo, or an image folder (--data)"""
-    demo: object
-    data: object
-
-
-# Every flag's default, in one table (the groups of --help). Mode(demo, data) where the mode decides; a recipe
-# (--recipe, RECIPES below) replaces some of them; the command line wins over both: command line > recipe > DEFAULTS.
-# None: unset (drop_path: the preset's), or computed at the start (parse_args: threads, workers, out; start_or_resume:
-# lr from --blr).
+# 1. Config: the flags with their defaults (argparse), the recipes (dicts of defaults), the checks
+# Defaults come in one layer, set on the parser before it reads the command line: the parser's own are the demo's;
+# a --data run replaces some (data_defaults); a recipe (--recipe, RECIPES) replaces some more; the command line wins.
 # The demo is a miniature of the paper's setting: the teacher learns from a larger labelled set (standing in for its
 # large pre-training corpus), the student is distilled on a large pool of unlabelled images (the generator is
 # unlimited), then both students get the same small labelled set: the distilled one is fine-tuned briefly at a lower
@@ -55,33 +45,17 @@ class Mode(NamedTuple):
 # (tiny ops spread over busy cores wait for each other: README, "The built-in demo"); and the figures it prints depend
 # on the thread count (float sums in another order), so it is fixed. --data runs default to the cores they may use.
 DEMO_THREADS = 1
-DEFAULTS = dict(
-    # run
-    data=None, stage="all", out=None, name=None, teacher=None, init=None, resume="auto", fresh=False, max_steps=None,
-    teacher_norm=None,
-    threads=Mode(DEMO_THREADS, None), no_baseline=False, recipe=Mode("none", "deit"), distill_data=None,
-    save_steps=None,
-    # models
-    teacher_preset=Mode("demo", "vit_b16"), teacher_opts="", student=Mode("demo", "small"),
-    student_opts=Mode("dim=64,depth=4,d_state=8", ""), img_size=Mode(32, 224), drop_path=None, pos_init="sincos",
-    # distillation loss (the paper's defaults)
-    stages=4, am_scope="visible", mask_ratio=0.75, mask_kind="random", lam=1.0, am_weight=1.0, target="post_norm",
-    # fine-tuning loss
-    label_smoothing=0.1, kd_weight=0.0, kd_temp=1.0,
-    # augmentation and regularisation
-    aa="none", hflip=0.5, erase_prob=0.0, mixup=0.0, cutmix=0.0, mixup_switch_prob=0.5, repeated_aug=1, ema_decay=0.0,
-    layer_decay=1.0,
-    # optimisation
-    epochs=None, teacher_epochs=Mode(5, 300), distill_epochs=Mode(1, 300), finetune_epochs=Mode(11, 300),
-    supervised_epochs=Mode(80, 300), batch_size=Mode(32, 128), lr=Mode(4e-3, None), teacher_lr=Mode(1.5e-3, None),
-    finetune_lr=Mode(1e-3, None), blr=5e-4, min_lr=1e-6, warmup_epochs=Mode(None, 5.0), warmup_steps=None,
-    warmup_frac=Mode(0.05, None), weight_decay=0.05, clip_grad=1.0, amp="auto", compile=False, seed=0,
-    # io
-    workers=Mode(0, 8), log_every=Mode(20, 50), ckpt_every=Mode(200, 1000), eval_every=Mode(0, 1), eval_every_steps=0,
-    max_bad_frac=0.01, demo_train=Mode(300, 0), demo_teacher_train=Mode(4000, 0), demo_val=Mode(2000, 0),
-    demo_task="pairs", demo_pool=Mode(32000, 0), demo_probe=Mode(2000, 0), demo_seed=0,
-)
-WARMUP_FLAGS = ("warmup_steps", "warmup_epochs", "warmup_frac")           # one given replaces the others' defaults
+
+
+def data_defaults(data):
+    """a --data run's defaults where they differ from the demo's (the parser's own)"""
+    cores = cores_per_process()
+    return dict(recipe="deit", out=os.path.join("runs", os.path.basename(os.path.normpath(data))), threads=cores,
+                workers=min(8, cores), teacher_preset="vit_b16", student="small", student_opts="", img_size=224,
+                teacher_epochs=300, distill_epochs=300, finetune_epochs=300, supervised_epochs=300, batch_size=128,
+                lr=None, teacher_lr=None, finetune_lr=None, warmup_epochs=5.0, warmup_frac=None, log_every=50,
+                ckpt_every=1000, eval_every=1, demo_train=0, demo_teacher_train=0, demo_val=0, demo_pool=0,
+                demo_probe=0)
 
 
 def labelled(value, distill):
@@ -89,11 +63,10 @@ def labelled(value, distill):
     return dict(teacher=value, distill=distill, finetune=value)
 
 
-# Named recipes (--recipe NAME): plain dicts of flag defaults. Flags given on the command line win over the recipe, the
-# recipe over DEFAULTS above. A dict value gives each stage its own default. The distillation stage sees
-# random-resized crops and flips only in every recipe (no labels to mix; as MAE-style masked pre-training does) and its
-# student keeps its preset's drop path: our choice, the paper is silent. The ViT teacher, trained with labels, gets the
-# recipe's drop path as the student does. --data runs default to "deit".
+# Named recipes (--recipe NAME): plain dicts of flag defaults; a dict value gives each stage its own (for_stage). The
+# distillation stage sees random-resized crops and flips only in every recipe (no labels to mix; as MAE-style masked
+# pre-training does) and its student keeps its preset's drop path: our choice, the paper is silent. The ViT teacher,
+# trained with labels, gets the recipe's drop path as the student does. --data runs default to "deit".
 # The paper's own recipe is NOT public: these are the published recipes of the models it builds on.
 _DEIT = dict(teacher_epochs=300, distill_epochs=300, finetune_epochs=300, img_size=224, blr=5e-4, min_lr=1e-5,
              warmup_epochs=5.0, weight_decay=0.05, label_smoothing=0.1, mixup=0.8, cutmix=1.0, mixup_switch_prob=0.5,
@@ -130,199 +103,177 @@ RECIPE_NOTES = {
     "mae-ft": "MAE's fine-tuning recipe for its 24-block ViT-L (facebookresearch/mae FINETUNE.md; lr 1e-3 per 256 = "
               "2e-3 per 512), layer-wise lr decay 0.75, 50 epochs: for fine-tuning a distilled student (--init)",
 }
+WARMUP_FLAGS = ("warmup_steps", "warmup_epochs", "warmup_frac")           # one given replaces the others' defaults
 
 
-def mode_defaults(mode, recipe, given=()):
-    """{flag: default} for a mode ("demo" or "data") under a recipe: the recipe's values, else DEFAULTS'. The warm-up
-    flags go together: one given on the command line (`given`) leaves the others unset, and a recipe that sets one
-    replaces the table's."""
-    defaults = {k: getattr(v, mode) if isinstance(v, Mode) else v for k, v in DEFAULTS.items()} | RECIPES[recipe]
-    if any(k in given for k in WARMUP_FLAGS):
-        defaults |= dict.fromkeys(WARMUP_FLAGS)
-    elif any(k in RECIPES[recipe] for k in WARMUP_FLAGS):
-        defaults |= {k: RECIPES[recipe].get(k) for k in WARMUP_FLAGS}
-    return defaults
+class ShowDefaults(argparse.HelpFormatter):
+    """--help ends each flag's help with its default, as this command line sets it (none shown when unset)"""
+    def _get_help_string(self, action):
+        v = action.default
+        if v is None or v is False or v is argparse.SUPPRESS:
+            return action.help
+        def show(x):
+            return "unset" if x is None else "empty" if x == "" else f"{x:g}" if isinstance(x, float) else str(x)
+        text = "/".join(map(show, v.values())) + " (teacher/distill/finetune)" if isinstance(v, dict) else show(v)
+        return f"{action.help} (default: {text})"
 
 
-def help_default(flag, data=None, none="unset"):
-    """' (default: ...)' for --help: what a flag is when it is not given (mode_defaults): one value, or the demo's and
-    that of --data runs (whose default recipe is deit). data: the words for a --data default computed at the start;
-    none: the words for None."""
-    def show(v):
-        if isinstance(v, dict):                                             # a recipe's per-stage value
-            return "/".join(map(show, v.values())) + " (teacher/distill/finetune)"
-        return none if v is None else "empty" if v == "" else f"{v:g}" if isinstance(v, float) else str(v)
-    demo, on_data = (mode_defaults(mode, getattr(DEFAULTS["recipe"], mode))[flag] for mode in ("demo", "data"))
-    demo_text, data_text = show(demo), data or show(on_data)
-    if flag.startswith("demo_"):                                            # the demo's own: --data runs ignore them
-        data_text = demo_text
-    if demo_text == data_text:
-        return "" if demo is None or demo is False else f" (default: {demo_text})"
-    recipe = ", recipe deit" if flag in RECIPES["deit"] else ""
-    return f" (default: {demo_text} (demo) / {data_text} (--data{recipe}))"
-
-
-def get_parser():
-    """the command line; every default is None here: parse_args fills in DEFAULTS and the recipe"""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    d = help_default
+def get_parser(**kw):
+    """the command line, with the demo's defaults (parse_args sets a --data run's and the recipe's on it)"""
+    p = argparse.ArgumentParser(formatter_class=ShowDefaults, **kw, description=__doc__.split("\n\n")[0] + " The "
+                                "defaults shown are the demo's; `--data DIR --help` shows a --data run's (recipe deit).")
     g = p.add_argument_group("run")
     g.add_argument("--data", help="ImageNet-layout folder DIR/{train,val}/<class>/*; omit for the built-in demo")
-    g.add_argument("--stage", choices=["all", "teacher", "distill", "finetune"],
-                   help="which stage to train" + d("stage"))
-    g.add_argument("--out", help="output folder (default: runs/demo, or runs/<name of --data>)")
-    g.add_argument("--name", help="this stage's sub-folder of --out (default: the stage)")
+    g.add_argument("--stage", choices=["all", "teacher", "distill", "finetune"], default="all")
+    g.add_argument("--out", default=os.path.join("runs", "demo"), help="output folder (--data: runs/<name of DIR>)")
+    g.add_argument("--name", help="this stage's sub-folder of --out (unset: the stage)")
     g.add_argument("--teacher", help="teacher for distill (and finetune --kd-weight): what load_teacher takes "
                    "(timm/DeiT or CLIP file, own checkpoint, timm:NAME); stage all trains one if not given")
     g.add_argument("--teacher-norm", help="the teacher's pixel mean / std instead of what its library declares: "
-                   f"{' | '.join(vl.PIXEL_NORMS)} | 'M,M,M/S,S,S' (pixels in [0, 1]); default: declared")
+                   f"{' | '.join(vl.PIXEL_NORMS)} | 'M,M,M/S,S,S' (pixels in [0, 1])")
     g.add_argument("--init", help="start the stage's model from this checkpoint of train.py (finetune: e.g. "
-                   "OUT/distill/last.pt; any stage: a run at another --img-size, position embeddings resized); "
-                   "none = from scratch")
-    g.add_argument("--resume", nargs="?", const="auto",
-                   help="checkpoint to resume from; 'auto' = OUT/NAME/last.pt when it exists" + d("resume"))
+                   "OUT/distill/last.pt; any stage: a run at another --img-size, position embeddings resized)")
+    g.add_argument("--resume", nargs="?", const="auto", default="auto",
+                   help="checkpoint to resume from; 'auto' = OUT/NAME/last.pt when it exists")
     g.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
     g.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many steps; re-run to continue")
-    g.add_argument("--threads", type=int, help="torch CPU threads per process; overrides OMP_NUM_THREADS"
-                   + d("threads", data="the CPU cores this process may use"))
+    g.add_argument("--threads", type=int, default=DEMO_THREADS, help="torch CPU threads per process (--data: the "
+                   "CPU cores this process may use)")
     g.add_argument("--no-baseline", action="store_true", help="stage all: skip the labels-only student")
-    g.add_argument("--recipe", choices=list(RECIPES), help="named flag defaults, printed at start; flags given here "
-                   "win (RECIPES in train.py, README 'Recipes'). The paper's own training recipe is not public: these "
-                   "are the published recipes of DeiT, Vim, Adventurer (its student; progressive resolution 128 -> "
-                   "224 -> fine-tuning) and MAE fine-tuning" + d("recipe"))
+    g.add_argument("--recipe", choices=list(RECIPES), default="none", help="named flag defaults (RECIPES in train.py, "
+                   "README 'Recipes'), printed at start. The paper's own training recipe is not public: these are the "
+                   "published recipes of DeiT, Vim, Adventurer (its student; 128 -> 224 px -> fine-tuning), MAE")
     g.add_argument("--distill-data", help="--data runs: folder of images (any depth, labelled or not) that "
-                   "distillation reads, without labels (default: DIR/train)")
+                   "distillation reads, without labels (unset: DIR/train)")
     g.add_argument("--save-steps", help="also write OUT/NAME/step<N>.pt (model only) at these steps, e.g. 0,250,1000 "
                    "(0 = the initialisation; for eval.py --probe curves)")
     g = p.add_argument_group("models")
-    g.add_argument("--teacher-preset", help=f"ViT trained by --stage teacher: {sorted(vl.TEACHER_PRESETS)}"
-                   + d("teacher_preset"))
-    g.add_argument("--teacher-opts", help="override preset fields, e.g. dim=64,depth=4" + d("teacher_opts"))
-    g.add_argument("--student", help=f"student preset: {sorted(vl.STUDENT_PRESETS)}" + d("student"))
-    g.add_argument("--student-opts", help="override preset fields, e.g. dim=64,depth=4,bidirectional=alternate"
-                   + d("student_opts"))
-    g.add_argument("--img-size", type=int, help="training resolution (a multiple of the patch size)" + d("img_size"))
-    g.add_argument("--drop-path", type=float, help="stochastic depth of the model being trained"
-                   + d("drop_path", none="the preset's"))
-    g.add_argument("--pos-init", choices=["sincos", "model"], help="position embedding of a model trained from "
-                   "scratch: 2-D sin-cos (MAE) or the model's own init" + d("pos_init"))
+    g.add_argument("--teacher-preset", default="demo", help=f"ViT of --stage teacher: {sorted(vl.TEACHER_PRESETS)}")
+    g.add_argument("--teacher-opts", default="", help="override preset fields, e.g. dim=64,depth=4")
+    g.add_argument("--student", default="demo", help=f"student preset: {sorted(vl.STUDENT_PRESETS)}")
+    g.add_argument("--student-opts", default="dim=64,depth=4,d_state=8", help="override preset fields, e.g. "
+                   "dim=64,depth=4,bidirectional=alternate (an Adventurer --student: empty)")
+    g.add_argument("--img-size", type=int, default=32, help="training resolution (a multiple of the patch size)")
+    g.add_argument("--drop-path", type=float, help="stochastic depth of the trained model (unset: the preset's)")
+    g.add_argument("--pos-init", choices=["sincos", "model"], default="sincos", help="position embedding of a model "
+                   "trained from scratch: 2-D sin-cos (MAE) or the model's own init")
     g = p.add_argument_group("distillation loss (paper defaults)")
-    g.add_argument("--stages", type=int, help="K: teacher/student blocks split into K stages for AM" + d("stages"))
-    g.add_argument("--am-scope", choices=["visible", "all", "cls"], help="tokens AM compares" + d("am_scope"))
-    g.add_argument("--mask-ratio", type=float, help="fraction of the patches masked" + d("mask_ratio"))
-    g.add_argument("--mask-kind", choices=["random", "block"], help="which patches are masked" + d("mask_kind"))
-    g.add_argument("--lam", type=float, help="MP weight lambda (0 = AM only)" + d("lam"))
-    g.add_argument("--am-weight", type=float, help="AM weight (0 = MP only)" + d("am_weight"))
-    g.add_argument("--target", choices=["post_norm", "pre_norm"],
-                   help="MP target: teacher tokens after/before its final norm" + d("target"))
+    g.add_argument("--stages", type=int, default=4, help="K: teacher/student blocks split into K stages for AM")
+    g.add_argument("--am-scope", choices=["visible", "all", "cls"], default="visible", help="tokens AM compares")
+    g.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of the patches masked")
+    g.add_argument("--mask-kind", choices=["random", "block"], default="random", help="which patches are masked")
+    g.add_argument("--lam", type=float, default=1.0, help="MP weight lambda (0 = AM only)")
+    g.add_argument("--am-weight", type=float, default=1.0, help="AM weight (0 = MP only)")
+    g.add_argument("--target", choices=["post_norm", "pre_norm"], default="post_norm",
+                   help="MP target: teacher tokens after/before its final norm")
     g = p.add_argument_group("fine-tuning loss")
-    g.add_argument("--label-smoothing", type=float, help="label smoothing of the cross-entropy" + d("label_smoothing"))
-    g.add_argument("--kd-weight", type=float, help="soft logit distillation from --teacher's head: (1-w) CE + w KL"
-                   + d("kd_weight"))
-    g.add_argument("--kd-temp", type=float, help="temperature of the soft logit distillation" + d("kd_temp"))
-    g = p.add_argument_group("augmentation and regularisation (on with DeiT's values for --data runs: --recipe deit)")
-    g.add_argument("--aa", help="per-image augmentation after crop and flip: timm's RandAugment spec (DeiT: "
-                   "rand-m9-mstd0.5-inc1; sections m, n, p, mstd, inc), 3augment (DeiT III / Adventurer: one of "
-                   "grayscale, solarize, blur, then colour jitter 0.3) or none" + d("aa"))
-    g.add_argument("--hflip", type=float, help="probability of a horizontal flip (image folders)" + d("hflip"))
-    g.add_argument("--erase-prob", type=float, help="random erasing probability (DeiT: 0.25; one box of 2-33 %% of "
-                   "the image, per-pixel normal noise on the normalised image)" + d("erase_prob"))
-    g.add_argument("--mixup", type=float, help="mixup alpha, labelled stages (DeiT: 0.8; 0 = off)" + d("mixup"))
-    g.add_argument("--cutmix", type=float, help="cutmix alpha, labelled stages (DeiT: 1.0; 0 = off)" + d("cutmix"))
-    g.add_argument("--mixup-switch-prob", type=float, help="chance of cutmix instead of mixup when both are on"
-                   + d("mixup_switch_prob"))
-    g.add_argument("--repeated-aug", type=int, help="repeated augmentation: each image this many times per global "
-                   "batch, differently augmented; epochs keep their length (DeiT: 3; 1 = off)" + d("repeated_aug"))
-    g.add_argument("--ema-decay", type=float, help="EMA of the weights, evaluated alongside and saved in the "
-                   "checkpoint (DeiT: 0.99996; 0 = off)" + d("ema_decay"))
-    g.add_argument("--layer-decay", type=float, help="layer-wise lr decay (MAE / BEiT): block i of depth blocks gets "
-                   "lr x decay^(depth - i), the embeddings decay^(depth + 1), norm and head 1 (1 = off)"
-                   + d("layer_decay"))
-    g = p.add_argument_group("optimisation (DeiT / Vim recipe)")
-    g.add_argument("--epochs", type=int, help="epochs of the stage run (default: --teacher-epochs, --distill-epochs or "
-                   "--finetune-epochs, by --stage; stage all: each stage its own)")
-    g.add_argument("--teacher-epochs", type=int, help="epochs of the teacher stage" + d("teacher_epochs"))
-    g.add_argument("--distill-epochs", type=int, help="epochs of the distill stage" + d("distill_epochs"))
-    g.add_argument("--finetune-epochs", type=int, help="epochs of the finetune stage" + d("finetune_epochs"))
-    g.add_argument("--supervised-epochs", type=int, help="stage all: epochs of the labels-only student (long enough "
-                   "to converge)" + d("supervised_epochs"))
-    g.add_argument("--batch-size", type=int, help="per process; global batch = batch size x processes"
-                   + d("batch_size"))
-    g.add_argument("--lr", type=float, help="peak lr" + d("lr", data="--blr x global batch / 512"))
-    g.add_argument("--teacher-lr", type=float, help="peak lr of the teacher stage (stage all, or stage teacher without "
-                   "--lr)" + d("teacher_lr", data="--lr"))
-    g.add_argument("--finetune-lr", type=float, help="stage all: peak lr of fine-tuning the distilled student"
-                   + d("finetune_lr", data="--lr"))
-    g.add_argument("--blr", type=float, help="base lr, per 512 images of global batch (used when --lr is unset)"
-                   + d("blr"))
-    g.add_argument("--min-lr", type=float, help="the lr the cosine schedule ends at" + d("min_lr"))
-    g.add_argument("--warmup-epochs", type=float, help="linear warm-up length in epochs" + d("warmup_epochs"))
-    g.add_argument("--warmup-steps", type=int, help="linear warm-up length in steps (wins over --warmup-epochs and "
-                   "--warmup-frac)")
-    g.add_argument("--warmup-frac", type=float, help="linear warm-up length as a fraction of the stage's steps (used "
-                   "when neither --warmup-steps nor --warmup-epochs is set; one warm-up flag given unsets the others)"
-                   + d("warmup_frac"))
-    g.add_argument("--weight-decay", type=float, help="AdamW weight decay" + d("weight_decay"))
-    g.add_argument("--clip-grad", type=float, help="max grad norm (0 = off)" + d("clip_grad"))
-    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], help="autocast; auto = bf16 on CUDA, none on CPU"
-                   + d("amp"))
+    g.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the cross-entropy")
+    g.add_argument("--kd-weight", type=float, default=0.0, help="soft logit distillation from --teacher's head: "
+                   "(1-w) CE + w KL")
+    g.add_argument("--kd-temp", type=float, default=1.0, help="temperature of the soft logit distillation")
+    g = p.add_argument_group("augmentation and regularisation (DeiT's values: --recipe deit, the default of --data)")
+    g.add_argument("--aa", default="none", help="per-image augmentation after crop and flip: timm's RandAugment spec "
+                   "(DeiT: rand-m9-mstd0.5-inc1; sections m, n, p, mstd, inc), 3augment (DeiT III / Adventurer: one "
+                   "of grayscale, solarize, blur, then colour jitter 0.3) or none")
+    g.add_argument("--hflip", type=float, default=0.5, help="probability of a horizontal flip (image folders)")
+    g.add_argument("--erase-prob", type=float, default=0.0, help="random erasing probability (one box of 2-33 %% of "
+                   "the image, per-pixel normal noise on the normalised image)")
+    g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha, labelled stages (0 = off)")
+    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha, labelled stages (0 = off)")
+    g.add_argument("--mixup-switch-prob", type=float, default=0.5, help="chance of cutmix when both are on")
+    g.add_argument("--repeated-aug", type=int, default=1, help="repeated augmentation: each image this many times per "
+                   "global batch, differently augmented; epochs keep their length (1 = off)")
+    g.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights, evaluated alongside and saved in "
+                   "the checkpoint (0 = off)")
+    g.add_argument("--layer-decay", type=float, default=1.0, help="layer-wise lr decay (MAE / BEiT): block i of depth "
+                   "blocks gets lr x decay^(depth - i), the embeddings decay^(depth + 1), norm and head 1 (1 = off)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, help="epochs of a single --stage (unset: its --<stage>-epochs)")
+    g.add_argument("--teacher-epochs", type=int, default=5, help="epochs of the teacher stage")
+    g.add_argument("--distill-epochs", type=int, default=1, help="epochs of the distill stage")
+    g.add_argument("--finetune-epochs", type=int, default=11, help="epochs of the finetune stage")
+    g.add_argument("--supervised-epochs", type=int, default=80, help="stage all: epochs of the labels-only student "
+                   "(long enough to converge)")
+    g.add_argument("--batch-size", type=int, default=32, help="per process; global batch = batch size x processes")
+    g.add_argument("--lr", type=float, default=4e-3, help="peak lr (unset: --blr x global batch / 512)")
+    g.add_argument("--teacher-lr", type=float, default=1.5e-3, help="peak lr of the teacher stage (stage all, or "
+                   "stage teacher without --lr; unset: --lr)")
+    g.add_argument("--finetune-lr", type=float, default=1e-3, help="stage all: peak lr of fine-tuning the distilled "
+                   "student (unset: --lr)")
+    g.add_argument("--blr", type=float, default=5e-4, help="base lr per 512 images of global batch, when --lr is unset")
+    g.add_argument("--min-lr", type=float, default=1e-6, help="the lr the cosine schedule ends at")
+    g.add_argument("--warmup-epochs", type=float, help="linear warm-up length in epochs")
+    g.add_argument("--warmup-steps", type=int, help="linear warm-up length in steps (wins over the other two)")
+    g.add_argument("--warmup-frac", type=float, default=0.05, help="linear warm-up length as a fraction of the "
+                   "stage's steps, when the other two are unset (one warm-up flag given unsets the others)")
+    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
+    g.add_argument("--clip-grad", type=float, default=1.0, help="max grad norm (0 = off)")
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto",
+                   help="autocast; auto = bf16 on CUDA, none on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the trained model")
-    g.add_argument("--seed", type=int, help="seed of the initialisation, the data order and the augmentations"
-                   + d("seed"))
+    g.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and augmentations")
     g = p.add_argument_group("io")
-    g.add_argument("--workers", type=int, help="DataLoader worker processes per process"
-                   + d("workers", data="min(8, CPU cores per process)"))
-    g.add_argument("--log-every", type=int, help="steps between JSON log lines" + d("log_every"))
-    g.add_argument("--ckpt-every", type=int, help="steps between checkpoints (also at every epoch end)"
-                   + d("ckpt_every"))
-    g.add_argument("--eval-every", type=int, help="epochs between validations (0: only after the last epoch)"
-                   + d("eval_every"))
-    g.add_argument("--eval-every-steps", type=int, help="also validate every N steps (a learning curve in log.jsonl; "
-                   "0: off)" + d("eval_every_steps"))
-    g.add_argument("--max-bad-frac", type=float, help="stop when more images than this fraction are unreadable"
-                   + d("max_bad_frac"))
-    g.add_argument("--demo-train", type=int, help="demo: training images of the students" + d("demo_train"))
-    g.add_argument("--demo-teacher-train", type=int, help="demo: training images of the teacher stage"
-                   + d("demo_teacher_train"))
-    g.add_argument("--demo-val", type=int, help="demo: held-out images" + d("demo_val"))
-    g.add_argument("--demo-task", choices=sorted(DEMO_TASKS), help="demo: which procedural task (RelationsDemo)"
-                   + d("demo_task"))
-    g.add_argument("--demo-pool", type=int, help="demo: fresh unlabelled images that distillation reads (0: the "
-                   "students' labelled images, labels dropped)" + d("demo_pool"))
-    g.add_argument("--demo-probe", type=int, help="demo: labelled images the linear probe trains on (eval.py --probe)"
-                   + d("demo_probe"))
-    g.add_argument("--demo-seed", type=int, help="demo: seed of the procedural images" + d("demo_seed"))
+    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes per process (--data: "
+                   "min(8, CPU cores per process))")
+    g.add_argument("--log-every", type=int, default=20, help="steps between JSON log lines")
+    g.add_argument("--ckpt-every", type=int, default=200, help="steps between checkpoints (and every epoch end)")
+    g.add_argument("--eval-every", type=int, default=0, help="epochs between validations (0: after the last epoch)")
+    g.add_argument("--eval-every-steps", type=int, default=0, help="also validate every N steps (0: off)")
+    g.add_argument("--max-bad-frac", type=float, default=0.01, help="stop when more images are unreadable")
+    g.add_argument("--demo-train", type=int, default=300, help="demo: training images of the students")
+    g.add_argument("--demo-teacher-train", type=int, default=4000, help="demo: training images of the teacher stage")
+    g.add_argument("--demo-val", type=int, default=2000, help="demo: held-out images")
+    g.add_argument("--demo-task", choices=sorted(DEMO_TASKS), default="pairs", help="demo: the task (RelationsDemo)")
+    g.add_argument("--demo-pool", type=int, default=32000, help="demo: fresh unlabelled images that distillation "
+                   "reads (0: the students' labelled images, labels dropped)")
+    g.add_argument("--demo-probe", type=int, default=2000, help="demo: labelled images of the linear probe")
+    g.add_argument("--demo-seed", type=int, default=0, help="demo: seed of the procedural images")
     return p
 
 
 def given_flags(argv):
-    """names of the arguments given on the command line (parsed again into a namespace whose every value is a marker:
-    argparse fills in defaults only for names it lacks)"""
-    unset = object()
-    marked = argparse.Namespace(**dict.fromkeys(vars(get_parser().parse_args([])), unset))
-    return {k for k, v in vars(get_parser().parse_args(argv, marked)).items() if v is not unset}
+    """{flag: value} of the flags the command line gives, alone (argparse.SUPPRESS leaves out a flag not given); {}
+    for a command line that parse_args refuses (it says why)"""
+    p = get_parser(add_help=False)
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+
+    def refuse(message):
+        raise ValueError(message)
+    p.error = refuse
+    try:
+        return vars(p.parse_known_args(argv)[0])
+    except ValueError:
+        return {}
+
+
+def defaults_for(given):
+    """the defaults that the command line's --data and --recipe choose, over the parser's own (the demo's): a --data
+    run's, then the recipe's. The warm-up flags go together: one given leaves the others unset, and a recipe that sets
+    one replaces the other two."""
+    out = {} if given.get("data") is None else data_defaults(given["data"])
+    recipe = RECIPES[given.get("recipe", out.get("recipe", "none"))]
+    out |= recipe
+    if any(k in given for k in WARMUP_FLAGS):
+        out |= dict.fromkeys(WARMUP_FLAGS)
+    elif any(k in recipe for k in WARMUP_FLAGS):
+        out |= {k: recipe.get(k) for k in WARMUP_FLAGS}
+    return out
 
 
 def parse_args(argv=None):
-    """The command line, then the recipe, then DEFAULTS for the mode (command line > recipe > DEFAULTS); then the
-    defaults computed at the start: threads and workers from the CPU cores, the teacher stage's own lr, --out."""
-    args = get_parser().parse_args(argv)
-    args.given = sorted(given_flags(argv))
-    mode = "demo" if args.data is None else "data"
-    for k, v in mode_defaults(mode, args.recipe or getattr(DEFAULTS["recipe"], mode), args.given).items():
-        if k not in args.given:
-            setattr(args, k, v)
-    chosen = set(args.given) | set(RECIPES[args.recipe])                  # flags the command line or recipe set
-    if args.threads is None:
-        args.threads = cores_per_process()
-    if "workers" not in chosen:
-        args.workers = min(args.workers, cores_per_process())              # e.g. 2 workers, not 8, on a 2-core box
+    """The command line over the recipe over the mode's defaults (defaults_for); then two defaults that depend on
+    other flags: an Adventurer student's opts, the teacher stage's own lr."""
+    given = given_flags(argv)
+    p = get_parser()
+    p.set_defaults(**defaults_for(given))
+    args = p.parse_args(argv)
+    args.given = sorted(given)
+    chosen = set(given) | set(RECIPES[args.recipe])                         # flags the command line or recipe set
     if "student_opts" not in chosen and isinstance(vl.STUDENT_PRESETS.get(args.student), vl.AdventurerConfig):
         args.student_opts = ""                                              # the demo's opts size a Vim student
     if args.stage == "teacher" and "lr" not in chosen and args.teacher_lr is not None:
         args.lr = args.teacher_lr                                           # the teacher's own lr, as in stage all
-    if args.out is None:
-        args.out = os.path.join("runs", "demo" if args.data is None else os.path.basename(os.path.normpath(args.data)))
     return args
 
 
