@@ -1053,7 +1053,8 @@ def test_warmup_in_steps_epochs_or_fraction():
     def warmup(*argv, steps_per_epoch=1000, epochs=1):
         return train.warmup_steps(train.parse_args(list(argv)), steps_per_epoch, epochs * steps_per_epoch,
                                   distributed.Ctx())
-    assert warmup() == round(train.get_parser().get_default("warmup_frac") * 1000) < 500         # demo: a fraction of the run
+    demo_frac = train.get_parser().get_default("warmup_frac")
+    assert warmup() == round(demo_frac * 1000) < 500                                  # demo: a fraction of the run
     assert warmup("--warmup-frac", "0.1", epochs=3) == 300
     assert warmup("--warmup-steps", "7") == 7
     assert warmup("--warmup-epochs", "0.5") == 500                                     # explicit: no mode default

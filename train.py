@@ -120,8 +120,8 @@ class ShowDefaults(argparse.HelpFormatter):
 
 def get_parser(**kw):
     """the command line, with the demo's defaults (parse_args sets a --data run's and the recipe's on it)"""
-    p = argparse.ArgumentParser(formatter_class=ShowDefaults, **kw, description=__doc__.split("\n\n")[0] + " The "
-                                "defaults shown are the demo's; `--data DIR --help` shows a --data run's (recipe deit).")
+    about = " The defaults shown are the demo's; `--data DIR --help` shows a --data run's (recipe deit)."
+    p = argparse.ArgumentParser(formatter_class=ShowDefaults, description=__doc__.split("\n\n")[0] + about, **kw)
     g = p.add_argument_group("run")
     g.add_argument("--data", help="ImageNet-layout folder DIR/{train,val}/<class>/*; omit for the built-in demo")
     g.add_argument("--stage", choices=["all", "teacher", "distill", "finetune"], default="all")
