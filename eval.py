@@ -11,10 +11,11 @@ import argparse, json, os, sys
 import torch
 
 import vitlinearizer as vl
-from train import (UserError, check_file, check_folder, cores_per_process, DEMO_THREADS,          # checks, threads
-                   load_teacher, sincos_pos_init_, save_json,                                    # models, files
-                   Ctx, evaluate, probe, PROBE_L2, PROBE_ITERS, PROBE_PER_CLASS,                 # measuring
-                   DEFAULTS, demo_set, list_split, ImageFolder, Data, make_loader)               # data: demo, folders
+from checkpoint import save_json
+from data import PROBE_PER_CLASS, demo_set, list_split, ImageFolder, Data, make_loader             # demo, folders
+from distributed import UserError, Ctx
+from train import (check_file, check_folder, cores_per_process, DEMO_THREADS, get_parser,       # checks, threads
+                   load_teacher, sincos_pos_init_, evaluate, probe, PROBE_L2, PROBE_ITERS)        # models, measuring
 
 
 # ----------------------------------------------------------------------------------------------- accuracy
@@ -79,7 +80,7 @@ def accuracy(args):
 
 def demo_args(run, img_size):
     """the demo arguments of a run (checkpoints from before --demo-task used the relations task)"""
-    before = {"demo_task": "relations", "demo_probe": DEFAULTS["demo_probe"].demo}
+    before = {"demo_task": "relations", "demo_probe": get_parser().get_default("demo_probe")}
     return argparse.Namespace(**{**before, **run, "img_size": img_size})
 
 

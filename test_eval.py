@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+import data
+import distributed
 import eval as evaluate_cli
 import train
 import vitlinearizer as vl
@@ -24,13 +26,13 @@ def test_eval_accuracy_on_a_hand_made_case():
         cfg = vl.ViTConfig()                           # its pixel mean / std: ImageNet's
 
         def forward(self, x):
-            i = ((x[:, 0, 0, 0] * train.STD[0] + train.MEAN[0]) * 255).round().long()
+            i = ((x[:, 0, 0, 0] * data.STD[0] + data.MEAN[0]) * 255).round().long()
             return vl.Output(logits[i], None, [])
     samples = [(torch.full((3, 2, 2), i, dtype=torch.uint8), label, None) for i, label in enumerate([0, 5, 5, 0])]
     samples.insert(2, (None, 3, "x.JPEG: broken"))     # an unreadable image is skipped, not counted
-    loader = [train.collate(samples[:3]), train.collate(samples[3:])]
+    loader = [data.collate(samples[:3]), data.collate(samples[3:])]
     args = type("Args", (), dict(amp="none", max_bad_frac=0.5))()
-    assert train.evaluate(Fixed(), loader, args, train.Ctx()) == dict(top1=50.0, top5=75.0)
+    assert train.evaluate(Fixed(), loader, args, distributed.Ctx()) == dict(top1=50.0, top5=75.0)
 
 
 BAD_EVAL_FLAGS = [(["--batch-size", 0], "--batch-size 0"), (["--workers", -1], "--workers -1"),
@@ -80,10 +82,10 @@ def test_eval_reads_the_teacher_files_its_help_names(tmp_path, capsys, fmt):
             header[k] = {"dtype": "F32", "shape": list(v.shape), "data_offsets": [offset, offset + len(blobs[-1])]}
         text = json.dumps(header).encode()
         path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
-    classes, samples = train.list_split(root, "val")
+    classes, samples = data.list_split(root, "val")
     args = type("Args", (), dict(amp="none", max_bad_frac=0.01, batch_size=64, workers=0, seed=0))()
-    want = train.evaluate(vit, train.make_loader(train.ImageFolder(samples, classes, 16, False), args, train.Ctx(),
-                                                  train=False), args, train.Ctx())
+    want = train.evaluate(vit, data.make_loader(data.ImageFolder(samples, classes, 16, False), args, distributed.Ctx(),
+                                                  train=False), args, distributed.Ctx())
     capsys.readouterr()
     assert evaluate_cli.main(["--ckpt", str(path), "--data", root]) == 0
     assert f"top-1 {want['top1']:.2f}  top-5 {want['top5']:.2f}" in capsys.readouterr().out

@@ -1,5 +1,5 @@
-"""Tests of train.py: the pipeline in miniature, data, the recipe's augmentations, never losing work, bad input and
-faults, the demo's tasks and the results protocol. Every test here sees the scan dispatch a CPU user gets."""
+"""Tests of train.py: the pipeline in miniature, image folders and distillation data in a run, the recipes, never
+losing work, bad input and faults, and the results protocol. Every test here sees the scan dispatch a CPU user gets."""
 import argparse
 import dataclasses
 import errno
@@ -24,6 +24,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageFile
 
 import bench
+import checkpoint
+import data
+import distributed
 import eval as evaluate_cli
 import train
 import vitlinearizer as vl
@@ -91,28 +94,6 @@ def test_pipeline_in_miniature(tmp_path, capsys):
     assert rc == 0 and "is finished" in out
 
 
-def test_demo_data_is_deterministic_and_relational():
-    a, b = train.RelationsDemo(50, 32, seed=3), train.RelationsDemo(50, 32, seed=3)
-    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
-    assert a.images.shape == (50, 3, 32, 32) and a.images.dtype == torch.uint8
-    assert train.RelationsDemo(4, 48, seed=3).images.shape == (4, 3, 48, 48)           # any resolution
-    big = train.RelationsDemo(800, 16, seed=0)
-    assert set(big.labels.tolist()) == set(range(8)) and big.labels.bincount().min() > 60
-
-
-def test_image_folder_transforms(tmp_path):
-    root = write_tree(tmp_path / "d", corrupt=0)
-    classes, samples = train.list_split(root, "train")
-    assert classes == ["cat", "dog", "fox"] and len(samples) == 12
-    tr, ev = train.ImageFolder(samples, classes, 16, True), train.ImageFolder(samples, classes, 16, False)
-    for i in range(5):                                                                 # every mode -> RGB uint8
-        x, y, e = tr[(i, 123)]
-        assert x.shape == (3, 16, 16) and x.dtype == torch.uint8 and e is None
-        assert torch.equal(x, tr[(i, 123)][0])                                         # augmentation from the seed
-        assert torch.equal(ev[(i, None)][0], ev[(i, None)][0])
-    assert not all(torch.equal(tr[(0, s)][0], tr[(0, 123)][0]) for s in range(5))
-
-
 def test_image_folder_training_skips_a_corrupt_file(tmp_path, capsys):
     root = write_tree(tmp_path / "d", corrupt=1)
     rc, out, err = run_train(capsys, "--data", root, "--out", tmp_path / "r", "--stage", "teacher", "--epochs", 2,
@@ -155,24 +136,8 @@ def test_decompression_bombs_are_skipped_undecoded_and_odd_images_train(tmp_path
     assert rc == 0, err
     assert "skipped 2 unreadable image(s) of 25" in err and "DecompressionBomb" in err, err
     assert not [f for f in decoded if os.path.basename(f).startswith("bomb")] and len(set(decoded)) == 23 + 12
-    ds = train.ImageFolder([(str(tmp_path / "d" / "train" / "cat" / "16bit.png"), 0)], ["cat"], 16, False)
+    ds = data.ImageFolder([(str(tmp_path / "d" / "train" / "cat" / "16bit.png"), 0)], ["cat"], 16, False)
     assert abs(ds[(0, None)][0].float().mean().item() - np.asarray(rgb.convert("L")).mean()) < 20  # not all white
-
-
-def test_a_symlink_loop_in_the_image_folder_does_not_hang_the_walk(tmp_path):
-    """--distill-data (and DIR/train, which distillation walks by default) with links back up the tree: two links per
-    level make 2^40 paths before the kernel's ELOOP; each folder is walked once, each image listed once; a named pipe
-    called *.jpg is not listed"""
-    root = write_tree(tmp_path / "d", corrupt=0)
-    for c in ("cat", "dog"):
-        os.symlink("..", tmp_path / "d" / "train" / c / "up")
-        os.symlink("../..", tmp_path / "d" / "train" / c / "up2")
-    os.symlink(tmp_path / "d" / "val", tmp_path / "d" / "train" / "fox" / "val")  # a 2nd way to a folder: walked once
-    os.mkfifo(tmp_path / "d" / "train" / "fox" / "pipe.jpg")                 # opening it would wait for a writer
-    code = f"import sys; sys.path.insert(0, {HERE!r}); import train; print(len(train.list_images({str(root)!r})))"
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0 and p.stdout.split()[-1] == "24", p.stderr[-2000:]         # train and val, once each
 
 
 def same_log(path):
@@ -217,7 +182,7 @@ def test_a_log_line_cut_mid_write_is_repaired_by_the_same_command(tmp_path, caps
     args = ["--stage", "teacher", *TINY, "--epochs", 2, "--ckpt-every", 3]
     assert run_train(capsys, "--out", tmp_path / "a", *args)[0] == 0
     ref = same_log(tmp_path / "a" / "teacher" / "log.jsonl")
-    real = train.write_log
+    real = checkpoint.write_log
 
     def killed_at(step):
         def write_log(path, text, mode):
@@ -339,160 +304,10 @@ def test_stage_all_checks_the_student_before_training_the_teacher(tmp_path, caps
 
 
 def test_stage_teacher_uses_the_teacher_lr():
-    assert train.parse_args(["--stage", "teacher"]).lr == train.DEFAULTS["teacher_lr"].demo != train.DEFAULTS["lr"].demo
+    default = train.get_parser().get_default
+    assert train.parse_args(["--stage", "teacher"]).lr == default("teacher_lr") != default("lr")
     assert train.parse_args(["--stage", "teacher", "--lr", "2e-3"]).lr == 2e-3
-    assert train.parse_args(["--stage", "distill"]).lr == train.DEFAULTS["lr"].demo
-
-
-def rgb_image(h=20, w=24, seed=0, mode="RGB"):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
-
-
-@pytest.mark.parametrize("mode", ["RGB", "L"])
-def test_randaugment_ops_keep_size_and_mode(mode):
-    import random
-    im = rgb_image(mode=mode)
-    for name, op in train.RAND_OPS.items():
-        for m in (0.0, 0.37, 1.0):
-            for inc in (False, True):
-                out = op(im, m, inc, random.Random(0))
-                assert out.size == im.size and out.mode == im.mode, (name, m, inc)
-    out = train.ThreeAugment()(im.convert("RGB"), random.Random(0))
-    assert out.size == im.size and out.mode == "RGB"
-
-
-def test_randaugment_ops_compute_what_timm_documents():
-    """pixel ops against numpy written from the op definitions; translate by a whole number of pixels against a shift"""
-    import random
-    im = rgb_image()
-    a = np.asarray(im).astype(int)
-
-    def op(name, m, inc=True):
-        return np.asarray(train.RAND_OPS[name](im, m, inc, random.Random(0))).astype(int)
-    assert (op("Invert", 0.3) == 255 - a).all()
-    t = 256 - int(256 * 0.6)                                                           # solarize, increasing
-    assert (op("Solarize", 0.6) == np.where(a >= t, 255 - a, a)).all()
-    assert (op("Solarize", 0.6, False) == np.where(a >= int(256 * 0.6), 255 - a, a)).all()
-    bits = 4 - int(4 * 0.6)                                                            # posterize keeps the top bits
-    assert (op("Posterize", 0.6) == a & (0xFF << (8 - bits) & 0xFF)).all()
-    assert (op("Posterize", 1.0) == 0).all()                                            # 0 bits at the top magnitude
-    assert (op("SolarizeAdd", 0.5) == np.where(a < 128, np.minimum(255, a + 55), a)).all()
-    w = im.size[0]                                                                      # 24 px: 0.45 * 24 * m = 9 px
-    m = 9 / (0.45 * w)
-    shifted = op("TranslateXRel", m)
-    fill = np.array(train.FILL)
-    left = np.concatenate([a[:, 9:], np.broadcast_to(fill, (a.shape[0], 9, 3))], 1)    # content moves left
-    right = np.concatenate([np.broadcast_to(fill, (a.shape[0], 9, 3)), a[:, :-9]], 1)
-    assert (shifted == left).all() or (shifted == right).all()
-    e = np.asarray(train.RAND_OPS["Brightness"](im, 0.5, False, random.Random(0))).astype(int)   # factor 0.1 + 0.9
-    assert np.abs(e - np.clip(np.round(a * 1.0), 0, 255)).max() <= 1
-
-
-def test_randaugment_draws_ops_and_magnitudes_as_specified(monkeypatch):
-    import random
-    seen = []
-    monkeypatch.setattr(train, "RAND_OPS", {n: (lambda n: lambda im, m, inc, g: seen.append((n, m, inc)) or im)(n)
-                                            for n in train.RAND_OPS})
-    ra, g = train.RandAugment("rand-m9-mstd0.5-inc1"), random.Random(0)
-    for _ in range(4000):
-        ra(None, g)
-    names, ms, incs = zip(*seen)
-    assert all(incs) and abs(len(seen) / (4000 * 2) - 0.5) < 0.02                     # 2 ops per image, each p = 0.5
-    counts = np.bincount([list(train.RAND_OPS).index(n) for n in names], minlength=15)
-    assert len(counts) == 15 and counts.min() > 0.8 * len(seen) / 15                    # all 15, uniformly
-    ms = np.array(ms)
-    assert (abs(ms.mean() - 0.9) < 0.005 and abs(ms[ms < 1].std() - 0.05) < 0.01
-            and ms.max() == 1.0)                                                       # N(9, .5) / 10, clipped
-    seen.clear()
-    fixed = train.RandAugment("rand-m5-n3-p1.0")
-    fixed(None, g)
-    assert [(m, inc) for _, m, inc in seen] == [(0.5, False)] * 3
-
-
-def test_randaugment_in_the_image_folder_is_seeded_per_sample_and_epoch(tmp_path):
-    root = write_tree(tmp_path / "d", corrupt=0)
-    classes, samples = train.list_split(root, "train")
-    ds = train.ImageFolder(samples, classes, 16, True, augment=train.image_augment("rand-m9-mstd0.5-inc1"))
-    plain = train.ImageFolder(samples, classes, 16, True)
-    sampler = train.BatchSampler(len(samples), 4, seed=3)
-    keys = {}
-    for epoch in (0, 1):
-        sampler.set_epoch(epoch)
-        keys[epoch] = dict(k for batch in sampler for k in batch)                         # index -> augmentation seed
-    for i in keys[0]:
-        a = ds[(i, keys[0][i])][0]
-        assert torch.equal(a, ds[(i, keys[0][i])][0]) and a.shape == (3, 16, 16) and a.dtype == torch.uint8
-        if i in keys[1]:
-            assert not torch.equal(a, ds[(i, keys[1][i])][0])                           # another epoch: another draw
-    images = [ds[(0, s)][0] for s in range(12)]
-    assert len({x.numpy().tobytes() for x in images}) == 12                             # samples differ
-    assert sum(not torch.equal(ds[(0, s)][0], plain[(0, s)][0]) for s in range(12)) >= 6   # ops applied on top of crop
-
-
-def test_random_erasing_boxes_respect_the_area_and_aspect_bounds():
-    import random
-    B, H, W = 2000, 32, 40
-    x = torch.zeros(B, 3, H, W)
-    boxes = train.random_erase(x, 0.25, random.Random(0), torch.Generator().manual_seed(0))
-    erased = [b for b in boxes if b]
-    assert abs(len(erased) / B - 0.25) < 0.03
-    areas = []
-    for img, box in zip(x, boxes):
-        changed = (img != 0).any(0)
-        if box is None:
-            assert not changed.any()
-            continue
-        t, l, h, w = box
-        expect = torch.zeros(H, W, dtype=torch.bool)
-        expect[t:t + h, l:l + w] = True
-        assert torch.equal(changed, expect)                                             # one box, inside the image
-        slack = 0.5 * (h + w) + 0.25                                                    # sides are rounded
-        assert 0.02 * H * W - slack <= h * w <= H * W / 3 + slack and h < H and w < W
-        assert 0.3 * (1 - 1 / min(h, w)) ** 2 <= h / w <= (1 + 1 / min(h, w)) ** 2 / 0.3
-        areas.append(h * w / (H * W))
-    noise = x[x != 0]
-    assert abs(noise.mean()) < 0.02 and abs(noise.std() - 1) < 0.02                      # per-pixel N(0, 1)
-    assert 0.1 < np.mean(areas) < 0.25 and min(areas) < 0.05 and max(areas) > 0.28
-    y = torch.zeros(B, 3, H, W)
-    assert (train.random_erase(y, 0.25, random.Random(0), torch.Generator().manual_seed(0)) == boxes
-            and torch.equal(x, y))
-
-
-def test_cutmix_box_area_equals_its_label_weight():
-    import random
-    B, H, W, C = 6, 20, 28, 10
-    for seed in range(300):
-        x = torch.arange(B, dtype=torch.float32).view(B, 1, 1, 1).expand(B, 3, H, W).clone()   # image b is all b
-        y = torch.tensor([3, 1, 4, 1, 5, 9])
-        out, t, lam, box = train.mix_batch(x, y, C, 0.0, 1.0, 0.5, 0.0, random.Random(seed))
-        assert box is not None
-        for b in range(B):
-            from_partner = (out[b, 0] == B - 1 - b).float().mean().item()
-            assert from_partner == pytest.approx(1 - lam)                                # pasted share = partner weight
-            assert out[b, 0][(out[b, 0] != b) & (out[b, 0] != B - 1 - b)].numel() == 0
-            expect = torch.zeros(C)
-            expect[y[b]] += lam
-            expect[y[B - 1 - b]] += 1 - lam
-            assert torch.allclose(t[b], expect)
-
-
-def test_mixup_blends_images_and_targets_convexly_with_label_smoothing():
-    import random
-    B, C, s = 8, 5, 0.1
-    x = torch.randn(B, 3, 8, 8)
-    y = torch.randint(0, C, (B,))
-    kinds = []
-    for seed in range(400):
-        out, t, lam, box = train.mix_batch(x.clone(), y, C, 0.8, 1.0, 0.5, s, random.Random(seed))
-        kinds.append(box is not None)
-        assert 0 <= lam <= 1 and torch.allclose(t.sum(1), torch.ones(B)) and (t >= s / C - 1e-7).all()
-        smooth = F.one_hot(y, C).float() * (1 - s) + s / C                                  # independent smoothing
-        assert torch.allclose(t, lam * smooth + (1 - lam) * smooth.flip(0), atol=1e-6)
-        if box is None:
-            assert torch.allclose(out, lam * x + (1 - lam) * x.flip(0), atol=1e-6)
-    assert abs(np.mean(kinds) - 0.5) < 0.08                                                # switch probability 0.5
-    lams = [train.mix_batch(x.clone(), y, C, 0.8, 0.0, 0.5, s, random.Random(k))[2] for k in range(4000)]
-    assert abs(np.mean(lams) - 0.5) < 0.02 and abs(np.var(lams) - 1 / (4 * (2 * 0.8 + 1))) < 0.01   # Beta(.8, .8)
+    assert train.parse_args(["--stage", "distill"]).lr == default("lr")
 
 
 def test_soft_target_loss_is_cross_entropy_with_smoothing(monkeypatch):
@@ -506,25 +321,6 @@ def test_soft_target_loss_is_cross_entropy_with_smoothing(monkeypatch):
     soft = F.one_hot(y, 5).float() * (1 - 0.1) + 0.1 / 5
     assert torch.allclose(loss(model, logits, soft, 0)["loss"], F.cross_entropy(logits, y, label_smoothing=0.1))
     assert torch.allclose(loss(model, logits, y, 0)["loss"], F.cross_entropy(logits, y, label_smoothing=0.1))
-
-
-def test_repeated_augmentation_sampler():
-    n, bs, world, r = 30, 4, 2, 3
-    batches = {}
-    for rank in range(world):
-        s = train.BatchSampler(n, bs, rank, world, seed=1, repeats=r)
-        s.set_epoch(2)
-        batches[rank] = list(s)
-    assert all(len(b) == n // (bs * world) == len(train.BatchSampler(n, bs, 0, world)) for b in batches.values())
-    stream = [k for step in zip(*batches.values()) for rank_batch in step for k in rank_batch]   # global order
-    idx = [i for i, _ in stream]
-    assert len(stream) == (n // (bs * world)) * bs * world
-    runs = [idx[k:k + r] for k in range(0, len(idx), r)]
-    assert all(len(set(run)) == 1 for run in runs)                                      # r copies in a row
-    assert len(set(idx)) == len(runs)                                                   # ... of distinct images
-    assert all(len({seed for i, seed in stream if i == j}) == r for j in idx[:-(len(idx) % r) or None])  # own seeds
-    s1 = train.BatchSampler(n, bs, 0, 1, seed=1)                                         # repeats 1: a permutation
-    assert sorted(i for b in s1 for i, _ in b) == sorted(set(i for b in s1 for i, _ in b))
 
 
 def test_ema_follows_the_formula_with_warm_up():
@@ -589,7 +385,7 @@ def test_init_at_another_resolution_resizes_the_position_embedding_once(tmp_path
     new.eval()
     with torch.no_grad():                                                               # = the old model resampling
         assert torch.allclose(new(x).logits, model(x).logits, atol=1e-5)                # on the fly at 32 px
-    with pytest.raises(train.UserError, match="holds a"):
+    with pytest.raises(distributed.UserError, match="holds a"):
         train.init_from(str(tmp_path / "c.pt"), args, 5, kinds=("vit",) if kind != "vit" else train.STUDENT_KINDS)
 
 
@@ -646,7 +442,7 @@ def test_released_adventurer_file_for_init_and_eval(tmp_path, capsys):
                              "--out", tmp_path / "run")
     assert rc == 0 and "position embeddings resized from 2x2 to 4x4" in out, err
     assert torch.load(tmp_path / "run" / "finetune" / "last.pt", weights_only=True)["kind"] == "adventurer"
-    with pytest.raises(train.UserError, match="holds a adventurer model"):
+    with pytest.raises(distributed.UserError, match="holds a adventurer model"):
         train.init_from(str(tmp_path / "released.pth"), args, 3, kinds=("vit",))
 
 
@@ -975,14 +771,15 @@ def test_an_error_on_one_rank_stops_every_rank_with_one_line(tmp_path):
     wrapper = tmp_path / "rank1_fails.py"                                   # rank 1 alone finds too many bad images
     wrapper.write_text(f"""import os, sys
 sys.path.insert(0, {HERE!r})
-import train
+import data, distributed, train
 if os.environ["RANK"] == "1":
-    real = train.BadImages.add
+    real = data.BadImages.add
     def add(self, n_good, errors):
         real(self, n_good, errors)
         if self.seen > 8:
-            raise train.UserError("40 of 50 images could not be read (more than --max-bad-frac 0.01); first: x.JPEG")
-    train.BadImages.add = add
+            raise distributed.UserError("40 of 50 images could not be read (more than --max-bad-frac 0.01); "
+                                        "first: x.JPEG")
+    data.BadImages.add = add
 sys.exit(train.main())
 """)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(wrapper),
@@ -1074,9 +871,9 @@ def test_a_full_disk_says_so_in_one_line_and_keeps_the_last_checkpoint(tmp_path,
 
         def __exit__(self, *exc):
             self.f.close()
-    monkeypatch.setattr(train, "open", lambda path, mode="r": HalfWritten(open(path, mode)), raising=False)
-    with pytest.raises(train.UserError, match="disk full while writing"):
-        train.write_log(str(run_dir / "log.jsonl"), json.dumps({"step": 99, "loss": 1.0}) + "\n", "a")
+    monkeypatch.setattr(checkpoint, "open", lambda path, mode="r": HalfWritten(open(path, mode)), raising=False)
+    with pytest.raises(distributed.UserError, match="disk full while writing"):
+        checkpoint.write_log(str(run_dir / "log.jsonl"), json.dumps({"step": 99, "loss": 1.0}) + "\n", "a")
     assert (run_dir / "log.jsonl").read_text() == before
 
 
@@ -1091,11 +888,11 @@ def test_a_full_disk_at_the_start_or_in_a_json_write_gets_one_line(tmp_path, cap
                 raise OSError(errno.ENOSPC, "No space left on device")
             f.write = write
         return f
-    monkeypatch.setattr(train, "open", full, raising=False)
+    monkeypatch.setattr(checkpoint, "open", full, raising=False)
     rc, _, err = run_train(capsys, "--stage", "teacher", *TINY, "--epochs", 1, "--out", tmp_path / "r")
     assert rc == 2 and "disk full while writing " + str(tmp_path / "r" / "teacher" / ".lock") in one_error_line(err)
-    with pytest.raises(train.UserError, match="disk full while writing .*results.json"):
-        train.save_json(str(tmp_path / "results.json"), {"a": 1})
+    with pytest.raises(distributed.UserError, match="disk full while writing .*results.json"):
+        checkpoint.save_json(str(tmp_path / "results.json"), {"a": 1})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]                        # no partial file
 
 
@@ -1120,7 +917,7 @@ def test_checkpoints_are_fsynced_before_the_rename(tmp_path, monkeypatch):
         return real_replace(src, dst)
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
-    train.save_checkpoint(str(tmp_path / "last.pt"), {"w": torch.ones(3)})
+    checkpoint.save_checkpoint(str(tmp_path / "last.pt"), {"w": torch.ones(3)})
     tmp = str(tmp_path / f"last.pt.tmp{os.getpid()}")
     assert events.index(("fsync", tmp)) < events.index(("rename", tmp)) < events.index(("fsync", str(tmp_path)))
     assert torch.equal(torch.load(tmp_path / "last.pt", weights_only=True)["w"], torch.ones(3))
@@ -1221,21 +1018,21 @@ def test_distillation_reads_images_only(tmp_path):
     """The distill stage's loader yields (images, errors) only: demo pool, the demo's labelled images with labels
     dropped, and any folder of images (no class folders) with --distill-data."""
     args = train.parse_args([*TINY])
-    data = train.get_data(args)
-    ctx = train.Ctx()
+    sets = data.get_data(args)
+    ctx = distributed.Ctx()
     for pool in (64, 0):
         args.demo_pool = pool
-        ds = train.Data(args).distill
-        assert isinstance(ds, train.UnlabelledImages) and not hasattr(ds, "labels") and len(ds) == 64
-        for batch in train.make_loader(ds, args, ctx, train=True):
+        ds = data.Data(args).distill
+        assert isinstance(ds, data.UnlabelledImages) and not hasattr(ds, "labels") and len(ds) == 64
+        for batch in data.make_loader(ds, args, ctx, train=True):
             assert len(batch) == 2 and batch[0].shape == (16, 3, 16, 16) and batch[0].dtype == torch.uint8
-    assert torch.equal(train.Data(args).distill.images, data.train.images)            # pool 0: the students' images
+    assert torch.equal(data.Data(args).distill.images, sets.train.images)            # pool 0: the students' images
     args.demo_pool = 64
-    pool = train.Data(args).distill.images
-    assert not any(torch.equal(pool[i], data.train.images[j]) for i in range(8) for j in range(64))  # fresh images
-    assert torch.equal(pool, train.demo_images(64, 16, args.demo_seed + 3, args.demo_task))  # deterministic
-    chunked = train.demo_images(64, 16, 3, "pairs", chunk=24)                         # made 24 at a time
-    assert len(chunked) == 64 and torch.equal(chunked[24:48], train.RelationsDemo(24, 16, seed=[3, 24], pairs=2,
+    pool = data.Data(args).distill.images
+    assert not any(torch.equal(pool[i], sets.train.images[j]) for i in range(8) for j in range(64))  # fresh images
+    assert torch.equal(pool, data.demo_images(64, 16, args.demo_seed + 3, args.demo_task))  # deterministic
+    chunked = data.demo_images(64, 16, 3, "pairs", chunk=24)                         # made 24 at a time
+    assert len(chunked) == 64 and torch.equal(chunked[24:48], data.RelationsDemo(24, 16, seed=[3, 24], pairs=2,
                                                                                  distractors=0).images)
     flat = tmp_path / "unlabelled" / "deep"
     flat.mkdir(parents=True)
@@ -1244,21 +1041,23 @@ def test_distillation_reads_images_only(tmp_path):
     root = write_tree(tmp_path / "d", corrupt=0)
     args = train.for_stage(train.parse_args(["--data", root, "--img-size", "16", "--batch-size", "2", "--workers", "0",
                                              "--distill-data", str(tmp_path / "unlabelled")]), "distill")
-    ds = train.get_data(args).distill
-    assert isinstance(ds, train.UnlabelledFolder) and len(ds) == 5
-    batches = list(train.make_loader(ds, train.for_stage(args, "distill"), ctx, train=True))  # recipe values
+    ds = data.get_data(args).distill
+    assert isinstance(ds, data.UnlabelledFolder) and len(ds) == 5
+    batches = list(data.make_loader(ds, train.for_stage(args, "distill"), ctx, train=True))  # recipe values
     assert len(batches) == 2 and all(len(b) == 2 and b[0].shape == (2, 3, 16, 16) for b in batches)
     args.distill_data = None                                                           # default: DIR/train, unlabelled
-    assert len(train.get_data(args).distill) == 12
+    assert len(data.get_data(args).distill) == 12
     args.distill_data = str(tmp_path / "nope")
-    with pytest.raises(train.UserError, match="no such folder"):
-        train.get_data(args)
+    with pytest.raises(distributed.UserError, match="no such folder"):
+        data.get_data(args)
 
 
 def test_warmup_in_steps_epochs_or_fraction():
     def warmup(*argv, steps_per_epoch=1000, epochs=1):
-        return train.warmup_steps(train.parse_args(list(argv)), steps_per_epoch, epochs * steps_per_epoch, train.Ctx())
-    assert warmup() == round(train.DEFAULTS["warmup_frac"].demo * 1000) < 500         # demo: a fraction of the run
+        return train.warmup_steps(train.parse_args(list(argv)), steps_per_epoch, epochs * steps_per_epoch,
+                                  distributed.Ctx())
+    demo_frac = train.get_parser().get_default("warmup_frac")
+    assert warmup() == round(demo_frac * 1000) < 500                                  # demo: a fraction of the run
     assert warmup("--warmup-frac", "0.1", epochs=3) == 300
     assert warmup("--warmup-steps", "7") == 7
     assert warmup("--warmup-epochs", "0.5") == 500                                     # explicit: no mode default
@@ -1268,49 +1067,6 @@ def test_warmup_in_steps_epochs_or_fraction():
     assert warmup("--data", root, "--warmup-frac", "0.2", steps_per_epoch=10, epochs=100) == 200
     lrs = [train.lr_at(s, 100, 10, 1.0, 0.0) for s in range(100)]
     assert lrs[0] == 0.1 and lrs[9] == 1.0 and lrs[10] == 1.0 and lrs[99] < 0.01 and lrs == sorted(lrs[:10]) + lrs[10:]
-
-
-def sector_of(vec):
-    """direction class (8 sectors, y grows down) of image-plane vectors"""
-    return np.round(np.degrees(np.arctan2(-vec[..., 1], vec[..., 0])) / 45).astype(int) % 8
-
-
-def test_demo_tasks_deterministic_and_every_pair_points_the_labels_way():
-    for task, kw in train.DEMO_TASKS.items():
-        a, b = train.RelationsDemo(300, 32, seed=5, **kw), train.RelationsDemo(300, 32, seed=5, **kw)
-        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
-        assert not torch.equal(a.images, train.RelationsDemo(300, 32, seed=6, **kw).images)
-        for p in range(kw["pairs"]):                                                   # independent of the sampler
-            assert (sector_of(a.centers[:, 2 * p + 1] - a.centers[:, 2 * p]) == a.labels.numpy()).all()
-        red = (a.images[:, 0] > 170) & (a.images[:, 1] < 90) & (a.images[:, 2] < 90)   # the red square is painted there
-        i = np.arange(300)
-        assert red[i, (a.centers[:, 0, 1] * 32).astype(int), (a.centers[:, 0, 0] * 32).astype(int)].all()
-    pairs = train.RelationsDemo(200, 32, seed=0, **train.DEMO_TASKS["pairs"])
-    yellow = pairs.centers[:, 2]
-    assert ((pairs.images[np.arange(200), :, (yellow[:, 1] * 32).astype(int), (yellow[:, 0] * 32).astype(int)].float()
-             - torch.tensor([.95, .85, .1]) * 255).abs() < 40).all()
-
-
-def test_pairs_task_keeps_a_whole_pair_visible_under_heavy_masking():
-    """The claim the README makes for the demo task: with 75 % of the patches masked, at least one pair keeps a visible
-    patch on both its squares in most images (pairs), far more often than the one-pair relations task."""
-    rel = train.RelationsDemo(1000, 32, seed=0, **train.DEMO_TASKS["relations"])
-    pairs = train.RelationsDemo(1000, 32, seed=0, **train.DEMO_TASKS["pairs"])
-    assert rel.visible_pair_fraction(4, 0.0) == pairs.visible_pair_fraction(4, 0.0) == 1.0
-    assert pairs.visible_pair_fraction(4, 1.0) == 0.0
-    f_rel, f_pairs = rel.visible_pair_fraction(4, 0.75), pairs.visible_pair_fraction(4, 0.75)
-    assert f_pairs > 0.8 and f_rel < 0.7, (f_rel, f_pairs)
-    # independent count for one image and one mask: patches under each square, by brute force over pixels
-    mask = vl.sample_mask(1, (8, 8), 0.75, generator=torch.Generator().manual_seed(0))[0].view(8, 8).numpy()
-    c, h = pairs.centers[0], pairs.half[0]
-    seen = []
-    for j in range(4):
-        pix = [(y, x) for y in range(32) for x in range(32)
-               if abs((x + 0.5) / 32 - c[j, 0]) < h and abs((y + 0.5) / 32 - c[j, 1]) < h]
-        seen.append(any(not mask[y // 4, x // 4] for y, x in pix))
-    one = train.RelationsDemo(1, 32, seed=0)                                            # the method on that same mask
-    one.centers, one.half, one.pairs, one.labels = pairs.centers[:1], pairs.half[:1], 2, pairs.labels[:1]
-    assert one.visible_pair_fraction(4, 0.75, repeats=1) == float((seen[0] and seen[1]) or (seen[2] and seen[3]))
 
 
 def test_learning_curve_every_n_steps(tmp_path, capsys):
@@ -1323,25 +1079,24 @@ def test_learning_curve_every_n_steps(tmp_path, capsys):
 
 
 def test_help_shows_every_default_for_both_modes():
-    """--help is true: every flag's default comes from train.DEFAULTS, and each flag's help names the value that
-    parse_args gives it on the demo and in a --data run (recipe deit); no help says None"""
-    parser = train.get_parser()
-    flags = {a.dest: a for a in parser._actions if a.dest != "help"}
-    assert set(flags) == set(train.DEFAULTS)
-    assert "None" not in parser.format_help()
-    runs = {"demo": vars(train.parse_args([])), "data": vars(train.parse_args(["--data", "d"]))}
-    computed = {"threads", "workers", "out"}                                # from the CPU cores, --data's name
-    for k, action in flags.items():
-        text = " ".join(action.help.split())
-        words = re.split(r"[\s/()]+", text[text.rfind("(default:"):])
-        for mode, values in runs.items():
+    """--help is true: on the demo and in a --data run (recipe deit), each flag's help names the value that parse_args
+    gives it when it is not given; no help says None"""
+    for argv in ([], ["--data", "d"]):
+        parser = train.get_parser()
+        parser.set_defaults(**train.defaults_for(train.given_flags(argv)))
+        assert "None" not in parser.format_help()
+        values, formatter = vars(train.parse_args(argv)), parser._get_formatter()
+        flags = {a.dest: a for a in parser._actions if a.dest != "help"}
+        assert set(flags) == set(values) - {"given"}
+        for k, action in flags.items():
+            text = " ".join(formatter._get_help_string(action).split())
+            words = re.split(r"[\s/()]+", text[text.rfind("(default:"):])
             v = values[k]
-            skip = k in computed or k in values["given"] or mode == "data" and k.startswith("demo_")
-            if skip or v is None or v is False:
+            if k in values["given"] or v is None or v is False:
                 continue
             for x in (v.values() if isinstance(v, dict) else [v]):         # a recipe's per-stage values
-                want = "empty" if x == "" else "the" if x is None else f"{x:g}" if isinstance(x, float) else str(x)
-                assert want in words, (k, mode, want, text)                 # (None: "the preset's")
+                want = "empty" if x == "" else "unset" if x is None else f"{x:g}" if isinstance(x, float) else str(x)
+                assert want in words or f"(default: {want})" in text, (k, argv, want, text)   # a path: whole
 
 
 def test_init_from_with_another_class_count_keeps_every_other_tensor(tmp_path):
@@ -1441,18 +1196,18 @@ def test_probe_memory_does_not_grow_with_the_split():
     import argparse
     sizes = {}
     for per_class in (150, 1500):                                                  # a 10x larger split
-        d = train.Data.__new__(train.Data)
+        d = data.Data.__new__(data.Data)
         d.args, d.classes = argparse.Namespace(data="DIR", img_size=16), [f"c{c}" for c in range(100)]
         d._train = [(f"c{c}/{i}.JPEG", c) for c in range(100) for i in range(per_class)]
         probe_set = d.probe()
         counts = np.bincount([label for _, label in probe_set.samples], minlength=100)
-        assert (counts == train.PROBE_PER_CLASS).all()
+        assert (counts == data.PROBE_PER_CLASS).all()
         assert len(d.probe(250).samples) == 250 and len(d.probe(0).samples) == len(d._train)
         sizes[per_class] = len(probe_set)
-    assert sizes[150] == sizes[1500] == 100 * train.PROBE_PER_CLASS
+    assert sizes[150] == sizes[1500] == 100 * data.PROBE_PER_CLASS
     # the features held: fp32, n x 2 dim
     model = vl.VisionMamba(TINY_STUDENT)
     loader = [(torch.randint(0, 256, (50, 3, 16, 16), dtype=torch.uint8), torch.zeros(50, dtype=torch.long), [])] * 4
     args = train.parse_args(["--amp", "none"])
-    x, y = train.probe_features(model, loader, args, train.Ctx())
+    x, y = train.probe_features(model, loader, args, distributed.Ctx())
     assert x.dtype == torch.float32 and x.shape == (200, 2 * TINY_STUDENT.dim) and len(y) == 200

@@ -16,57 +16,26 @@ Each stage writes OUT/NAME/{last.pt, log.jsonl}; re-running the same command res
 
 One training step, from main() down: run_stage -> start_or_resume (models, optimizer, loaders, a checkpoint restored)
 -> train_one_epoch (get the batch, augment, forward, backward, clip, step, log, checkpoint) -> end_epoch (validate).
-Sections: config, data, augmentations, distributed, checkpoints, build (models, losses, optimizer), evaluation,
-training loop, the demo's story (stage all), main.
+The images, loaders and augmentations are in data.py, checkpoint files in checkpoint.py, ranks in distributed.py.
 """
-import argparse, ast, contextlib, copy, dataclasses, errno, functools, glob, json, math, os, random, re, resource
-import signal, socket, sys, time, warnings
-from typing import NamedTuple
+import argparse, ast, contextlib, copy, dataclasses, json, math, os, resource, signal, sys, time
 
-import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F, torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset
-from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import vitlinearizer as vl
-
-try:
-    import fcntl                                                            # run-folder locks (Linux, macOS)
-except ImportError:                                                         # Windows: no lock
-    fcntl = None
-
-
-class UserError(Exception):
-    """Bad input or a run that cannot go on: printed as one line, checkpoints left as they are."""
-    shared = False                                                          # raised by all ranks at once: stop_together
-
-
-@contextlib.contextmanager
-def as_user_error(what):
-    """An exception in the block (a loader's: a file it cannot read, a checkpoint that does not fit) becomes a
-    UserError on one line: 'WHAT: ExceptionType: message'."""
-    try:
-        yield
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"{what}: {type(e).__name__}: {e}".replace("\n", " ")) from e
+from checkpoint import (check_resume, load_checkpoint, lock_run_dir, release_locks, rng_state, save_checkpoint,
+                        save_json, set_rng_state, write_log)
+from data import (DEMO_TASKS, BadImages, ImageFolder, batch_augment, get_data, image_augment, make_loader,
+                  with_augmentation)
+from distributed import Ctx, UserError, all_sum, as_user_error, barrier, setup_dist, stop_together, together
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 1. Config: every flag's default (DEFAULTS), the recipes, the command line and its checks
-
-class Mode(NamedTuple):
-    """a default that depends on the mode: the built-in demo, or an image folder (--data)"""
-    demo: object
-    data: object
-
-
-# Every flag's default, in one table (the groups of --help). Mode(demo, data) where the mode decides; a recipe
-# (--recipe, RECIPES below) replaces some of them; the command line wins over both: command line > recipe > DEFAULTS.
-# None: unset (drop_path: the preset's), or computed at the start (parse_args: threads, workers, out; start_or_resume:
-# lr from --blr).
+# 1. Config: the flags with their defaults (argparse), the recipes (dicts of defaults), the checks
+# Defaults come in one layer, set on the parser before it reads the command line: the parser's own are the demo's;
+# a --data run replaces some (data_defaults); a recipe (--recipe, RECIPES) replaces some more; the command line wins.
 # The demo is a miniature of the paper's setting: the teacher learns from a larger labelled set (standing in for its
 # large pre-training corpus), the student is distilled on a large pool of unlabelled images (the generator is
 # unlimited), then both students get the same small labelled set: the distilled one is fine-tuned briefly at a lower
@@ -76,33 +45,17 @@ class Mode(NamedTuple):
 # (tiny ops spread over busy cores wait for each other: README, "The built-in demo"); and the figures it prints depend
 # on the thread count (float sums in another order), so it is fixed. --data runs default to the cores they may use.
 DEMO_THREADS = 1
-DEFAULTS = dict(
-    # run
-    data=None, stage="all", out=None, name=None, teacher=None, init=None, resume="auto", fresh=False, max_steps=None,
-    teacher_norm=None,
-    threads=Mode(DEMO_THREADS, None), no_baseline=False, recipe=Mode("none", "deit"), distill_data=None,
-    save_steps=None,
-    # models
-    teacher_preset=Mode("demo", "vit_b16"), teacher_opts="", student=Mode("demo", "small"),
-    student_opts=Mode("dim=64,depth=4,d_state=8", ""), img_size=Mode(32, 224), drop_path=None, pos_init="sincos",
-    # distillation loss (the paper's defaults)
-    stages=4, am_scope="visible", mask_ratio=0.75, mask_kind="random", lam=1.0, am_weight=1.0, target="post_norm",
-    # fine-tuning loss
-    label_smoothing=0.1, kd_weight=0.0, kd_temp=1.0,
-    # augmentation and regularisation
-    aa="none", hflip=0.5, erase_prob=0.0, mixup=0.0, cutmix=0.0, mixup_switch_prob=0.5, repeated_aug=1, ema_decay=0.0,
-    layer_decay=1.0,
-    # optimisation
-    epochs=None, teacher_epochs=Mode(5, 300), distill_epochs=Mode(1, 300), finetune_epochs=Mode(11, 300),
-    supervised_epochs=Mode(80, 300), batch_size=Mode(32, 128), lr=Mode(4e-3, None), teacher_lr=Mode(1.5e-3, None),
-    finetune_lr=Mode(1e-3, None), blr=5e-4, min_lr=1e-6, warmup_epochs=Mode(None, 5.0), warmup_steps=None,
-    warmup_frac=Mode(0.05, None), weight_decay=0.05, clip_grad=1.0, amp="auto", compile=False, seed=0,
-    # io
-    workers=Mode(0, 8), log_every=Mode(20, 50), ckpt_every=Mode(200, 1000), eval_every=Mode(0, 1), eval_every_steps=0,
-    max_bad_frac=0.01, demo_train=Mode(300, 0), demo_teacher_train=Mode(4000, 0), demo_val=Mode(2000, 0),
-    demo_task="pairs", demo_pool=Mode(32000, 0), demo_probe=Mode(2000, 0), demo_seed=0,
-)
-WARMUP_FLAGS = ("warmup_steps", "warmup_epochs", "warmup_frac")           # one given replaces the others' defaults
+
+
+def data_defaults(data):
+    """a --data run's defaults where they differ from the demo's (the parser's own)"""
+    cores = cores_per_process()
+    return dict(recipe="deit", out=os.path.join("runs", os.path.basename(os.path.normpath(data))), threads=cores,
+                workers=min(8, cores), teacher_preset="vit_b16", student="small", student_opts="", img_size=224,
+                teacher_epochs=300, distill_epochs=300, finetune_epochs=300, supervised_epochs=300, batch_size=128,
+                lr=None, teacher_lr=None, finetune_lr=None, warmup_epochs=5.0, warmup_frac=None, log_every=50,
+                ckpt_every=1000, eval_every=1, demo_train=0, demo_teacher_train=0, demo_val=0, demo_pool=0,
+                demo_probe=0)
 
 
 def labelled(value, distill):
@@ -110,11 +63,10 @@ def labelled(value, distill):
     return dict(teacher=value, distill=distill, finetune=value)
 
 
-# Named recipes (--recipe NAME): plain dicts of flag defaults. Flags given on the command line win over the recipe, the
-# recipe over DEFAULTS above. A dict value gives each stage its own default. The distillation stage sees
-# random-resized crops and flips only in every recipe (no labels to mix; as MAE-style masked pre-training does) and its
-# student keeps its preset's drop path: our choice, the paper is silent. The ViT teacher, trained with labels, gets the
-# recipe's drop path as the student does. --data runs default to "deit".
+# Named recipes (--recipe NAME): plain dicts of flag defaults; a dict value gives each stage its own (for_stage). The
+# distillation stage sees random-resized crops and flips only in every recipe (no labels to mix; as MAE-style masked
+# pre-training does) and its student keeps its preset's drop path: our choice, the paper is silent. The ViT teacher,
+# trained with labels, gets the recipe's drop path as the student does. --data runs default to "deit".
 # The paper's own recipe is NOT public: these are the published recipes of the models it builds on.
 _DEIT = dict(teacher_epochs=300, distill_epochs=300, finetune_epochs=300, img_size=224, blr=5e-4, min_lr=1e-5,
              warmup_epochs=5.0, weight_decay=0.05, label_smoothing=0.1, mixup=0.8, cutmix=1.0, mixup_switch_prob=0.5,
@@ -151,199 +103,177 @@ RECIPE_NOTES = {
     "mae-ft": "MAE's fine-tuning recipe for its 24-block ViT-L (facebookresearch/mae FINETUNE.md; lr 1e-3 per 256 = "
               "2e-3 per 512), layer-wise lr decay 0.75, 50 epochs: for fine-tuning a distilled student (--init)",
 }
+WARMUP_FLAGS = ("warmup_steps", "warmup_epochs", "warmup_frac")           # one given replaces the others' defaults
 
 
-def mode_defaults(mode, recipe, given=()):
-    """{flag: default} for a mode ("demo" or "data") under a recipe: the recipe's values, else DEFAULTS'. The warm-up
-    flags go together: one given on the command line (`given`) leaves the others unset, and a recipe that sets one
-    replaces the table's."""
-    defaults = {k: getattr(v, mode) if isinstance(v, Mode) else v for k, v in DEFAULTS.items()} | RECIPES[recipe]
-    if any(k in given for k in WARMUP_FLAGS):
-        defaults |= dict.fromkeys(WARMUP_FLAGS)
-    elif any(k in RECIPES[recipe] for k in WARMUP_FLAGS):
-        defaults |= {k: RECIPES[recipe].get(k) for k in WARMUP_FLAGS}
-    return defaults
+class ShowDefaults(argparse.HelpFormatter):
+    """--help ends each flag's help with its default, as this command line sets it (none shown when unset)"""
+    def _get_help_string(self, action):
+        v = action.default
+        if v is None or v is False or v is argparse.SUPPRESS:
+            return action.help
+        def show(x):
+            return "unset" if x is None else "empty" if x == "" else f"{x:g}" if isinstance(x, float) else str(x)
+        text = "/".join(map(show, v.values())) + " (teacher/distill/finetune)" if isinstance(v, dict) else show(v)
+        return f"{action.help} (default: {text})"
 
 
-def help_default(flag, data=None, none="unset"):
-    """' (default: ...)' for --help: what a flag is when it is not given (mode_defaults): one value, or the demo's and
-    that of --data runs (whose default recipe is deit). data: the words for a --data default computed at the start;
-    none: the words for None."""
-    def show(v):
-        if isinstance(v, dict):                                             # a recipe's per-stage value
-            return "/".join(map(show, v.values())) + " (teacher/distill/finetune)"
-        return none if v is None else "empty" if v == "" else f"{v:g}" if isinstance(v, float) else str(v)
-    demo, on_data = (mode_defaults(mode, getattr(DEFAULTS["recipe"], mode))[flag] for mode in ("demo", "data"))
-    demo_text, data_text = show(demo), data or show(on_data)
-    if flag.startswith("demo_"):                                            # the demo's own: --data runs ignore them
-        data_text = demo_text
-    if demo_text == data_text:
-        return "" if demo is None or demo is False else f" (default: {demo_text})"
-    recipe = ", recipe deit" if flag in RECIPES["deit"] else ""
-    return f" (default: {demo_text} (demo) / {data_text} (--data{recipe}))"
-
-
-def get_parser():
-    """the command line; every default is None here: parse_args fills in DEFAULTS and the recipe"""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    d = help_default
+def get_parser(**kw):
+    """the command line, with the demo's defaults (parse_args sets a --data run's and the recipe's on it)"""
+    about = " The defaults shown are the demo's; `--data DIR --help` shows a --data run's (recipe deit)."
+    p = argparse.ArgumentParser(formatter_class=ShowDefaults, description=__doc__.split("\n\n")[0] + about, **kw)
     g = p.add_argument_group("run")
     g.add_argument("--data", help="ImageNet-layout folder DIR/{train,val}/<class>/*; omit for the built-in demo")
-    g.add_argument("--stage", choices=["all", "teacher", "distill", "finetune"],
-                   help="which stage to train" + d("stage"))
-    g.add_argument("--out", help="output folder (default: runs/demo, or runs/<name of --data>)")
-    g.add_argument("--name", help="this stage's sub-folder of --out (default: the stage)")
+    g.add_argument("--stage", choices=["all", "teacher", "distill", "finetune"], default="all")
+    g.add_argument("--out", default=os.path.join("runs", "demo"), help="output folder (--data: runs/<name of DIR>)")
+    g.add_argument("--name", help="this stage's sub-folder of --out (unset: the stage)")
     g.add_argument("--teacher", help="teacher for distill (and finetune --kd-weight): what load_teacher takes "
                    "(timm/DeiT or CLIP file, own checkpoint, timm:NAME); stage all trains one if not given")
     g.add_argument("--teacher-norm", help="the teacher's pixel mean / std instead of what its library declares: "
-                   f"{' | '.join(vl.PIXEL_NORMS)} | 'M,M,M/S,S,S' (pixels in [0, 1]); default: declared")
+                   f"{' | '.join(vl.PIXEL_NORMS)} | 'M,M,M/S,S,S' (pixels in [0, 1])")
     g.add_argument("--init", help="start the stage's model from this checkpoint of train.py (finetune: e.g. "
-                   "OUT/distill/last.pt; any stage: a run at another --img-size, position embeddings resized); "
-                   "none = from scratch")
-    g.add_argument("--resume", nargs="?", const="auto",
-                   help="checkpoint to resume from; 'auto' = OUT/NAME/last.pt when it exists" + d("resume"))
+                   "OUT/distill/last.pt; any stage: a run at another --img-size, position embeddings resized)")
+    g.add_argument("--resume", nargs="?", const="auto", default="auto",
+                   help="checkpoint to resume from; 'auto' = OUT/NAME/last.pt when it exists")
     g.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
     g.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many steps; re-run to continue")
-    g.add_argument("--threads", type=int, help="torch CPU threads per process; overrides OMP_NUM_THREADS"
-                   + d("threads", data="the CPU cores this process may use"))
+    g.add_argument("--threads", type=int, default=DEMO_THREADS, help="torch CPU threads per process (--data: the "
+                   "CPU cores this process may use)")
     g.add_argument("--no-baseline", action="store_true", help="stage all: skip the labels-only student")
-    g.add_argument("--recipe", choices=list(RECIPES), help="named flag defaults, printed at start; flags given here "
-                   "win (RECIPES in train.py, README 'Recipes'). The paper's own training recipe is not public: these "
-                   "are the published recipes of DeiT, Vim, Adventurer (its student; progressive resolution 128 -> "
-                   "224 -> fine-tuning) and MAE fine-tuning" + d("recipe"))
+    g.add_argument("--recipe", choices=list(RECIPES), default="none", help="named flag defaults (RECIPES in train.py, "
+                   "README 'Recipes'), printed at start. The paper's own training recipe is not public: these are the "
+                   "published recipes of DeiT, Vim, Adventurer (its student; 128 -> 224 px -> fine-tuning), MAE")
     g.add_argument("--distill-data", help="--data runs: folder of images (any depth, labelled or not) that "
-                   "distillation reads, without labels (default: DIR/train)")
+                   "distillation reads, without labels (unset: DIR/train)")
     g.add_argument("--save-steps", help="also write OUT/NAME/step<N>.pt (model only) at these steps, e.g. 0,250,1000 "
                    "(0 = the initialisation; for eval.py --probe curves)")
     g = p.add_argument_group("models")
-    g.add_argument("--teacher-preset", help=f"ViT trained by --stage teacher: {sorted(vl.TEACHER_PRESETS)}"
-                   + d("teacher_preset"))
-    g.add_argument("--teacher-opts", help="override preset fields, e.g. dim=64,depth=4" + d("teacher_opts"))
-    g.add_argument("--student", help=f"student preset: {sorted(vl.STUDENT_PRESETS)}" + d("student"))
-    g.add_argument("--student-opts", help="override preset fields, e.g. dim=64,depth=4,bidirectional=alternate"
-                   + d("student_opts"))
-    g.add_argument("--img-size", type=int, help="training resolution (a multiple of the patch size)" + d("img_size"))
-    g.add_argument("--drop-path", type=float, help="stochastic depth of the model being trained"
-                   + d("drop_path", none="the preset's"))
-    g.add_argument("--pos-init", choices=["sincos", "model"], help="position embedding of a model trained from "
-                   "scratch: 2-D sin-cos (MAE) or the model's own init" + d("pos_init"))
+    g.add_argument("--teacher-preset", default="demo", help=f"ViT of --stage teacher: {sorted(vl.TEACHER_PRESETS)}")
+    g.add_argument("--teacher-opts", default="", help="override preset fields, e.g. dim=64,depth=4")
+    g.add_argument("--student", default="demo", help=f"student preset: {sorted(vl.STUDENT_PRESETS)}")
+    g.add_argument("--student-opts", default="dim=64,depth=4,d_state=8", help="override preset fields, e.g. "
+                   "dim=64,depth=4,bidirectional=alternate (an Adventurer --student: empty)")
+    g.add_argument("--img-size", type=int, default=32, help="training resolution (a multiple of the patch size)")
+    g.add_argument("--drop-path", type=float, help="stochastic depth of the trained model (unset: the preset's)")
+    g.add_argument("--pos-init", choices=["sincos", "model"], default="sincos", help="position embedding of a model "
+                   "trained from scratch: 2-D sin-cos (MAE) or the model's own init")
     g = p.add_argument_group("distillation loss (paper defaults)")
-    g.add_argument("--stages", type=int, help="K: teacher/student blocks split into K stages for AM" + d("stages"))
-    g.add_argument("--am-scope", choices=["visible", "all", "cls"], help="tokens AM compares" + d("am_scope"))
-    g.add_argument("--mask-ratio", type=float, help="fraction of the patches masked" + d("mask_ratio"))
-    g.add_argument("--mask-kind", choices=["random", "block"], help="which patches are masked" + d("mask_kind"))
-    g.add_argument("--lam", type=float, help="MP weight lambda (0 = AM only)" + d("lam"))
-    g.add_argument("--am-weight", type=float, help="AM weight (0 = MP only)" + d("am_weight"))
-    g.add_argument("--target", choices=["post_norm", "pre_norm"],
-                   help="MP target: teacher tokens after/before its final norm" + d("target"))
+    g.add_argument("--stages", type=int, default=4, help="K: teacher/student blocks split into K stages for AM")
+    g.add_argument("--am-scope", choices=["visible", "all", "cls"], default="visible", help="tokens AM compares")
+    g.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of the patches masked")
+    g.add_argument("--mask-kind", choices=["random", "block"], default="random", help="which patches are masked")
+    g.add_argument("--lam", type=float, default=1.0, help="MP weight lambda (0 = AM only)")
+    g.add_argument("--am-weight", type=float, default=1.0, help="AM weight (0 = MP only)")
+    g.add_argument("--target", choices=["post_norm", "pre_norm"], default="post_norm",
+                   help="MP target: teacher tokens after/before its final norm")
     g = p.add_argument_group("fine-tuning loss")
-    g.add_argument("--label-smoothing", type=float, help="label smoothing of the cross-entropy" + d("label_smoothing"))
-    g.add_argument("--kd-weight", type=float, help="soft logit distillation from --teacher's head: (1-w) CE + w KL"
-                   + d("kd_weight"))
-    g.add_argument("--kd-temp", type=float, help="temperature of the soft logit distillation" + d("kd_temp"))
-    g = p.add_argument_group("augmentation and regularisation (on with DeiT's values for --data runs: --recipe deit)")
-    g.add_argument("--aa", help="per-image augmentation after crop and flip: timm's RandAugment spec (DeiT: "
-                   "rand-m9-mstd0.5-inc1; sections m, n, p, mstd, inc), 3augment (DeiT III / Adventurer: one of "
-                   "grayscale, solarize, blur, then colour jitter 0.3) or none" + d("aa"))
-    g.add_argument("--hflip", type=float, help="probability of a horizontal flip (image folders)" + d("hflip"))
-    g.add_argument("--erase-prob", type=float, help="random erasing probability (DeiT: 0.25; one box of 2-33 %% of "
-                   "the image, per-pixel normal noise on the normalised image)" + d("erase_prob"))
-    g.add_argument("--mixup", type=float, help="mixup alpha, labelled stages (DeiT: 0.8; 0 = off)" + d("mixup"))
-    g.add_argument("--cutmix", type=float, help="cutmix alpha, labelled stages (DeiT: 1.0; 0 = off)" + d("cutmix"))
-    g.add_argument("--mixup-switch-prob", type=float, help="chance of cutmix instead of mixup when both are on"
-                   + d("mixup_switch_prob"))
-    g.add_argument("--repeated-aug", type=int, help="repeated augmentation: each image this many times per global "
-                   "batch, differently augmented; epochs keep their length (DeiT: 3; 1 = off)" + d("repeated_aug"))
-    g.add_argument("--ema-decay", type=float, help="EMA of the weights, evaluated alongside and saved in the "
-                   "checkpoint (DeiT: 0.99996; 0 = off)" + d("ema_decay"))
-    g.add_argument("--layer-decay", type=float, help="layer-wise lr decay (MAE / BEiT): block i of depth blocks gets "
-                   "lr x decay^(depth - i), the embeddings decay^(depth + 1), norm and head 1 (1 = off)"
-                   + d("layer_decay"))
-    g = p.add_argument_group("optimisation (DeiT / Vim recipe)")
-    g.add_argument("--epochs", type=int, help="epochs of the stage run (default: --teacher-epochs, --distill-epochs or "
-                   "--finetune-epochs, by --stage; stage all: each stage its own)")
-    g.add_argument("--teacher-epochs", type=int, help="epochs of the teacher stage" + d("teacher_epochs"))
-    g.add_argument("--distill-epochs", type=int, help="epochs of the distill stage" + d("distill_epochs"))
-    g.add_argument("--finetune-epochs", type=int, help="epochs of the finetune stage" + d("finetune_epochs"))
-    g.add_argument("--supervised-epochs", type=int, help="stage all: epochs of the labels-only student (long enough "
-                   "to converge)" + d("supervised_epochs"))
-    g.add_argument("--batch-size", type=int, help="per process; global batch = batch size x processes"
-                   + d("batch_size"))
-    g.add_argument("--lr", type=float, help="peak lr" + d("lr", data="--blr x global batch / 512"))
-    g.add_argument("--teacher-lr", type=float, help="peak lr of the teacher stage (stage all, or stage teacher without "
-                   "--lr)" + d("teacher_lr", data="--lr"))
-    g.add_argument("--finetune-lr", type=float, help="stage all: peak lr of fine-tuning the distilled student"
-                   + d("finetune_lr", data="--lr"))
-    g.add_argument("--blr", type=float, help="base lr, per 512 images of global batch (used when --lr is unset)"
-                   + d("blr"))
-    g.add_argument("--min-lr", type=float, help="the lr the cosine schedule ends at" + d("min_lr"))
-    g.add_argument("--warmup-epochs", type=float, help="linear warm-up length in epochs" + d("warmup_epochs"))
-    g.add_argument("--warmup-steps", type=int, help="linear warm-up length in steps (wins over --warmup-epochs and "
-                   "--warmup-frac)")
-    g.add_argument("--warmup-frac", type=float, help="linear warm-up length as a fraction of the stage's steps (used "
-                   "when neither --warmup-steps nor --warmup-epochs is set; one warm-up flag given unsets the others)"
-                   + d("warmup_frac"))
-    g.add_argument("--weight-decay", type=float, help="AdamW weight decay" + d("weight_decay"))
-    g.add_argument("--clip-grad", type=float, help="max grad norm (0 = off)" + d("clip_grad"))
-    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], help="autocast; auto = bf16 on CUDA, none on CPU"
-                   + d("amp"))
+    g.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the cross-entropy")
+    g.add_argument("--kd-weight", type=float, default=0.0, help="soft logit distillation from --teacher's head: "
+                   "(1-w) CE + w KL")
+    g.add_argument("--kd-temp", type=float, default=1.0, help="temperature of the soft logit distillation")
+    g = p.add_argument_group("augmentation and regularisation (DeiT's values: --recipe deit, the default of --data)")
+    g.add_argument("--aa", default="none", help="per-image augmentation after crop and flip: timm's RandAugment spec "
+                   "(DeiT: rand-m9-mstd0.5-inc1; sections m, n, p, mstd, inc), 3augment (DeiT III / Adventurer: one "
+                   "of grayscale, solarize, blur, then colour jitter 0.3) or none")
+    g.add_argument("--hflip", type=float, default=0.5, help="probability of a horizontal flip (image folders)")
+    g.add_argument("--erase-prob", type=float, default=0.0, help="random erasing probability (one box of 2-33 %% of "
+                   "the image, per-pixel normal noise on the normalised image)")
+    g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha, labelled stages (0 = off)")
+    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha, labelled stages (0 = off)")
+    g.add_argument("--mixup-switch-prob", type=float, default=0.5, help="chance of cutmix when both are on")
+    g.add_argument("--repeated-aug", type=int, default=1, help="repeated augmentation: each image this many times per "
+                   "global batch, differently augmented; epochs keep their length (1 = off)")
+    g.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights, evaluated alongside and saved in "
+                   "the checkpoint (0 = off)")
+    g.add_argument("--layer-decay", type=float, default=1.0, help="layer-wise lr decay (MAE / BEiT): block i of depth "
+                   "blocks gets lr x decay^(depth - i), the embeddings decay^(depth + 1), norm and head 1 (1 = off)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, help="epochs of a single --stage (unset: its --<stage>-epochs)")
+    g.add_argument("--teacher-epochs", type=int, default=5, help="epochs of the teacher stage")
+    g.add_argument("--distill-epochs", type=int, default=1, help="epochs of the distill stage")
+    g.add_argument("--finetune-epochs", type=int, default=11, help="epochs of the finetune stage")
+    g.add_argument("--supervised-epochs", type=int, default=80, help="stage all: epochs of the labels-only student "
+                   "(long enough to converge)")
+    g.add_argument("--batch-size", type=int, default=32, help="per process; global batch = batch size x processes")
+    g.add_argument("--lr", type=float, default=4e-3, help="peak lr (unset: --blr x global batch / 512)")
+    g.add_argument("--teacher-lr", type=float, default=1.5e-3, help="peak lr of the teacher stage (stage all, or "
+                   "stage teacher without --lr; unset: --lr)")
+    g.add_argument("--finetune-lr", type=float, default=1e-3, help="stage all: peak lr of fine-tuning the distilled "
+                   "student (unset: --lr)")
+    g.add_argument("--blr", type=float, default=5e-4, help="base lr per 512 images of global batch, when --lr is unset")
+    g.add_argument("--min-lr", type=float, default=1e-6, help="the lr the cosine schedule ends at")
+    g.add_argument("--warmup-epochs", type=float, help="linear warm-up length in epochs")
+    g.add_argument("--warmup-steps", type=int, help="linear warm-up length in steps (wins over the other two)")
+    g.add_argument("--warmup-frac", type=float, default=0.05, help="linear warm-up length as a fraction of the "
+                   "stage's steps, when the other two are unset (one warm-up flag given unsets the others)")
+    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
+    g.add_argument("--clip-grad", type=float, default=1.0, help="max grad norm (0 = off)")
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto",
+                   help="autocast; auto = bf16 on CUDA, none on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the trained model")
-    g.add_argument("--seed", type=int, help="seed of the initialisation, the data order and the augmentations"
-                   + d("seed"))
+    g.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and augmentations")
     g = p.add_argument_group("io")
-    g.add_argument("--workers", type=int, help="DataLoader worker processes per process"
-                   + d("workers", data="min(8, CPU cores per process)"))
-    g.add_argument("--log-every", type=int, help="steps between JSON log lines" + d("log_every"))
-    g.add_argument("--ckpt-every", type=int, help="steps between checkpoints (also at every epoch end)"
-                   + d("ckpt_every"))
-    g.add_argument("--eval-every", type=int, help="epochs between validations (0: only after the last epoch)"
-                   + d("eval_every"))
-    g.add_argument("--eval-every-steps", type=int, help="also validate every N steps (a learning curve in log.jsonl; "
-                   "0: off)" + d("eval_every_steps"))
-    g.add_argument("--max-bad-frac", type=float, help="stop when more images than this fraction are unreadable"
-                   + d("max_bad_frac"))
-    g.add_argument("--demo-train", type=int, help="demo: training images of the students" + d("demo_train"))
-    g.add_argument("--demo-teacher-train", type=int, help="demo: training images of the teacher stage"
-                   + d("demo_teacher_train"))
-    g.add_argument("--demo-val", type=int, help="demo: held-out images" + d("demo_val"))
-    g.add_argument("--demo-task", choices=sorted(DEMO_TASKS), help="demo: which procedural task (RelationsDemo)"
-                   + d("demo_task"))
-    g.add_argument("--demo-pool", type=int, help="demo: fresh unlabelled images that distillation reads (0: the "
-                   "students' labelled images, labels dropped)" + d("demo_pool"))
-    g.add_argument("--demo-probe", type=int, help="demo: labelled images the linear probe trains on (eval.py --probe)"
-                   + d("demo_probe"))
-    g.add_argument("--demo-seed", type=int, help="demo: seed of the procedural images" + d("demo_seed"))
+    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes per process (--data: "
+                   "min(8, CPU cores per process))")
+    g.add_argument("--log-every", type=int, default=20, help="steps between JSON log lines")
+    g.add_argument("--ckpt-every", type=int, default=200, help="steps between checkpoints (and every epoch end)")
+    g.add_argument("--eval-every", type=int, default=0, help="epochs between validations (0: after the last epoch)")
+    g.add_argument("--eval-every-steps", type=int, default=0, help="also validate every N steps (0: off)")
+    g.add_argument("--max-bad-frac", type=float, default=0.01, help="stop when more images are unreadable")
+    g.add_argument("--demo-train", type=int, default=300, help="demo: training images of the students")
+    g.add_argument("--demo-teacher-train", type=int, default=4000, help="demo: training images of the teacher stage")
+    g.add_argument("--demo-val", type=int, default=2000, help="demo: held-out images")
+    g.add_argument("--demo-task", choices=sorted(DEMO_TASKS), default="pairs", help="demo: the task (RelationsDemo)")
+    g.add_argument("--demo-pool", type=int, default=32000, help="demo: fresh unlabelled images that distillation "
+                   "reads (0: the students' labelled images, labels dropped)")
+    g.add_argument("--demo-probe", type=int, default=2000, help="demo: labelled images of the linear probe")
+    g.add_argument("--demo-seed", type=int, default=0, help="demo: seed of the procedural images")
     return p
 
 
 def given_flags(argv):
-    """names of the arguments given on the command line (parsed again into a namespace whose every value is a marker:
-    argparse fills in defaults only for names it lacks)"""
-    unset = object()
-    marked = argparse.Namespace(**dict.fromkeys(vars(get_parser().parse_args([])), unset))
-    return {k for k, v in vars(get_parser().parse_args(argv, marked)).items() if v is not unset}
+    """{flag: value} of the flags the command line gives, alone (argparse.SUPPRESS leaves out a flag not given); {}
+    for a command line that parse_args refuses (it says why)"""
+    p = get_parser(add_help=False)
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+
+    def refuse(message):
+        raise ValueError(message)
+    p.error = refuse
+    try:
+        return vars(p.parse_known_args(argv)[0])
+    except ValueError:
+        return {}
+
+
+def defaults_for(given):
+    """the defaults that the command line's --data and --recipe choose, over the parser's own (the demo's): a --data
+    run's, then the recipe's. The warm-up flags go together: one given leaves the others unset, and a recipe that sets
+    one replaces the other two."""
+    out = {} if given.get("data") is None else data_defaults(given["data"])
+    recipe = RECIPES[given.get("recipe", out.get("recipe", "none"))]
+    out |= recipe
+    if any(k in given for k in WARMUP_FLAGS):
+        out |= dict.fromkeys(WARMUP_FLAGS)
+    elif any(k in recipe for k in WARMUP_FLAGS):
+        out |= {k: recipe.get(k) for k in WARMUP_FLAGS}
+    return out
 
 
 def parse_args(argv=None):
-    """The command line, then the recipe, then DEFAULTS for the mode (command line > recipe > DEFAULTS); then the
-    defaults computed at the start: threads and workers from the CPU cores, the teacher stage's own lr, --out."""
-    args = get_parser().parse_args(argv)
-    args.given = sorted(given_flags(argv))
-    mode = "demo" if args.data is None else "data"
-    for k, v in mode_defaults(mode, args.recipe or getattr(DEFAULTS["recipe"], mode), args.given).items():
-        if k not in args.given:
-            setattr(args, k, v)
-    chosen = set(args.given) | set(RECIPES[args.recipe])                  # flags the command line or recipe set
-    if args.threads is None:
-        args.threads = cores_per_process()
-    if "workers" not in chosen:
-        args.workers = min(args.workers, cores_per_process())              # e.g. 2 workers, not 8, on a 2-core box
+    """The command line over the recipe over the mode's defaults (defaults_for); then two defaults that depend on
+    other flags: an Adventurer student's opts, the teacher stage's own lr."""
+    given = given_flags(argv)
+    p = get_parser()
+    p.set_defaults(**defaults_for(given))
+    args = p.parse_args(argv)
+    args.given = sorted(given)
+    chosen = set(given) | set(RECIPES[args.recipe])                         # flags the command line or recipe set
     if "student_opts" not in chosen and isinstance(vl.STUDENT_PRESETS.get(args.student), vl.AdventurerConfig):
         args.student_opts = ""                                              # the demo's opts size a Vim student
     if args.stage == "teacher" and "lr" not in chosen and args.teacher_lr is not None:
         args.lr = args.teacher_lr                                           # the teacher's own lr, as in stage all
-    if args.out is None:
-        args.out = os.path.join("runs", "demo" if args.data is None else os.path.basename(os.path.normpath(args.data)))
     return args
 
 
@@ -483,889 +413,7 @@ def check_out_dir(path, flag):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 2. Data: the demo's procedural images
-
-class RelationsDemo(Dataset):
-    """Procedural images, deterministic from (n, seed), any resolution, no download.
-    Coloured squares on a noisy background. The class is the direction (8 sectors) from the first to the second square
-    of a colour pair: red -> blue, and with pairs=2 also yellow -> cyan, which points the same way. No single patch
-    decides the label: a relation between two distant parts of the image does, so token-to-token dependencies (what
-    the method transfers) matter. Tasks (DEMO_TASKS):
-      "relations" (pairs=1, distractors=2): one pair among distractor squares. With 75 % of the patches masked, one or
-        both squares of the pair are often hidden, so the label often does not survive the masking of distillation.
-      "pairs" (pairs=2, distractors=0): two pairs that agree, so the evidence is redundant, as in natural images: with
-        75 % of the patches masked at least one whole pair stays visible in most images (`visible_pair_fraction`).
-    Square centres (n, 2 * pairs + distractors, 2) and half sides (n,) are kept in .centers / .half (image units)."""
-    classes = ["E", "NE", "N", "NW", "W", "SW", "S", "SE"]
-    COLORS = np.array([[.9, .1, .1], [.1, .2, .95], [.1, .8, .1], [.95, .85, .1], [.9, .2, .9], [.1, .85, .9],
-                       [.9, .9, .9]])
-    PAIRS = [(0, 1), (3, 5)]                                                # colours: red -> blue, yellow -> cyan
-
-    def __init__(self, n, img_size, seed=0, distractors=2, half_side=(0.09, 0.11), directions=8, pairs=1):
-        if not 1 <= pairs <= len(self.PAIRS):
-            raise ValueError(f"RelationsDemo: pairs must be 1..{len(self.PAIRS)}, got {pairs}")
-        rng = np.random.default_rng(seed)
-        k = 2 * pairs + distractors
-        half = rng.uniform(*half_side, size=(n, 1))                         # half side of every square, in image units
-        labels = rng.integers(0, directions, size=n)
-        lo, hi = half_side[1] + 0.02, 0.98 - half_side[1]                   # square centres stay inside the image
-        centers, todo = np.zeros((n, k, 2)), np.arange(n)
-        while len(todo):                                                    # rejection sampling, all images at once
-            m, pts = len(todo), []
-            for _ in range(pairs):
-                ang = np.radians(360 / directions * (labels[todo] + rng.uniform(-1 / 3, 1 / 3, size=m)))
-                a = rng.uniform(lo, hi, size=(m, 2))
-                b = a + rng.uniform(0.35, 0.75, size=(m, 1)) * np.stack([np.cos(ang), -np.sin(ang)], 1)  # y grows down
-                pts += [a[:, None], b[:, None]]
-            pts = np.concatenate(pts + [rng.uniform(lo, hi, size=(m, distractors, 2))], 1)
-            gap = np.abs(pts[:, :, None] - pts[:, None]).max(-1) + 9 * np.eye(k)  # Chebyshev distance between squares
-            ok = ((pts > lo) & (pts < hi)).all((1, 2)) & (gap.min((1, 2)) > 2.5 * half[todo, 0])
-            centers[todo[ok]] = pts[ok]
-            todo = todo[~ok]
-        pair_colors = self.COLORS[[c for p in self.PAIRS[:pairs] for c in p]]
-        others = self.COLORS[[c for c in range(len(self.COLORS)) if c not in sum(self.PAIRS[:pairs], ())]]
-        colors = np.concatenate([np.broadcast_to(pair_colors, (n, 2 * pairs, 3)),
-                                 others[rng.integers(0, len(others), size=(n, distractors))]], 1)
-        colors = np.clip(colors + rng.normal(0, 0.05, size=colors.shape), 0, 1)
-        xs = (np.arange(img_size) + 0.5) / img_size                         # pixel centres (S,)
-        img = rng.uniform(0.1, 0.4, size=(n, 1, 1, 3)) + rng.normal(0, 0.06, size=(n, img_size, img_size, 3))
-        for j in range(k):                                                  # paint square j of every image
-            inx = np.abs(xs[None] - centers[:, j, 0:1]) < half              # (n, S)
-            iny = np.abs(xs[None] - centers[:, j, 1:2]) < half
-            inside = (iny[:, :, None] & inx[:, None, :])[..., None]         # (n, S, S, 1)
-            img = np.where(inside, colors[:, j, None, None, :], img)
-        img = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)           # (n, S, S, 3)
-        self.images = torch.from_numpy(img).permute(0, 3, 1, 2).contiguous()
-        self.labels = torch.from_numpy(labels)
-        self.centers, self.half, self.pairs, self.img_size = centers, half[:, 0], pairs, img_size
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, key):                                             # key = (index, augmentation seed or None)
-        i = key[0]
-        return self.images[i], int(self.labels[i]), None                    # no augmentation: a flip changes the class
-
-    def visible_pair_fraction(self, patch_size, ratio, repeats=10, seed=0):
-        """Fraction of (image, random mask) draws in which at least one colour pair keeps a visible patch on each of
-        its two squares when round(ratio * N) of the N patches are masked: how often the label can survive masking."""
-        g, n = self.img_size // patch_size, len(self)
-        xs = (np.arange(self.img_size) + 0.5) / self.img_size
-        cover = []                                                          # (n, g, g) patches each square touches
-        for j in range(2 * self.pairs):
-            inx = (np.abs(xs[None] - self.centers[:, j, 0:1]) < self.half[:, None]).reshape(n, g, patch_size).any(2)
-            iny = (np.abs(xs[None] - self.centers[:, j, 1:2]) < self.half[:, None]).reshape(n, g, patch_size).any(2)
-            cover.append((iny[:, :, None] & inx[:, None, :]).reshape(n, g * g))
-        hits = 0
-        for r in range(repeats):
-            visible = ~vl.sample_mask(n, (g, g), ratio, generator=torch.Generator().manual_seed(seed + r)).numpy()
-            seen = [(c & visible).any(1) for c in cover]
-            hits += np.any([seen[2 * p] & seen[2 * p + 1] for p in range(self.pairs)], 0).sum()
-        return hits / (repeats * n)
-
-
-DEMO_TASKS = {"relations": dict(pairs=1, distractors=2), "pairs": dict(pairs=2, distractors=0)}
-
-
-class UnlabelledImages(Dataset):
-    """Images without labels (a uint8 tensor (n, 3, H, W)): what the distill stage reads on the demo. It has no labels
-    to give: __getitem__ returns (image, error)."""
-
-    def __init__(self, images):
-        self.images = images
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, key):
-        return self.images[key[0]], None
-
-
-def demo_images(n, img_size, seed, task, chunk=4096):
-    """n fresh procedural images of a demo task, without their labels (uint8 (n, 3, H, W)), made chunk by chunk so a
-    large pool never holds more than one chunk's float pixels; deterministic from (n, img_size, seed, task)."""
-    parts = [RelationsDemo(min(chunk, n - lo), img_size, seed=[seed, lo], **DEMO_TASKS[task]).images
-             for lo in range(0, n, chunk)]
-    return torch.cat(parts) if parts else torch.zeros(0, 3, img_size, img_size, dtype=torch.uint8)
-
-
-def demo_set(args, split):
-    """a labelled demo set: train (the students' labelled images), val (held out), teacher (the teacher's), probe (the
-    linear probe's training images). Seeds: demo_seed + 0 / 1 / 2 / 4 (+ 3: the unlabelled distillation pool)."""
-    n, offset = dict(train=(args.demo_train, 0), val=(args.demo_val, 1), teacher=(args.demo_teacher_train, 2),
-                     probe=(args.demo_probe, 4))[split]
-    return RelationsDemo(n, args.img_size, seed=args.demo_seed + offset, **DEMO_TASKS[args.demo_task])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 3. Data: image folders
-
-IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
-MEAN, STD = vl.IMAGENET_MEAN, vl.IMAGENET_STD          # RandAugment's fill; a model's input: vl.normalize
-
-
-def list_split(root, split):
-    """-> (classes, [(path, label)]) of root/split/<class>/*, with a one-line error for a missing or empty folder."""
-    d = os.path.join(root, split)
-    if not os.path.isdir(d):
-        raise UserError(f"data folder {d} does not exist (expected {root}/train/<class>/*.JPEG and "
-                        f"{root}/val/<class>/*.JPEG)")
-    classes = sorted(e.name for e in os.scandir(d) if e.is_dir())
-    if not classes:
-        raise UserError(f"data folder {d} has no class sub-folders")
-    samples = []
-    for label, c in enumerate(classes):
-        try:
-            files = sorted(e.path for e in os.scandir(os.path.join(d, c))
-                           if e.is_file() and e.name.lower().endswith(IMG_EXT))
-        except OSError as e:                                                # permissions
-            raise UserError(f"class folder {os.path.join(d, c)}: cannot read it ({e.strerror})") from None
-        if not files and split == "train":
-            raise UserError(f"class folder {os.path.join(d, c)} has no images ({', '.join(IMG_EXT)})")
-        samples += [(f, label) for f in files]
-    if not samples:
-        raise UserError(f"data folder {d} has no images")
-    return classes, samples
-
-
-def crop_box(w, h, g: random.Random):
-    """RandomResizedCrop's box (scale 0.08-1, ratio 3/4-4/3), as torchvision draws it."""
-    for _ in range(10):
-        area = w * h * g.uniform(0.08, 1.0)
-        ratio = math.exp(g.uniform(math.log(3 / 4), math.log(4 / 3)))
-        cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
-        if 0 < cw <= w and 0 < ch <= h:
-            x, y = g.randint(0, w - cw), g.randint(0, h - ch)
-            return x, y, x + cw, y + ch
-    s = min(w, h)                                                           # fallback: central square
-    return (w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2
-
-
-class ImageFolder(Dataset):
-    """DIR/<class>/* decoded with Pillow (grayscale, CMYK, palette, PNG: converted to RGB).
-    train: random-resized-crop (bicubic) + flip with probability hflip, then `augment` (RandAugment / 3-Augment), all
-    from a per-(seed, epoch, index) RNG, so a resumed run sees the same images.
-    eval: resize to size/crop_ratio then centre crop (interpolation: "bicubic" or "bilinear"). An unreadable image
-    gives None (skipped and counted by collate)."""
-
-    def __init__(self, samples, classes, img_size, train, augment=None, hflip=0.5, crop_ratio=0.875,
-                 interpolation="bicubic"):
-        self.samples, self.classes, self.size, self.train = samples, classes, img_size, train
-        self.augment, self.hflip, self.crop_ratio = augment, hflip, crop_ratio
-        self.resample = Image.BILINEAR if interpolation == "bilinear" else Image.BICUBIC
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, key):
-        i, seed = key
-        path, label = self.samples[i]
-        try:
-            with warnings.catch_warnings():                                 # over Image.MAX_IMAGE_PIXELS (a bomb?):
-                warnings.simplefilter("error", Image.DecompressionBombWarning)  # an error before decoding, no warning
-                with Image.open(path) as im:
-                    if im.mode.startswith("I;16"):                          # 16-bit: the top 8 bits, not clipped at 255
-                        im = Image.fromarray((np.asarray(im) >> 8).astype(np.uint8))
-                    im = im.convert("RGB")
-        except Exception as e:                                              # truncated, corrupt, not an image, ...
-            return None, label, f"{path}: {type(e).__name__}: {e}"
-        w, h = im.size
-        if self.train:
-            g = random.Random(seed)
-            box = crop_box(w, h, g)
-            im = im.resize((self.size, self.size), Image.BICUBIC, box=box)
-            if g.random() < self.hflip:
-                im = im.transpose(Image.FLIP_LEFT_RIGHT)
-            if self.augment is not None:
-                im = self.augment(im, g)
-        else:
-            s = min(w, h) * self.crop_ratio                                 # == resize(size/ratio) + centre crop(size)
-            box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
-            im = im.resize((self.size, self.size), self.resample, box=box)
-        return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1), label, None
-
-
-class UnlabelledFolder(ImageFolder):
-    """Image files without labels (any folder of images): training transform, __getitem__ -> (image, error)."""
-
-    def __init__(self, paths, img_size):
-        super().__init__([(p, None) for p in paths], None, img_size, True)
-
-    def __getitem__(self, key):
-        image, _, error = super().__getitem__(key)
-        return image, error
-
-
-def list_images(root):
-    """every image file under root (any depth, sorted), with a one-line error when there is none"""
-    if not os.path.isdir(root):
-        raise UserError(f"--distill-data {root}: no such folder")
-    files, seen = [], set()
-    for d, dirs, names in os.walk(root, followlinks=True):
-        dirs.sort()                                                         # the first of two links to a folder wins
-        if os.path.realpath(d) in seen:                                     # a symlink loop, or a folder seen before
-            dirs.clear()
-            continue
-        seen.add(os.path.realpath(d))
-        files += [os.path.join(d, f) for f in names if f.lower().endswith(IMG_EXT)
-                  and os.path.isfile(os.path.join(d, f))]                   # not a pipe (it would block), a device
-    files.sort()
-    if not files:
-        raise UserError(f"--distill-data {root}: no images in it ({', '.join(IMG_EXT)})")
-    return files
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 4. Data: a run's sets, loaders, unreadable images
-
-def collate(batch):
-    """-> uint8 images (B,3,H,W), labels (B,), [error strings of the skipped images]; an unlabelled set's items are
-    (image, error) and give (images, errors): no labels exist to pass on"""
-    good = [b for b in batch if b[0] is not None]
-    bad = [b[-1] for b in batch if b[0] is None]
-    images = torch.stack([b[0] for b in good]) if good else torch.zeros(0, dtype=torch.uint8)
-    if len(batch[0]) == 2:
-        return images, bad
-    return images, torch.tensor([b[1] for b in good], dtype=torch.long), bad
-
-
-class BatchSampler:
-    """Per-epoch shuffled, rank-sharded batches of (index, augmentation seed). Global batch s of epoch e is
-    perm_e[s*GB:(s+1)*GB], rank r takes its r-th slice; start_batch skips what a resumed run already did.
-    repeats r > 1 (DeiT's repeated augmentation): every image of perm_e stands r times in a row, each copy with its
-    own augmentation seed, and the list is cut to n, so an epoch keeps its length and sees about n / r distinct images;
-    the copies of an image share a global batch (one gradient step), on one rank or straddling two."""
-
-    def __init__(self, n, batch_size, rank=0, world=1, seed=0, train=True, repeats=1):
-        self.n, self.bs, self.rank, self.world, self.seed, self.train = n, batch_size, rank, world, seed, train
-        self.repeats = repeats
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch, start_batch=0):
-        self.epoch, self.start = epoch, start_batch
-
-    def __len__(self):
-        if self.train:
-            return self.n // (self.bs * self.world)
-        return math.ceil(len(range(self.rank, self.n, self.world)) / self.bs)
-
-    def __iter__(self):
-        if not self.train:                                                  # eval: every image once, strided over ranks
-            idx = list(range(self.rank, self.n, self.world))
-            for b in range(0, len(idx), self.bs):
-                yield [(i, None) for i in idx[b:b + self.bs]]
-            return
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g).tolist()
-        gb = self.bs * self.world
-        copies = [(i, c) for i in perm for c in range(self.repeats)][:self.n] if self.repeats > 1 else None
-        for s in range(self.start, len(self)):
-            lo = s * gb + self.rank * self.bs
-            if copies is None:
-                yield [(i, hash((self.seed, self.epoch, i))) for i in perm[lo:lo + self.bs]]
-            else:
-                yield [(i, hash((self.seed, self.epoch, i, c))) for i, c in copies[lo:lo + self.bs]]
-
-
-class Data:
-    """The sets of a run, each built on first use (a large distillation pool is only made when a stage reads it).
-    train / val / probe: labelled (image, label, error); distill: unlabelled (image, error), what distillation reads:
-    demo: a pool of --demo-pool fresh images (0: the students' labelled images, labels dropped); --data: every image
-    under --distill-data (default DIR/train, labels unused)."""
-
-    def __init__(self, args):
-        self.args = args
-        if args.data is not None:
-            self.classes, self._train = list_split(args.data, "train")
-            vclasses, self._val = list_split(args.data, "val")
-            if vclasses != self.classes:
-                a, b = sorted(set(self.classes) - set(vclasses)), sorted(set(vclasses) - set(self.classes))
-                raise UserError(f"train and val class folders differ: only in train {a[:5]}"
-                                f"{'...' if len(a) > 5 else ''}, only in val {b[:5]}{'...' if len(b) > 5 else ''}")
-            if args.distill_data is not None:
-                list_images(args.distill_data)                              # fail fast, before any stage trains
-        else:
-            self.classes = RelationsDemo.classes
-
-    @functools.cached_property
-    def train(self):
-        a = self.args
-        return demo_set(a, "train") if a.data is None else ImageFolder(self._train, self.classes, a.img_size, True)
-
-    @functools.cached_property
-    def val(self):
-        a = self.args
-        return demo_set(a, "val") if a.data is None else ImageFolder(self._val, self.classes, a.img_size, False)
-
-    @functools.cached_property
-    def teacher_train(self):                                                # demo: the teacher's larger labelled set
-        return demo_set(self.args, "teacher") if self.args.data is None and self.args.demo_teacher_train else self.train
-
-    @functools.cached_property
-    def distill(self):
-        a = self.args
-        if a.data is not None:
-            return UnlabelledFolder(list_images(a.distill_data or os.path.join(a.data, "train")), a.img_size)
-        if a.demo_pool:
-            return UnlabelledImages(demo_images(a.demo_pool, a.img_size, a.demo_seed + 3, a.demo_task))
-        return UnlabelledImages(self.train.images)
-
-    def probe(self, limit=None):
-        """the linear probe's labelled training images (evaluation transform): demo: --demo-probe fresh images;
-        --data: `limit` images of the train split, class-balanced (each class's first of a fixed shuffle; None:
-        PROBE_PER_CLASS per class, so the probe's memory does not grow with the split; 0: the whole split)"""
-        a = self.args
-        if a.data is None:
-            return demo_set(a, "probe")
-        samples = self._train
-        limit = PROBE_PER_CLASS * len(self.classes) if limit is None else limit
-        if limit and limit < len(samples):
-            order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0)).tolist()
-            share = [limit // len(self.classes) + (c < limit % len(self.classes)) for c in range(len(self.classes))]
-            keep = []
-            for i in order:                                                 # each class its share (or all it has)
-                if share[samples[i][1]] > 0:
-                    share[samples[i][1]] -= 1
-                    keep.append(i)
-            samples = [samples[i] for i in sorted(keep)]
-        return ImageFolder(samples, self.classes, a.img_size, False)
-
-
-def get_data(args):
-    return Data(args)
-
-
-def make_loader(ds, args, ctx, train):
-    sampler = BatchSampler(len(ds), args.batch_size, ctx.rank, ctx.world, args.seed, train,
-                           repeats=args.repeated_aug if train else 1)
-    return DataLoader(ds, batch_sampler=sampler, num_workers=args.workers, collate_fn=collate,
-                      pin_memory=ctx.device.type == "cuda", persistent_workers=args.workers > 0,
-                      generator=torch.Generator(),                          # leaves the global RNG alone
-                      worker_init_fn=quiet_on_sigterm)
-
-
-def quiet_on_sigterm(worker_id):
-    """a DataLoader worker ends quietly on SIGTERM (a scheduler signals every process of the job), as on Ctrl-C: the
-    training process says what happened (main), not torch's 'worker killed by signal'"""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-
-
-class BadImages:
-    """Counts the unreadable images a rank skipped, warns once per epoch, and stops when more than max_frac of them
-    are bad (checked from 1000 images on, and at the end of every epoch: at least 3 bad ones). A training batch with
-    no readable image is skipped by every rank (empty_batches). With repeated augmentation every image comes `repeats`
-    times: each copy counts 1 / repeats."""
-
-    def __init__(self, max_frac, repeats=1):
-        self.max_frac, self.seen, self.bad, self.first, self.empty_batches = max_frac, 0, 0, None, 0
-        self.repeats, self.pending = repeats, None
-
-    def add(self, n_good, errors):
-        self.seen += (n_good + len(errors)) / self.repeats
-        self.bad += len(errors) / self.repeats
-        self.first = self.first or (errors[0] if errors else None)
-        if self.seen >= 1000:
-            self.check()
-
-    def check(self):
-        if self.bad > max(2, self.max_frac * self.seen):
-            raise UserError(f"{round(self.bad)} of {round(self.seen)} images could not be read (more than "
-                            f"--max-bad-frac {self.max_frac}); first: {self.first}")
-
-    def add_batch(self, n_good, errors, ctx):
-        """a training batch, counted on this rank alone (no collective, so no extra synchronisation per step): a
-        UserError is raised at once by a single process, else kept for `sync` (every log line and checkpoint), which
-        stops every rank. -> whether this rank has no readable image in it (a single process skips the batch; with
-        several ranks it takes a step on a stand-in image that weighs nothing, so DDP's ranks stay in step)"""
-        try:
-            self.add(n_good, errors)
-        except UserError as e:
-            if ctx.world == 1:
-                raise
-            self.pending = self.pending or e
-        self.empty_batches += not n_good
-        return not n_good
-
-    def sync(self, ctx):
-        """collective: an error kept by add_batch on any rank stops every rank"""
-        stop_together(self.pending, ctx)
-
-    def end_pass(self, what, ctx):
-        """the end of an epoch or of an evaluation: rank 0 reports (and counts afresh), the other ranks check"""
-        if self.pending is not None:
-            raise self.pending
-        if ctx.main:
-            self.report(what)
-        else:
-            self.check()
-
-    def report(self, what):
-        self.check()
-        if self.bad or self.empty_batches:
-            empty = f"; {self.empty_batches} batch(es) with no readable image skipped" if self.empty_batches else ""
-            tqdm.write(f"warning: skipped {round(self.bad)} unreadable image(s) of {round(self.seen)} in {what} "
-                       f"(first: {self.first}){empty}",
-                       file=sys.stderr)
-        self.seen = self.bad = self.empty_batches = 0
-        self.first = None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 5. Augmentations
-# The DeiT / timm training augmentations, written from their documented behaviour (timm's RandAugment, RandomErasing
-# and Mixup; DeiT III's 3-Augment). Per image on PIL inside ImageFolder (RandAugment or 3-Augment, after crop and flip),
-# then per batch on the pixels in [0, 1] (random erasing, then mixup / cutmix). Every draw comes from a seeded
-# generator (per image: seed, epoch, index; per batch: seed, step, rank), so a resumed run repeats them.
-
-FILL = tuple(round(255 * m) for m in MEAN)                                  # uncovered pixels get the mean colour
-
-
-def _signed(v, g):
-    return -v if g.random() < 0.5 else v
-
-
-def _factor(m, inc, g):
-    """Color / Contrast / Brightness / Sharpness factor: 0.1 .. 1.9 growing with m, or (increasing) 1 +- 0.9 m"""
-    return max(0.1, 1.0 + _signed(0.9 * m, g)) if inc else 0.1 + 1.8 * m
-
-
-def _fill(im):
-    return FILL if len(im.getbands()) == 3 else round(sum(FILL) / 3)
-
-
-def _affine(im, coeffs):
-    return im.transform(im.size, Image.AFFINE, coeffs, resample=Image.BICUBIC, fillcolor=_fill(im))
-
-
-def _posterize(im, bits):
-    """keep the top `bits` bits; 0 bits (the top magnitude of the increasing variant) gives black, as older Pillow
-    did"""
-    return ImageOps.posterize(im, bits) if bits > 0 else Image.new(im.mode, im.size)
-
-
-def _solarize_add(im, add, thresh=128):
-    return im.point([min(255, i + add) if i < thresh else i for i in range(256)] * len(im.getbands()))
-
-
-# RandAugment's 15 ops: name -> f(image, level m in [0, 1] = magnitude / 10, increasing, rng), each keeping size and
-# mode. Increasing (inc1): posterize keeps 4 .. 0 bits, solarize's threshold falls 256 .. 0, the enhancements move
-# away from 1.
-RAND_OPS = {
-    "AutoContrast": lambda im, m, inc, g: ImageOps.autocontrast(im),
-    "Equalize": lambda im, m, inc, g: ImageOps.equalize(im),
-    "Invert": lambda im, m, inc, g: ImageOps.invert(im),
-    "Rotate": lambda im, m, inc, g: im.rotate(_signed(30 * m, g), resample=Image.BICUBIC, fillcolor=_fill(im)),
-    "Posterize": lambda im, m, inc, g: _posterize(im, 4 - int(4 * m) if inc else int(4 * m)),
-    "Solarize": lambda im, m, inc, g: ImageOps.solarize(im, 256 - int(256 * m) if inc else int(256 * m)),
-    "SolarizeAdd": lambda im, m, inc, g: _solarize_add(im, int(110 * m)),
-    "Color": lambda im, m, inc, g: ImageEnhance.Color(im).enhance(_factor(m, inc, g)),
-    "Contrast": lambda im, m, inc, g: ImageEnhance.Contrast(im).enhance(_factor(m, inc, g)),
-    "Brightness": lambda im, m, inc, g: ImageEnhance.Brightness(im).enhance(_factor(m, inc, g)),
-    "Sharpness": lambda im, m, inc, g: ImageEnhance.Sharpness(im).enhance(_factor(m, inc, g)),
-    "ShearX": lambda im, m, inc, g: _affine(im, (1, _signed(0.3 * m, g), 0, 0, 1, 0)),
-    "ShearY": lambda im, m, inc, g: _affine(im, (1, 0, 0, _signed(0.3 * m, g), 1, 0)),
-    "TranslateXRel": lambda im, m, inc, g: _affine(im, (1, 0, _signed(0.45 * m, g) * im.size[0], 0, 1, 0)),
-    "TranslateYRel": lambda im, m, inc, g: _affine(im, (1, 0, 0, 0, 1, _signed(0.45 * m, g) * im.size[1])),
-}
-
-
-class RandAugment:
-    """timm's RandAugment from a spec such as DeiT's 'rand-m9-mstd0.5-inc1': n ops (default 2) drawn with replacement
-    from RAND_OPS, each applied with probability p (0.5) at magnitude m (of 10; default 10). With mstd > 0 every op
-    draws its magnitude from N(m, mstd) (uniform on [0, m] when mstd > 100), clipped to [0, 10]. inc1: the variants
-    whose strength increases with the magnitude."""
-
-    def __init__(self, spec):
-        self.m, self.n, self.p, self.mstd, self.inc = 10.0, 2, 0.5, 0.0, False
-        head, *parts = spec.split("-")
-        hits = [re.fullmatch(r"(mstd|m|p)(\d+(?:\.\d+)?)|(inc|n)(\d+)", part) for part in parts]
-        if head != "rand" or not all(hits):
-            raise ValueError(f"--aa {spec!r} is not a RandAugment spec rand-m<magnitude>[-n<ops>][-p<prob>]"
-                             "[-mstd<std>][-inc<0|1>] (e.g. rand-m9-mstd0.5-inc1), 3augment or none")
-        for key, val in ([g for g in h.groups() if g is not None] for h in hits):
-            if key == "n":
-                self.n = int(val)
-            elif key == "inc":
-                self.inc = int(val) > 0
-            else:
-                setattr(self, key, float(val))
-
-    def __call__(self, im, g):
-        for name in g.choices(list(RAND_OPS), k=self.n):
-            if self.p < 1 and g.random() > self.p:
-                continue
-            m = g.uniform(0, self.m) if self.mstd > 100 else g.gauss(self.m, self.mstd) if self.mstd > 0 else self.m
-            im = RAND_OPS[name](im, min(max(m, 0.0), 10.0) / 10, self.inc, g)
-        return im
-
-
-class ThreeAugment:
-    """DeiT III's 3-Augment as Adventurer trains with it: one of grayscale, solarize (threshold 128) and Gaussian blur
-    (radius 0.1 .. 2), chosen uniformly, then colour jitter: brightness, contrast and saturation each scaled by
-    U(1 - jitter, 1 + jitter), in random order."""
-
-    def __init__(self, jitter=0.3):
-        self.jitter = jitter
-
-    def __call__(self, im, g):
-        k = g.randrange(3)
-        if k == 0:
-            im = ImageOps.grayscale(im).convert(im.mode)
-        elif k == 1:
-            im = ImageOps.solarize(im, 128)
-        else:
-            im = im.filter(ImageFilter.GaussianBlur(g.uniform(0.1, 2.0)))
-        for enhance in g.sample([ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color], 3):
-            im = enhance(im).enhance(g.uniform(1 - self.jitter, 1 + self.jitter))
-        return im
-
-
-def image_augment(spec):
-    """--aa -> ImageFolder's per-image augmentation (None for 'none'); ValueError for a bad spec"""
-    if spec in (None, "", "none"):
-        return None
-    return ThreeAugment() if spec == "3augment" else RandAugment(spec)
-
-
-def random_erase(x, prob, g, gen, cfg=None):
-    """timm's RandomErasing as DeiT uses it (mode 'pixel', one box), in place on a normalised batch (B, C, H, W): with
-    probability prob an image gets one box of 2 % .. 1/3 of its area, aspect ratio log-uniform in 0.3 .. 1/0.3, at a
-    uniform position, filled with N(0, 1) noise per pixel and channel (up to 10 draws for a box that fits).
-    cfg: x holds pixels in [0, 1] for a model of this config: the noise is pixel_mean + pixel_std N(0, 1), N(0, 1)
-    once the model normalises it. g: random.Random for the boxes; gen: torch.Generator on x's device for the noise.
-    -> [(top, left, h, w) or None]"""
-    B, _, H, W = x.shape
-    boxes = []
-    for _ in range(B):
-        box = None
-        if g.random() <= prob:
-            for _ in range(10):
-                area = g.uniform(0.02, 1 / 3) * H * W
-                aspect = math.exp(g.uniform(math.log(0.3), math.log(1 / 0.3)))
-                h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-                if h < H and w < W:
-                    box = (g.randint(0, H - h), g.randint(0, W - w), h, w)
-                    break
-        boxes.append(box)
-    if any(boxes):
-        noise = torch.randn(x.shape, generator=gen, device=x.device)
-        if cfg is not None:
-            noise = noise * torch.tensor(cfg.pixel_std, device=x.device).view(1, 3, 1, 1) \
-                + torch.tensor(cfg.pixel_mean, device=x.device).view(1, 3, 1, 1)
-        noise = noise.to(x.dtype)
-        for b, box in enumerate(boxes):
-            if box:
-                t, l, h, w = box
-                x[b, :, t:t + h, l:l + w] = noise[b, :, t:t + h, l:l + w]
-    return boxes
-
-
-def mix_batch(x, y, num_classes, mixup, cutmix, switch_prob, smoothing, g):
-    """timm's Mixup in 'batch' mode (DeiT: mixup 0.8, cutmix 1.0, switch prob 0.5): image i is mixed with image B-1-i.
-    Cutmix (with probability switch_prob when both are on) draws lam ~ Beta(cutmix, cutmix) and pastes the partner's
-    box, sides int(sqrt(1 - lam) x the image's), centred at a uniform pixel and clipped at the borders; lam becomes the
-    share of pixels kept. Mixup blends whole images with lam ~ Beta(mixup, mixup). Targets: lam t(y) + (1 - lam)
-    t(partner), t = one-hot with label smoothing (off = smoothing / classes, on = 1 - smoothing + off).
-    -> (images, soft targets (B, classes), lam, cutmix box (y0, y1, x0, x1) or None)"""
-    use_cutmix = cutmix > 0 and (mixup <= 0 or g.random() < switch_prob)
-    alpha = cutmix if use_cutmix else mixup
-    lam, box = g.betavariate(alpha, alpha), None
-    if use_cutmix:
-        H, W = x.shape[-2:]
-        ch, cw = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
-        cy, cx = g.randrange(H), g.randrange(W)
-        box = y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch // 2, H), max(cx - cw // 2, 0), min(cx + cw // 2, W)
-        x[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
-        lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)
-    else:
-        x = x * lam + x.flip(0) * (1 - lam)
-    off = smoothing / num_classes
-    t = torch.full((len(y), num_classes), off, device=y.device).scatter_(1, y[:, None], 1 - smoothing + off)
-    return x, lam * t + (1 - lam) * t.flip(0), lam, box
-
-
-def with_augmentation(ds, args):
-    """a stage's training set with that stage's per-image augmentation (image folders; the demo is not augmented)"""
-    if not isinstance(ds, ImageFolder):
-        return ds
-    ds = copy.copy(ds)
-    ds.augment, ds.hflip = image_augment(args.aa), args.hflip
-    return ds
-
-
-def batch_augment(args, n_classes, stage, rank, cfg=None):
-    """-> f(x, y, step) -> (x, y) for a training batch of pixels in [0, 1]: random erasing (noise in the trained
-    model's normalisation, cfg's), then (labelled stages, where y becomes soft targets) mixup / cutmix, from
-    generators seeded by (seed, step, rank)"""
-    mix = stage != "distill" and (args.mixup > 0 or args.cutmix > 0)
-
-    def augment(x, y, step):
-        if args.erase_prob > 0:
-            key = hash((args.seed, step, rank, 1)) & (2**63 - 1)
-            random_erase(x, args.erase_prob, random.Random(key), torch.Generator(x.device).manual_seed(key), cfg)
-        if mix:
-            x, y, _, _ = mix_batch(x, y, n_classes, args.mixup, args.cutmix, args.mixup_switch_prob,
-                                   args.label_smoothing, random.Random(hash((args.seed, step, rank, 2))))
-        return x, y
-    return augment
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 6. Distributed: ranks, collectives, one error for every rank
-
-@dataclasses.dataclass
-class Ctx:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self):
-        return self.rank == 0
-
-
-def setup_dist():
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: NCCL on GPU, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Ctx(int(os.environ.get("RANK", 0)), world, device)
-
-
-def all_sum(t, ctx):
-    if ctx.world > 1:
-        dist.all_reduce(t)
-    return t
-
-
-def barrier(ctx):
-    if ctx.world > 1:
-        dist.barrier()
-
-
-def stop_together(err, ctx, skip=False):
-    """Collective (every rank calls it at the same point): when any rank has a UserError, every rank raises the same
-    one, so no rank is left waiting in a collective for a rank that stopped. -> whether any rank asked to skip."""
-    if ctx.world == 1:
-        if err is not None:
-            raise err
-        return skip
-    flags = torch.tensor([err is not None, skip], dtype=torch.float32, device=ctx.device)
-    dist.all_reduce(flags)
-    if flags[0] > 0:
-        msgs = [None] * ctx.world
-        dist.all_gather_object(msgs, None if err is None else str(err))
-        rank = next(r for r, m in enumerate(msgs) if m is not None)
-        shared = UserError(msgs[rank] if msgs.count(msgs[rank]) == ctx.world else f"{msgs[rank]} (rank {rank})")
-        shared.shared = True
-        raise shared from err
-    return bool(flags[1] > 0)
-
-
-@contextlib.contextmanager
-def together(ctx):
-    """A block that every rank runs (holding no collective): a UserError in it on any rank stops every rank."""
-    err = None
-    try:
-        yield
-    except UserError as e:
-        err = e
-    stop_together(err, ctx)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 7. Checkpoints: atomic writes, run-folder locks, RNG states, resume checks
-
-def save_checkpoint(path, obj):
-    """atomic and durable: write a temporary file next to it, fsync it, rename it over the old one, fsync the folder.
-    Whatever stops the write (a full disk, Ctrl-C) removes the temporary file and leaves the old checkpoint."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise write_error(e, path) from None
-        raise
-    fsync_dir(folder)
-
-
-def write_error(e, path):
-    """a UserError for an OSError while writing PATH: 'disk full' when it is"""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return UserError(f"disk full while writing {path}: the last complete checkpoint is kept, no partial file is "
-                         "left; free space, then run the same command again to continue")
-    return UserError(f"cannot write {path}: {e.strerror or e}; the last complete checkpoint is kept")
-
-
-def fsync_dir(folder):
-    """make a rename in FOLDER durable (POSIX; a no-op where folders cannot be opened)"""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_log(path, text, mode):
-    """mode "a": append a line (a failed write is cut off again); "w": replace the whole log atomically"""
-    target = path if mode == "a" else f"{path}.tmp{os.getpid()}"
-    size = os.path.getsize(path) if mode == "a" and os.path.exists(path) else 0
-    try:
-        with open(target, mode) as f:
-            f.write(text)
-            f.flush()
-            if mode == "w":
-                os.fsync(f.fileno())
-        if mode == "w":
-            os.replace(target, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            if mode == "a":
-                os.truncate(target, size)
-            else:
-                os.remove(target)
-        raise write_error(e, path) from None
-
-
-_held_locks = {}                                                            # run folder -> open lock file
-
-
-def lock_run_dir(run_dir):
-    """An exclusive lock on RUN_DIR until release_locks() (flock: the kernel drops it when the process dies, kill -9
-    included): a second run that would write the same folder stops with one line. Then removes the temporary files
-    that a killed write left behind (none can be in use: the lock is ours)."""
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        f = open(os.path.join(run_dir, ".lock"), "a+")
-    except OSError as e:
-        raise UserError(f"cannot create the run folder {run_dir}: {e.strerror}") from None
-    if fcntl is not None:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            raise UserError(f"{run_dir} is in use by another run ({holder}): wait for it to end or stop it, "
-                            "or give another --out / --name") from None
-    try:
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
-    except OSError as e:                                                    # e.g. a full disk
-        f.close()
-        raise write_error(e, os.path.join(run_dir, ".lock")) from None
-    _held_locks[run_dir] = f
-    for stale in glob.glob(os.path.join(glob.escape(run_dir), "*.tmp[0-9]*")):
-        os.remove(stale)
-        print(f"note: removed {stale}, a partial file left by an interrupted write", file=sys.stderr)
-
-
-def release_locks():
-    for f in _held_locks.values():
-        f.close()
-    _held_locks.clear()
-
-
-def save_json(path, obj):
-    """atomic, like save_checkpoint"""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise write_error(e, path) from None
-
-
-def load_checkpoint(path):
-    """a checkpoint file (vl.read_state_dict: tensors and plain values only), or a one-line UserError"""
-    with as_user_error(f"could not read checkpoint {path}"):
-        return vl.read_state_dict(path)
-
-
-def rng_state(ctx):
-    """every rank's torch / CUDA / numpy / python RNG state, as tensors and plain values (rank 0 gets them all)"""
-    np_st = np.random.get_state()
-    st = dict(torch=torch.get_rng_state().tolist(), numpy=[np_st[0], np_st[1].tolist(), *np_st[2:]],
-              cuda=[s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
-              python=random.getstate())
-    out = [st]
-    if ctx.world > 1:                                                       # plain Python objects: no tensor pickles
-        out = [None] * ctx.world
-        dist.all_gather_object(out, st)
-    for s in out:
-        s["torch"] = torch.tensor(s["torch"], dtype=torch.uint8)
-        s["cuda"] = [torch.tensor(c, dtype=torch.uint8) for c in s["cuda"]]
-        s["numpy"][1] = torch.tensor(s["numpy"][1], dtype=torch.int64)
-    return out
-
-
-def set_rng_state(states, ctx):
-    if ctx.rank >= len(states):                                             # resumed on more processes than saved
-        return
-    st = states[ctx.rank]
-    torch.set_rng_state(st["torch"])
-    if st["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-    np.random.set_state((st["numpy"][0], st["numpy"][1].numpy().astype(np.uint32), *st["numpy"][2:]))
-    random.setstate((st["python"][0], tuple(st["python"][1]), st["python"][2]))
-
-
-# args whose change makes a checkpoint a different experiment (model and data): resuming with another value is an error
-FIXED_ARGS = ("stage", "teacher", "teacher_norm", "init", "teacher_preset", "teacher_opts", "student", "student_opts",
-              "img_size", "stages", "am_scope", "target", "demo_train", "demo_teacher_train", "demo_seed", "pos_init",
-              "layer_decay", "demo_task", "demo_pool", "distill_data")   # (layer_decay: the optimizer's groups)
-PATH_ARGS = ("teacher", "init", "distill_data")
-
-
-def check_resume(ck, path, args, cfg, ctx):
-    if not {"config", "optimizer", "step", "args"} <= set(ck):
-        raise UserError(f"{path} is not a training checkpoint of train.py (no optimizer state or step): "
-                        "--resume takes an OUT/NAME/last.pt")
-    old = ck["args"]
-
-    def same(k, a, b):                  # a file given by another spelling (relative / absolute) is the same file
-        paths = k in PATH_ARGS and isinstance(a, str) and isinstance(b, str) and not a.startswith("timm:")
-        return a == b or paths and os.path.realpath(a) == os.path.realpath(b)
-    diff = [f"{k}: {old.get(k)!r} -> {getattr(args, k)!r}" for k in FIXED_ARGS
-            if k in old and not same(k, old[k], getattr(args, k))]
-    diff += [f"config.{k}: {v!r} -> {dataclasses.asdict(cfg).get(k)!r}" for k, v in ck["config"].items()
-             if dataclasses.asdict(cfg).get(k) != v]
-    if diff:
-        raise UserError(f"cannot resume {path} with different model arguments ({'; '.join(diff)}); "
-                        "use the original arguments, another --out/--name, or --fresh")
-    old_gb, gb = old.get("batch_size", 0) * ck.get("world", 1), args.batch_size * ctx.world
-    if old_gb != gb:
-        raise UserError(f"cannot resume with another global batch ({old_gb} -> {gb}): keep --batch-size x processes")
-    soft = [k for k in ("data", "epochs", "lr", "blr", "weight_decay", "warmup_epochs", "warmup_steps", "warmup_frac",
-                        "lam", "am_weight", "mask_ratio", "mask_kind", "threads", "aa", "hflip", "erase_prob", "mixup",
-                        "cutmix", "repeated_aug", "ema_decay", "label_smoothing")
-            if k in old and old[k] != getattr(args, k)]
-    if soft and ctx.main:
-        print(f"note: resuming with changed {soft}; the run no longer follows the original trajectory", file=sys.stderr)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 8. Build: models and losses
+# 2. Build: models and losses
 
 def parse_opts(s):
     """'dim=64,depth=4,bidirectional=alternate' -> dict (values parsed as Python literals when they are)"""
@@ -1593,7 +641,7 @@ def supervised_loss(teacher, args, model):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 9. Build: optimizer groups, EMA, lr schedule
+# 3. Build: optimizer groups, EMA, lr schedule
 
 def no_decay_params(model):
     """AdamW groups: no weight decay for A_log, D, norms, biases, tokens and position embeddings."""
@@ -1684,7 +732,7 @@ def lr_at(step, total, warmup, peak, floor):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 10. Evaluation: top-1 / top-5, and the linear probe
+# 4. Evaluation: top-1 / top-5, and the linear probe
 
 def to_pixels(x, device):
     """uint8 (B,3,H,W) on host -> float pixels in [0, 1] on device; each model normalises them its own way
@@ -1724,8 +772,6 @@ def evaluate(model, loader, args, ctx, desc="eval"):
 
 
 PROBE_L2, PROBE_ITERS = 1e-3, 500
-PROBE_PER_CLASS = 100      # --data: the probe's training images per class (ImageNet-1k: 100 k images; a ViT-B's
-                           # [class, mean patch] features 100 k x 1,536: 0.6 GB fp32, 1.2 GB in the fp64 solver)
 
 
 @torch.no_grad()
@@ -1781,7 +827,7 @@ def probe(model, probe_set, val_set, args, ctx):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 11. Training loop: run_stage -> start_or_resume (models, optimizer, loaders; a checkpoint restored), then
+# 5. Training loop: run_stage -> start_or_resume (models, optimizer, loaders; a checkpoint restored), then
 # train_one_epoch and end_epoch until the last epoch or --max-steps. One step is train_one_epoch's loop body.
 
 class NonFinite(UserError):
@@ -2197,7 +1243,7 @@ def peak_mem_mb(ctx):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 12. The demo's story (stage all)
+# 6. The demo's story (stage all)
 
 def run_all(args, data, ctx):
     """The demo's story: teacher (unless --teacher) -> distil on unlabelled images -> fine-tune on the labelled images
@@ -2283,7 +1329,7 @@ def run_all(args, data, ctx):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 13. main
+# 7. main
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (what torchrun and cluster schedulers send): the run stops as it does on Ctrl-C"""
