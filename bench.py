@@ -35,12 +35,18 @@ class BenchError(Exception):
 # ----------------------------------------------------------------------------------------------- side by side
 
 def preset_config(preset):
-    """the config of a teacher preset, else of a student preset"""
-    cfg = vl.TEACHER_PRESETS.get(preset) or vl.STUDENT_PRESETS.get(preset)
+    """the config of a teacher preset, else of a student preset; "NAME:field=value,..." changes fields, e.g.
+    adventurer_base:chunk_size=32"""
+    name, _, opts = preset.partition(":")
+    cfg = vl.TEACHER_PRESETS.get(name) or vl.STUDENT_PRESETS.get(name)
     if cfg is None:
         raise BenchError(f"--models {preset!r}: not one of "
-                         + ", ".join(sorted(vl.TEACHER_PRESETS | vl.STUDENT_PRESETS)))
-    return cfg
+                         + ", ".join(sorted(vl.TEACHER_PRESETS | vl.STUDENT_PRESETS)) + " (NAME:field=value,...)")
+    try:
+        changes = {k: type(getattr(cfg, k))(v) for k, v in (kv.split("=") for kv in opts.split(",") if kv)}
+        return type(cfg)(**{**vars(cfg), **changes})
+    except (ValueError, TypeError, AttributeError):
+        raise BenchError(f"--models {preset!r}: NAME:field=value,... with fields of {type(cfg).__name__}") from None
 
 
 def build(preset, res):
@@ -83,16 +89,20 @@ def median_ms(fn, device, warmup=3, repeats=20):
 
 
 def model_flops(model, res, device):
-    """forward FLOPs of one image: matmuls, convolutions and attention as torch counts them, plus the selective scan,
-    which it cannot see (per channel, step, state and direction: dt A, exp, dt u B, a h + b, C h: 7 operations)"""
+    """forward FLOPs of one image: matmuls, convolutions and attention as torch counts them, plus what it cannot see:
+    the selective scan (per channel, step, state and direction: dt A, exp, dt u B, a h + b, C h: 7 operations) and,
+    where its counter has no rule for the attention kernel that ran (CPU flash attention), the ViT's attention
+    products (Q K^T and A V: 4 L^2 dim per block)"""
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.randn(1, 3, res, res, device=device))
-    flops = counter.get_total_flops()
+    flops, cfg = counter.get_total_flops(), model.cfg
+    L = (res // cfg.patch_size) ** 2 + (1 if getattr(cfg, "class_token", True) else 0) + getattr(cfg, "registers", 0)
     if isinstance(model, vl.VisionMamba):
-        cfg, L = model.cfg, 1 + (res // model.cfg.patch_size) ** 2
         directions = 2 if cfg.bidirectional == "fused" else 1
         flops += cfg.depth * directions * cfg.expand * cfg.dim * L * 7 * cfg.d_state
+    if isinstance(model, vl.ViT) and not any("attention" in str(op) for op in counter.get_flop_counts()["Global"]):
+        flops += cfg.depth * 4 * L * L * cfg.dim
     return flops
 
 

@@ -60,6 +60,26 @@ def test_side_by_side_ratios_are_teacher_time_over_model_time(monkeypatch, capsy
     assert cells(lines[0])[7] == cells(lines[0])[9] == "1.00x (1.00-1.00)"
 
 
+def test_vit_flops_count_every_matmul_and_the_attention_products():
+    """model_flops of a ViT against its FLOPs written out: patch embedding, per block qkv, proj, MLP and the attention
+    products Q K^T and A V (which torch's counter misses for the CPU flash-attention kernel), and the head."""
+    cfg = vl.ViTConfig(img_size=32, patch_size=8, dim=16, depth=2, heads=2, num_classes=5)
+    for res in (32, 64):
+        N = (res // 8) ** 2
+        L = N + 1
+        want = (2 * N * 3 * 8 * 8 * 16 + cfg.depth * (2 * L * 16 * (3 * 16 + 16 + 2 * 4 * 16) + 4 * L * L * 16)
+                + 2 * 16 * 5)
+        assert bench.model_flops(vl.ViT(cfg).eval(), res, torch.device("cpu")) == want
+
+
+def test_models_take_changed_fields():
+    assert bench.preset_config("adventurer_base:chunk_size=32,depth=2").chunk_size == 32
+    assert bench.preset_config("vit_b16").depth == 12
+    for bad in ("adventurer_base:chunk=32", "adventurer_base:chunk_size=x", "nope"):
+        with pytest.raises(bench.BenchError, match="--models"):
+            bench.preset_config(bad)
+
+
 def test_student_time_split_restores_the_model():
     model = vl.VisionMamba(replace(TINY_STUDENT, scan_backend="chunked")).eval()
     x = torch.randn(2, 3, 16, 16)
