@@ -928,7 +928,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip() + "\n\n" + __doc__.split("\n\n")[1],
                                 formatter_class=HelpFormatter)
     p.add_argument("--models", default="vit_b16,adventurer_base,base_alt", help="side by side and --gpu-report: "
-                   "a preset of vitlinearizer's TEACHER_PRESETS first (the reference), then STUDENT_PRESETS")
+                   "a preset of vitlinearizer's TEACHER_PRESETS first (the reference), then STUDENT_PRESETS; "
+                   "NAME:field=value,... changes fields, e.g. adventurer_base:chunk_size=32")
     p.add_argument("--resolutions", default="224,448,1024", help="side by side: image sizes (px)")
     p.add_argument("--batch-size", type=int, default=1, help="side by side: images per call")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds after a warm-up (side by side, --gpu-report's "
