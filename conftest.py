@@ -64,7 +64,7 @@ def cpu_dispatch(monkeypatch):
 
 TINY = ["--img-size", "16", "--batch-size", "16", "--demo-train", "64", "--demo-teacher-train", "64",
         "--demo-val", "32", "--demo-pool", "64", "--demo-probe", "32",
-        "--stages", "2",
+        "--stages", "2", "--student", "demo",
         "--teacher-opts", "dim=32,depth=2,heads=2", "--student-opts", "dim=32,depth=2,d_state=4,scan_backend=chunked",
         "--log-every", "1", "--lr", "2e-3", "--warmup-epochs", "0.5"]
 

@@ -31,7 +31,7 @@ SEEDS5="0 1 2 3 4"; SEEDS3="0 1 2"
 
 # A task folder TASK-adventurer holds the Adventurer student's runs on the demo task TASK, with TASK's teachers
 task_of() { echo "${1%-adventurer}"; }
-student_of() { [[ $1 == *-adventurer ]] && echo "--student adventurer_demo" || true; }
+student_of() { [[ $1 == *-adventurer ]] && echo "--student adventurer_demo" || echo "--student demo"; }
 
 jobs_file=$(mktemp); trap 'rm -f "$jobs_file"' EXIT
 job() { echo "$*" >> "$jobs_file"; }

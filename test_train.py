@@ -64,10 +64,11 @@ def losses(path):
     return {r["step"]: r["loss"] for r in log(path) if "loss" in r}
 
 
-def test_pipeline_in_miniature(tmp_path, capsys):
+@pytest.mark.parametrize("student", ["demo", "adventurer_demo"])                     # Vim, the demo's Adventurer
+def test_pipeline_in_miniature(tmp_path, capsys, student):
     out_dir = tmp_path / "run"
     stages = ["--teacher-epochs", 2, "--distill-epochs", 4, "--finetune-epochs", 1, "--supervised-epochs", 5]
-    rc, out, err = run_train(capsys, "--out", out_dir, *TINY, *stages)
+    rc, out, err = run_train(capsys, "--out", out_dir, *TINY, *stages, "--student", student)
     assert rc == 0, err
     for row in ("| teacher: ViT, labels | 64 | 8 |",
                 "| student: distilled (16 steps on 64 unlabelled images) + fine-tuned | 64 | 4 |",
@@ -82,15 +83,16 @@ def test_pipeline_in_miniature(tmp_path, capsys):
     assert {"step", "loss", "am", "mp", "lr", "img_per_s", "peak_mem_mb", "grad_norm"} <= set(rec)
     ck = torch.load(out_dir / "finetune" / "last.pt", weights_only=True)               # tensors and plain values only
     assert {"kind", "config", "model", "optimizer", "schedule", "scaler", "step", "epoch", "rng", "args"} <= set(ck)
-    assert ck["kind"] == "vision_mamba" and ck["finished"] and ck["step"] == 4
-    assert isinstance(vl.model_from_checkpoint(ck), vl.VisionMamba)
+    kind, cls = {"demo": ("vision_mamba", vl.VisionMamba), "adventurer_demo": ("adventurer", vl.Adventurer)}[student]
+    assert ck["kind"] == kind and ck["finished"] and ck["step"] == 4
+    assert isinstance(vl.model_from_checkpoint(ck), cls)
     assert isinstance(vl.load_teacher(str(out_dir / "teacher" / "last.pt")), vl.ViT)
     # eval.py on the demo's held-out set gives the accuracy the run measured at its end
     capsys.readouterr()
     assert evaluate_cli.main(["--ckpt", str(out_dir / "finetune" / "last.pt")]) == 0
     assert f"top-1 {ck['metrics']['top1']:.2f}" in capsys.readouterr().out
     # re-running the finished command trains nothing
-    rc, out, _ = run_train(capsys, "--out", out_dir, *TINY, *stages)
+    rc, out, _ = run_train(capsys, "--out", out_dir, *TINY, *stages, "--student", student)
     assert rc == 0 and "is finished" in out
 
 
@@ -447,8 +449,11 @@ def test_released_adventurer_file_for_init_and_eval(tmp_path, capsys):
 
 
 def test_adventurer_student_opts_and_the_demos_vim_opts(tmp_path, capsys):
-    args = train.parse_args(["--student", "adventurer_demo"])                          # the demo's opts size Vim
-    assert args.student_opts == "" and train.parse_args([]).student_opts == "dim=64,depth=4,d_state=8"
+    args = train.parse_args([])                                                         # the demo: Adventurer
+    assert (args.student, args.student_opts) == ("adventurer_demo", "")
+    assert train.parse_args(["--student", "demo"]).student_opts == "dim=64,depth=4,d_state=8"       # the Vim one
+    assert train.parse_args(["--student", "demo", "--student-opts", ""]).student_opts == ""
+    assert train.parse_args(["--data", str(tmp_path), "--student", "demo"]).student_opts == ""
     cfg = train.student_config(train.parse_args(["--student", "adventurer_demo", "--student-opts", "flip=alternate"]),
                                10)
     assert isinstance(cfg, vl.AdventurerConfig) and cfg.flip == "alternate" and cfg.dim == 48

@@ -47,6 +47,9 @@ from distributed import Ctx, UserError, all_sum, as_user_error, barrier, setup_d
 DEMO_THREADS = 1
 
 
+VIM_DEMO_OPTS = "dim=64,depth=4,d_state=8"   # the demo's Vim student (--student demo): 0.15 M parameters
+
+
 def data_defaults(data):
     """a --data run's defaults where they differ from the demo's (the parser's own)"""
     cores = cores_per_process()
@@ -150,9 +153,9 @@ def get_parser(**kw):
     g = p.add_argument_group("models")
     g.add_argument("--teacher-preset", default="demo", help=f"ViT of --stage teacher: {sorted(vl.TEACHER_PRESETS)}")
     g.add_argument("--teacher-opts", default="", help="override preset fields, e.g. dim=64,depth=4")
-    g.add_argument("--student", default="demo", help=f"student preset: {sorted(vl.STUDENT_PRESETS)}")
-    g.add_argument("--student-opts", default="dim=64,depth=4,d_state=8", help="override preset fields, e.g. "
-                   "dim=64,depth=4,bidirectional=alternate (an Adventurer --student: empty)")
+    g.add_argument("--student", default="adventurer_demo", help=f"student preset: {sorted(vl.STUDENT_PRESETS)}")
+    g.add_argument("--student-opts", default="", help="override preset fields, e.g. dim=64,depth=4,bidirectional="
+                   f"alternate (the demo with --student demo: {VIM_DEMO_OPTS})")
     g.add_argument("--img-size", type=int, default=32, help="training resolution (a multiple of the patch size)")
     g.add_argument("--drop-path", type=float, help="stochastic depth of the trained model (unset: the preset's)")
     g.add_argument("--pos-init", choices=["sincos", "model"], default="sincos", help="position embedding of a model "
@@ -270,8 +273,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.given = sorted(given)
     chosen = set(given) | set(RECIPES[args.recipe])                         # flags the command line or recipe set
-    if "student_opts" not in chosen and isinstance(vl.STUDENT_PRESETS.get(args.student), vl.AdventurerConfig):
-        args.student_opts = ""                                              # the demo's opts size a Vim student
+    if "student_opts" not in chosen and args.data is None and args.student == "demo":
+        args.student_opts = VIM_DEMO_OPTS                                   # the demo's Vim student
     if args.stage == "teacher" and "lr" not in chosen and args.teacher_lr is not None:
         args.lr = args.teacher_lr                                           # the teacher's own lr, as in stage all
     return args
