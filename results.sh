@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Re-runs every measurement of README "Results" and prints its tables. Every run is one train.py / eval.py command
+# Re-runs every measurement of docs/results.md and prints its tables. Every run is one train.py / eval.py command
 # with one thread; a finished run is skipped and an interrupted one resumes, so the script can be stopped and started
 # again at any point. Runs go to $R (default runs/results); the tables (bench.py --runs) to stdout and
 # $R/<task>/tables.md; with matplotlib installed, the figures (bench.py --plot) to $R/<task>/<task>_*.png.
 #
-#   bash results.sh               # everything: ~8 h of CPU time, LANES=2 runs side by side
+#   bash results.sh               # everything: ~8.5 h of CPU time, LANES=2 runs side by side
 #   TASKS=pairs bash results.sh   # one demo task only
-#   TASKS=pairs-adventurer bash results.sh   # the paper's own student (adventurer_demo) on the task pairs, seeds 0-2
+#   TASKS=pairs-adventurer bash results.sh   # the paper's student (adventurer_demo) on pairs, seeds 0-2: ~35 min
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-python}
@@ -16,7 +16,7 @@ TASKS=${TASKS:-"pairs relations pairs-adventurer"}
 export OMP_NUM_THREADS=1                    # the figures depend on the thread count: one thread per run, always
 COMMON="--threads 1 --batch-size 32 --warmup-frac 0.05"
 
-# The protocol (README "Results", section "Protocol"). Batch 32 everywhere; steps = epochs x floor(n / 32).
+# The protocol (docs/results.md, "Protocol"). Batch 32 everywhere; steps = epochs x floor(n / 32).
 D_FLAGS="--demo-pool 32000 --epochs 1 --lr 4e-3"  # distillation: 1,000 steps, one pass over 32,000 fresh unlabelled images
 SNAPSHOTS="0,125,250,500"                   # + last.pt (step 1,000): the linear-probe curve of the AM + MP runs; step 0 =
                                             # the random initialisation (= the labels-only student's, same seed)

@@ -39,7 +39,7 @@ from distributed import Ctx, UserError, all_sum, as_user_error, barrier, setup_d
 # The demo is a miniature of the paper's setting: the teacher learns from a larger labelled set (standing in for its
 # large pre-training corpus), the student is distilled on a large pool of unlabelled images (the generator is
 # unlimited), then both students get the same small labelled set: the distilled one is fine-tuned briefly at a lower
-# lr, the labels-only one is trained until its held-out accuracy is flat (README "Results": longer schedules do not do
+# lr, the labels-only one is trained until its held-out accuracy is flat (docs/results.md: longer schedules do not do
 # better). Sizes are chosen to finish in under 10 minutes on a 2-core CPU.
 # Threads: the demo's models are tiny, so a second thread gains little on a quiet CPU and costs a lot on a busy one
 # (tiny ops spread over busy cores wait for each other: README, "The built-in demo"); and the figures it prints depend
@@ -144,8 +144,9 @@ def get_parser(**kw):
                    "CPU cores this process may use)")
     g.add_argument("--no-baseline", action="store_true", help="stage all: skip the labels-only student")
     g.add_argument("--recipe", choices=list(RECIPES), default="none", help="named flag defaults (RECIPES in train.py, "
-                   "README 'Recipes'), printed at start. The paper's own training recipe is not public: these are the "
-                   "published recipes of DeiT, Vim, Adventurer (its student; 128 -> 224 px -> fine-tuning), MAE")
+                   "docs/imagenet.md 'Recipes'), printed at start. The paper's own training recipe is not public: "
+                   "these are the published recipes of DeiT, Vim, Adventurer (its student; 128 -> 224 px -> "
+                   "fine-tuning), MAE")
     g.add_argument("--distill-data", help="--data runs: folder of images (any depth, labelled or not) that "
                    "distillation reads, without labels (unset: DIR/train)")
     g.add_argument("--save-steps", help="also write OUT/NAME/step<N>.pt (model only) at these steps, e.g. 0,250,1000 "

@@ -14,8 +14,8 @@ The file reads like the paper, top to bottom:
 5. Checkpoints `load_teacher`, `read_checkpoint`, ...   timm, OpenAI / open_clip CLIP, Hugging Face, DINOv2 torch-hub
                                         files, and this project's own checkpoints.
 
-The paper's symbols (activation matching and masked prediction, as the paper defines them; README "The method") and
-where they live:
+The paper's symbols (activation matching and masked prediction, as the paper defines them; README "The paper in the
+code") and where they live:
 
     f^k          stage-k token features: `Output.hidden[i]` for i in `stage_indices(depth, K)`
     K            number of stages (default 4): `Distiller(stages=K)`
