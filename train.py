@@ -267,7 +267,7 @@ def defaults_for(given):
 
 def parse_args(argv=None):
     """The command line over the recipe over the mode's defaults (defaults_for); then two defaults that depend on
-    other flags: an Adventurer student's opts, the teacher stage's own lr."""
+    other flags: the demo's Vim student's opts (--student demo), the teacher stage's own lr."""
     given = given_flags(argv)
     p = get_parser()
     p.set_defaults(**defaults_for(given))
