@@ -719,7 +719,8 @@ def test_adventurer_presets_flip_rules_weight_decay_and_errors():
             "cls_token", "mask_token", "head.bias"} <= skip
     assert not {"layers.0.mixer.in_proj.weight", "layers.0.mixer.conv1d.weight", "layers.0.mlp.w1.weight"} & skip
     for bad, words in ((dict(flip="sideways"), "flip"), (dict(scan_backend="triton"), "scan_backend"),
-                       (dict(headdim=5), "headdim"), (dict(ngroups=3), "ngroups")):
+                       (dict(headdim=5), "multiple of headdim 5"), (dict(ngroups=3), "multiple of ngroups 3"),
+                       (dict(img_size=18), "img_size 18 must be a multiple of patch_size 4")):
         with pytest.raises(ValueError, match=words):
             vl.Adventurer(replace(TINY_ADVENTURER, **bad))
     with pytest.raises(ValueError, match="multiples of the patch size"):

@@ -597,10 +597,12 @@ class Adventurer(nn.Module):
         if cfg.flip not in FLIP_RULES or cfg.scan_backend not in ("auto", "chunked", "reference"):
             raise ValueError(f"AdventurerConfig: flip must be one of {sorted(FLIP_RULES)} and scan_backend auto / "
                              f"chunked / reference, got {cfg.flip!r}, {cfg.scan_backend!r}")
-        if cfg.img_size % cfg.patch_size or E % cfg.headdim or (E // cfg.headdim) % cfg.ngroups:
+        if cfg.img_size % cfg.patch_size:
             raise ValueError(f"AdventurerConfig: img_size {cfg.img_size} must be a multiple of patch_size "
-                             f"{cfg.patch_size}, expand * dim {E} of headdim {cfg.headdim}, and the heads "
-                             f"{E // cfg.headdim} of ngroups {cfg.ngroups}")
+                             f"{cfg.patch_size}")
+        if E % cfg.headdim or (E // cfg.headdim) % cfg.ngroups:
+            raise ValueError(f"AdventurerConfig: expand * dim = {E} must be a multiple of headdim {cfg.headdim}, "
+                             f"and the heads (expand * dim / headdim) a multiple of ngroups {cfg.ngroups}")
         self.cfg = cfg
         grid = cfg.img_size // cfg.patch_size
         self.patch_embed = PatchEmbed(cfg.dim, cfg.patch_size)
