@@ -135,8 +135,8 @@ class ViTConfig:
                                  # on their mean patch token before the head (MAE fine-tuned); "none"
     pos_antialias: bool = False  # resample position embeddings with antialias (timm, open_clip) or without (HF, ours)
     drop_path: float = 0.0     # stochastic depth, rising linearly to this rate in the last block
-    pixel_mean: tuple = (0.485, 0.456, 0.406)   # the input it expects is (pixels in [0, 1] - mean) / std (normalize):
-    pixel_std: tuple = (0.229, 0.224, 0.225)    # ImageNet's, or a loaded teacher's library's (load_teacher)
+    pixel_mean: tuple = IMAGENET_MEAN   # the input it expects is (pixels in [0, 1] - mean) / std (normalize):
+    pixel_std: tuple = IMAGENET_STD     # ImageNet's, or a loaded teacher's library's (load_teacher)
 
 
 TEACHER_PRESETS = {
@@ -299,8 +299,8 @@ class MambaConfig:
     drop_path: float = 0.0
     scan_backend: str = "auto"      # "auto" | "triton" | "chunked" | "reference", see scan_kernel.selective_scan
     eps: float = 1e-5
-    pixel_mean: tuple = (0.485, 0.456, 0.406)   # the input it expects is (pixels in [0, 1] - mean) / std (normalize)
-    pixel_std: tuple = (0.229, 0.224, 0.225)
+    pixel_mean: tuple = IMAGENET_MEAN   # the input it expects is (pixels in [0, 1] - mean) / std (normalize)
+    pixel_std: tuple = IMAGENET_STD
 
 
 STUDENT_PRESETS = {
@@ -463,8 +463,8 @@ class AdventurerConfig:
     chunk_size: int = SSD_CHUNK     # SSD chunk Q: any value computes the same (the public code uses 256)
     scan_backend: str = "auto"      # "auto" | "chunked" | "reference", see scan_kernel.ssd_scan
     eps: float = 1e-5
-    pixel_mean: tuple = (0.485, 0.456, 0.406)   # the input it expects is (pixels in [0, 1] - mean) / std (normalize)
-    pixel_std: tuple = (0.229, 0.224, 0.225)
+    pixel_mean: tuple = IMAGENET_MEAN   # the input it expects is (pixels in [0, 1] - mean) / std (normalize)
+    pixel_std: tuple = IMAGENET_STD
 
 
 # Block i flips its patch tokens (the class token stays last) before the mixer and back after it. "public": the
