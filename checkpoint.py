@@ -1,6 +1,7 @@
 """
 Checkpoints and logs on disk: atomic, durable writes (a full disk or Ctrl-C leaves the last complete file), run-folder
-locks, every rank's RNG states, and the checks that a checkpoint may be resumed with the arguments given.
+locks, every rank's RNG states, the checks that a checkpoint may be resumed with the arguments given; and the checks of
+the files and folders a command line names, with a teacher read from one.
 """
 import contextlib, dataclasses, errno, glob, json, os, random, socket, sys
 
@@ -197,3 +198,58 @@ def check_resume(ck, path, args, cfg, ctx):
             if k in old and old[k] != getattr(args, k)]
     if soft and ctx.main:
         print(f"note: resuming with changed {soft}; the run no longer follows the original trajectory", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files named on the command line
+
+
+def check_file(path, flag, folder_ok=False):
+    """a file that exists, is not a folder (unless folder_ok: its reader checks what is in it), is not empty and can
+    be read"""
+    if not os.path.exists(path):
+        raise UserError(f"{flag} {path}: no such file")
+    if os.path.isdir(path):
+        if folder_ok:
+            return
+        raise UserError(f"{flag} {path} is a folder: give a checkpoint file")
+    try:
+        open(path, "rb").close()
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot read it ({e.strerror})") from None
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{flag} {path} is empty (0 bytes): an interrupted copy or download?")
+
+
+def check_out_dir(path, flag):
+    """an output folder that exists or can be created"""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file: give a folder")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(os.path.abspath(parent))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        why = "not writable" if os.path.isdir(parent) else "a file"
+        raise UserError(f"{flag} {path}: cannot write there ({parent} is {why})")
+
+
+def teacher_norm(text):
+    """--teacher-norm -> (mean, std): a name of vl.PIXEL_NORMS or 'M,M,M/S,S,S'; None -> (None, None)"""
+    if not text:
+        return None, None
+    if text in vl.PIXEL_NORMS:
+        return vl.PIXEL_NORMS[text]
+    mean, _, std = text.partition("/")
+    try:
+        return vl.pixel_stats(mean.split(","), std.split(","), "--teacher-norm")
+    except ValueError:
+        raise UserError(f"--teacher-norm {text!r}: give one of {', '.join(vl.PIXEL_NORMS)} or 'M,M,M/S,S,S' "
+                        "(pixels in [0, 1], std > 0)") from None
+
+
+def load_teacher(spec, img_size, norm=None):
+    """a frozen teacher, as vl.load_teacher reads it (any file, Hub folder or timm:NAME it takes), or a UserError.
+    norm: --teacher-norm (default: the pixel mean / std its library declares)"""
+    mean, std = teacher_norm(norm)
+    with as_user_error(f"could not load teacher {spec!r}"):                # the loader says which keys did not fit
+        return vl.load_teacher(spec, img_size=img_size, pixel_mean=mean, pixel_std=std)

@@ -16,6 +16,10 @@ from distributed import UserError, stop_together
 
 PROBE_PER_CLASS = 100      # --data: the probe's training images per class (ImageNet-1k: 100 k images; a ViT-B's
                            # [class, mean patch] features 100 k x 1,536: 0.6 GB fp32, 1.2 GB in the fp64 solver)
+# Threads: the demo's models are tiny, so a second thread gains little on a quiet CPU and costs a lot on a busy one
+# (tiny ops spread over busy cores wait for each other: README, "The built-in demo"); and the figures it prints depend
+# on the thread count (float sums in another order), so it is fixed. --data runs default to the cores they may use.
+DEMO_THREADS = 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -164,6 +168,11 @@ def list_split(root, split):
     return classes, samples
 
 
+def check_folder(path, flag, hint=""):
+    if not os.path.isdir(path):
+        raise UserError(f"{flag} {path}: {'not a folder' if os.path.exists(path) else 'no such folder'}{hint}")
+
+
 def crop_box(w, h, g: random.Random):
     """RandomResizedCrop's box (scale 0.08-1, ratio 3/4-4/3), as torchvision draws it."""
     for _ in range(10):
@@ -263,6 +272,12 @@ def collate(batch):
     if len(batch[0]) == 2:
         return images, bad
     return images, torch.tensor([b[1] for b in good], dtype=torch.long), bad
+
+
+def to_pixels(x, device):
+    """uint8 (B,3,H,W) on host -> float pixels in [0, 1] on device; each model normalises them its own way
+    (vl.normalize: its pixel mean / std)"""
+    return x.to(device, non_blocking=True).float().div_(255)
 
 
 class BatchSampler:

@@ -1,6 +1,6 @@
 """
-Ranks and collectives (torchrun: DistributedDataParallel), and UserError: the one-line error that stops a run, raised
-by every rank together.
+Processes and devices: ranks and collectives (torchrun: DistributedDataParallel), the CPU cores and autocast of a
+process, and UserError: the one-line error that stops a run, raised by every rank together.
 """
 import contextlib, dataclasses, os
 
@@ -90,3 +90,17 @@ def together(ctx):
     except UserError as e:
         err = e
     stop_together(err, ctx)
+
+
+def cores_per_process():
+    """CPU cores this process may use: its affinity mask (taskset, cgroup cpusets), shared by torchrun's local ranks"""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, n // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def autocast(args, device):
+    """--amp: bf16 / fp16 autocast, or none; auto = bf16 on CUDA, none on CPU"""
+    amp = args.amp if args.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)

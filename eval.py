@@ -8,24 +8,49 @@ Evaluate a checkpoint: top-1 / top-5 accuracy, or a linear probe of its frozen f
 Benchmarks and the tables of results.sh's runs: bench.py.
 """
 import argparse, json, os, sys
-import torch
+
+import torch, torch.nn.functional as F
+from tqdm import tqdm
 
 import vitlinearizer as vl
-from checkpoint import save_json
-from data import PROBE_PER_CLASS, demo_set, list_split, ImageFolder, Data, make_loader             # demo, folders
-from distributed import UserError, Ctx
-from train import (check_file, check_folder, cores_per_process, DEMO_THREADS, get_parser,       # checks, threads
-                   load_teacher, sincos_pos_init_, evaluate, probe, PROBE_L2, PROBE_ITERS)        # models, measuring
+from checkpoint import check_file, load_teacher, save_json, teacher_norm
+from data import (DEMO_THREADS, PROBE_PER_CLASS, BadImages, Data, ImageFolder, check_folder, demo_set, list_split,
+                  make_loader, to_pixels)
+from distributed import Ctx, UserError, all_sum, autocast, cores_per_process, together
 
 
 # ----------------------------------------------------------------------------------------------- accuracy
 
-def load_model(path, ema=False, for_accuracy=True):
+@torch.no_grad()
+def evaluate(model, loader, args, ctx, desc="eval"):
+    """-> dict(top1, top5) in percent over the whole set (summed over ranks)"""
+    was = model.training
+    model.eval()
+    bad = BadImages(args.max_bad_frac)
+    c = torch.zeros(3, dtype=torch.float64, device=ctx.device)             # correct@1, correct@5, count
+    with together(ctx):                                                     # too many bad images on a rank: all stop
+        for images, labels, errors in tqdm(loader, desc=desc, leave=False, disable=not ctx.main):
+            bad.add(len(labels), errors)
+            if not len(labels):
+                continue
+            with autocast(args, ctx.device):
+                logits = model(vl.normalize(to_pixels(images, ctx.device), model)).logits
+            labels = labels.to(ctx.device)
+            top = logits.float().topk(min(5, logits.shape[-1]), -1).indices
+            hit = top == labels[:, None]
+            c += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(labels), device=ctx.device)]).double()
+        bad.end_pass(desc, ctx)
+    model.train(was)
+    all_sum(c, ctx)
+    return dict(top1=100 * c[0].item() / max(c[2].item(), 1), top5=100 * c[1].item() / max(c[2].item(), 1))
+
+
+def load_model(path, ema=False, for_accuracy=True, norm=None):
     """our checkpoint (any kind; ema: its EMA weights), a released Adventurer file, else whatever load_teacher takes (a
-    teacher file of any format it reads, a Hub folder, timm:NAME). for_accuracy: warn that a distillation checkpoint's
-    class head is untrained."""
+    teacher file of any format it reads, a Hub folder, timm:NAME; norm: --teacher-norm). for_accuracy: warn that a
+    distillation checkpoint's class head is untrained."""
     if path.startswith("timm:") and not ema:
-        return load_teacher(path, None), {}
+        return load_teacher(path, None, norm), {}
     try:
         ck, _ = vl.read_checkpoint(path) if not path.startswith("timm:") else ({}, None)   # a file, or a Hub folder
         ck = vl.adventurer_checkpoint(ck) or ck                                       # the public Adventurer's files
@@ -36,20 +61,23 @@ def load_model(path, ema=False, for_accuracy=True):
     if ema and not (isinstance(ck, dict) and ck.get("ema")):
         raise UserError(f"{path} holds no EMA weights (train with --ema-decay)")
     if isinstance(ck, dict) and "kind" in ck:
+        if norm:
+            raise UserError(f"--teacher-norm is for teacher files; {path} is a checkpoint of train.py, which keeps "
+                            "its model's own pixel mean / std")
         try:
             model = vl.model_from_checkpoint({**ck, "model": ck["ema"]} if ema else ck, path)
         except Exception as e:
             raise UserError(f"{path}: {e}") from e
         if ck.get("stage") == "distill" and for_accuracy:
             print(f"warning: {path} is a distillation checkpoint: its class head was never trained (distillation uses "
-                  "no labels), so its accuracy is near chance; fine-tune it first (py --stage finetune --init "
+                  "no labels), so its accuracy is near chance; fine-tune it first (train.py --stage finetune --init "
                   f"{path})", file=sys.stderr)
         return model, ck
-    return load_teacher(path, None), {}
+    return load_teacher(path, None, norm), {}
 
 
 def accuracy(args):
-    model, ck = load_model(args.ckpt, args.ema)
+    model, ck = load_model(args.ckpt, args.ema, norm=args.teacher_norm)
     run = ck.get("args", {})
     args.img_size = args.img_size or run.get("img_size") or model.cfg.img_size
     if args.img_size % model.cfg.patch_size:
@@ -79,12 +107,68 @@ def accuracy(args):
 
 
 def demo_args(run, img_size):
-    """the demo arguments of a run (checkpoints from before --demo-task used the relations task)"""
-    before = {"demo_task": "relations", "demo_probe": get_parser().get_default("demo_probe")}
+    """the demo arguments of a run (checkpoints of a train.py before --demo-task and --demo-probe: the relations task,
+    2,000 probe images)"""
+    before = {"demo_task": "relations", "demo_probe": 2000}
     return argparse.Namespace(**{**before, **run, "img_size": img_size})
 
 
 # ----------------------------------------------------------------------------------------------- linear probe
+
+PROBE_L2, PROBE_ITERS = 1e-3, 500
+
+
+@torch.no_grad()
+def probe_features(model, loader, args, ctx):
+    """Frozen features for a linear probe: [class token, mean of the patch tokens] of the model's final (normalised)
+    tokens -> (features (n, 2 dim) float32, labels (n,)); linear_probe solves in float64."""
+    was = model.training
+    model.eval()
+    feats, labels = [], []
+    for images, y, _ in tqdm(loader, desc="probe features", leave=False, disable=not ctx.main):
+        if len(images):
+            with autocast(args, ctx.device):
+                tokens = model(vl.normalize(to_pixels(images, ctx.device), model)).tokens.float()
+            feats.append(torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], 1).cpu())
+            labels.append(y)
+    model.train(was)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def linear_probe(train_x, train_y, val_x, val_y, n_classes, l2=PROBE_L2, max_iter=PROBE_ITERS):
+    """Multinomial logistic regression on frozen features, one fixed recipe: features standardised with the training
+    set's mean and std; weights and bias start at zero; full-batch L-BFGS (strong Wolfe line search, fp64) on the mean
+    cross-entropy + l2 / 2 * ||W||^2 (bias not penalised), at most max_iter iterations. Deterministic.
+    -> dict(top1 on val, train_top1) in percent."""
+    train_x, val_x = train_x.double(), val_x.double()
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-8)
+    xt, xv = (train_x - mean) / std, (val_x - mean) / std
+    W = torch.zeros(xt.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-10,
+                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(xt @ W + b, train_y) + l2 / 2 * (W * W).sum()
+        loss.backward()
+        return loss
+    with torch.enable_grad():
+        opt.step(closure)
+
+    @torch.no_grad()
+    def accuracy(x, y):
+        return 100 * ((x @ W + b).argmax(1) == y).double().mean().item()
+    return dict(top1=accuracy(xv, val_y), train_top1=accuracy(xt, train_y))
+
+
+def probe(model, probe_set, val_set, args, ctx):
+    """linear probe of a frozen model: trained on probe_set, measured on val_set (see linear_probe)"""
+    model = model.to(ctx.device)
+    tx, ty = probe_features(model, make_loader(probe_set, args, ctx, train=False), args, ctx)
+    vx, vy = probe_features(model, make_loader(val_set, args, ctx, train=False), args, ctx)
+    return linear_probe(tx, ty, vx, vy, len(val_set.classes) if hasattr(val_set, "classes") else int(ty.max()) + 1)
+
 
 def random_init(ck, seed):
     """the checkpoint's architecture as training initialises it from scratch (seed, then the run's position init):
@@ -93,7 +177,7 @@ def random_init(ck, seed):
     torch.manual_seed(seed)
     model = model_cls(cfg_cls(**ck["config"]))
     if ck.get("args", {}).get("pos_init", "sincos") == "sincos":
-        sincos_pos_init_(model)
+        vl.sincos_pos_init_(model)
     return model
 
 
@@ -103,7 +187,7 @@ def probe_ckpts(args):
     args.seed, args.max_bad_frac = 0, 0.01
     results = {}
     for path in args.probe:
-        model, ck = load_model(path, for_accuracy=False)
+        model, ck = load_model(path, for_accuracy=False, norm=args.teacher_norm)
         run = ck.get("args", {})
         img_size = args.img_size or run.get("img_size") or model.cfg.img_size
         if args.data is None and run.get("data") is None and run:
@@ -144,6 +228,7 @@ def check_args(args):
                                ("--random-init-seed", args.random_init_seed, 0)):
         if value is not None and value < least:
             raise UserError(f"{flag} {value}: must be a whole number >= {least}")
+    teacher_norm(args.teacher_norm)
     if args.crop_ratio is not None and not 0 < args.crop_ratio <= 1:
         raise UserError(f"--crop-ratio {args.crop_ratio}: must be > 0 and <= 1")
     if args.ckpt and not args.ckpt.startswith("timm:"):
@@ -167,6 +252,8 @@ def main(argv=None):
     p.add_argument("--crop-ratio", type=float, help="--data: resize to img-size / ratio, centre crop (Adventurer "
                    "evaluates above 224 px with 1.0); default: a teacher's library's crop_pct and interpolation where "
                    "declared (timm, transformers, CLIP), else 0.875, bicubic")
+    p.add_argument("--teacher-norm", help="a teacher file's pixel mean / std instead of what its library declares: "
+                   f"{' | '.join(vl.PIXEL_NORMS)} | 'M,M,M/S,S,S' (pixels in [0, 1]); as train.py's flag")
     p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights (--ema-decay runs)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=4 if cuda else 0)

@@ -2,6 +2,7 @@
 results tables: test_bench.py)."""
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -11,7 +12,7 @@ import distributed
 import eval as evaluate_cli
 import train
 import vitlinearizer as vl
-from conftest import TINY, run_train, tiny_teacher, one_error_line, write_tree
+from conftest import TINY, TINY_STUDENT, run_train, tiny_teacher, one_error_line, write_tree
 
 pytestmark = pytest.mark.usefixtures("cpu_dispatch")   # the scan dispatch a CPU user gets (conftest)
 
@@ -32,7 +33,7 @@ def test_eval_accuracy_on_a_hand_made_case():
     samples.insert(2, (None, 3, "x.JPEG: broken"))     # an unreadable image is skipped, not counted
     loader = [data.collate(samples[:3]), data.collate(samples[3:])]
     args = type("Args", (), dict(amp="none", max_bad_frac=0.5))()
-    assert train.evaluate(Fixed(), loader, args, distributed.Ctx()) == dict(top1=50.0, top5=75.0)
+    assert evaluate_cli.evaluate(Fixed(), loader, args, distributed.Ctx()) == dict(top1=50.0, top5=75.0)
 
 
 BAD_EVAL_FLAGS = [(["--batch-size", 0], "--batch-size 0"), (["--workers", -1], "--workers -1"),
@@ -84,8 +85,8 @@ def test_eval_reads_the_teacher_files_its_help_names(tmp_path, capsys, fmt):
         path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
     classes, samples = data.list_split(root, "val")
     args = type("Args", (), dict(amp="none", max_bad_frac=0.01, batch_size=64, workers=0, seed=0))()
-    want = train.evaluate(vit, data.make_loader(data.ImageFolder(samples, classes, 16, False), args, distributed.Ctx(),
-                                                  train=False), args, distributed.Ctx())
+    loader = data.make_loader(data.ImageFolder(samples, classes, 16, False), args, distributed.Ctx(), train=False)
+    want = evaluate_cli.evaluate(vit, loader, args, distributed.Ctx())
     capsys.readouterr()
     assert evaluate_cli.main(["--ckpt", str(path), "--data", root]) == 0
     assert f"top-1 {want['top1']:.2f}  top-5 {want['top5']:.2f}" in capsys.readouterr().out
@@ -113,3 +114,44 @@ def test_save_steps_probe_cli_and_random_init(tmp_path, capsys):
     assert set(res) == {"step0.pt", "last.pt", "random-init-s0"} and res["step0.pt"] == res["random-init-s0"]
     assert all(0 <= r["top1"] <= 100 for r in res.values())
     assert evaluate_cli.main(["--probe", str(tmp_path / "nope.pt")]) == 2
+
+
+def test_linear_probe_separable_features_and_shuffled_labels():
+    """Linearly separable by construction -> ~100 %; the same features with shuffled labels -> chance on held-out
+    data."""
+    g = torch.Generator().manual_seed(0)
+    n, d, classes = 1200, 64, 8
+    w = torch.randn(d, classes, generator=g, dtype=torch.float64)                   # labels = argmax of a linear map,
+    x, xv = (torch.randn(4 * n, d, generator=g, dtype=torch.float64) for _ in range(2))  # kept where it has a margin
+    x, xv = (v[(v @ w).topk(2).values.diff().abs().squeeze(1) > 2][:n] for v in (x, xv))
+    y, yv = (x @ w).argmax(1), (xv @ w).argmax(1)
+    res = evaluate_cli.linear_probe(100 * x + 3, y, 100 * xv + 3, yv, classes)       # scale / shift: standardised
+    assert res["top1"] >= 95 and res["train_top1"] == 100
+    shuffled = y[torch.randperm(n, generator=g)]
+    res = evaluate_cli.linear_probe(x, shuffled, xv, yv, classes)
+    assert res["top1"] < 100 / classes + 5, res                                        # chance: 12.5 %
+    again = evaluate_cli.linear_probe(x, shuffled, xv, yv, classes)
+    assert again == res                                                                # one fixed, deterministic recipe
+
+
+def test_probe_memory_does_not_grow_with_the_split():
+    """--data: the probe trains on PROBE_PER_CLASS images per class (a fixed shuffle), whatever the split's size, and
+    holds their features in fp32: ImageNet-sized splits cost what 100 images per class cost"""
+    import argparse
+    sizes = {}
+    for per_class in (150, 1500):                                                  # a 10x larger split
+        d = data.Data.__new__(data.Data)
+        d.args, d.classes = argparse.Namespace(data="DIR", img_size=16), [f"c{c}" for c in range(100)]
+        d._train = [(f"c{c}/{i}.JPEG", c) for c in range(100) for i in range(per_class)]
+        probe_set = d.probe()
+        counts = np.bincount([label for _, label in probe_set.samples], minlength=100)
+        assert (counts == data.PROBE_PER_CLASS).all()
+        assert len(d.probe(250).samples) == 250 and len(d.probe(0).samples) == len(d._train)
+        sizes[per_class] = len(probe_set)
+    assert sizes[150] == sizes[1500] == 100 * data.PROBE_PER_CLASS
+    # the features held: fp32, n x 2 dim
+    model = vl.VisionMamba(TINY_STUDENT)
+    loader = [(torch.randint(0, 256, (50, 3, 16, 16), dtype=torch.uint8), torch.zeros(50, dtype=torch.long), [])] * 4
+    args = train.parse_args(["--amp", "none"])
+    x, y = evaluate_cli.probe_features(model, loader, args, distributed.Ctx())
+    assert x.dtype == torch.float32 and x.shape == (200, 2 * TINY_STUDENT.dim) and len(y) == 200

@@ -19,7 +19,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageFile
 
@@ -325,48 +324,6 @@ def test_soft_target_loss_is_cross_entropy_with_smoothing(monkeypatch):
     assert torch.allclose(loss(model, logits, y, 0)["loss"], F.cross_entropy(logits, y, label_smoothing=0.1))
 
 
-def test_ema_follows_the_formula_with_warm_up():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
-    ema = train.EMA(model, 0.9)
-    expect = {k: v.clone().float() for k, v in model.state_dict().items()}
-    for t in range(1, 40):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p))
-            model[1].num_batches_tracked += 1
-        ema.update(model)
-        d = min(0.9, (1 + t) / (10 + t))
-        for k, v in model.state_dict().items():
-            expect[k] = d * expect[k] + (1 - d) * v.float() if v.is_floating_point() else v.clone()
-    for k, v in ema.model.state_dict().items():
-        assert torch.allclose(v.float(), expect[k].float(), atol=1e-5), k
-    assert not any(p.requires_grad for p in ema.model.parameters()) and ema.updates == 39
-
-
-@pytest.mark.parametrize("kind", ["vit", "mamba", "adventurer", "distiller", "adventurer distiller"])
-def test_layer_wise_lr_decay_scales(kind):
-    vit = vl.ViT(vl.ViTConfig(img_size=16, patch_size=4, dim=32, depth=3, heads=2, num_classes=5, registers=2))
-    mamba = vl.VisionMamba(vl.MambaConfig(img_size=16, patch_size=4, dim=32, depth=3, d_state=4, num_classes=5))
-    adventurer = vl.Adventurer(replace(TINY_ADVENTURER, depth=3))
-    model = {"vit": vit, "mamba": mamba, "adventurer": adventurer, "distiller": vl.Distiller(vit, mamba, stages=3),
-             "adventurer distiller": vl.Distiller(vit, adventurer, stages=3)}[kind]
-    groups = train.param_groups(model, 0.05, 0.5, depth=3)
-    scale = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    assert sum(len(g["params"]) for g in groups) == len(trainable) == len(scale)
-    for n, p in trainable:
-        name = n.removeprefix("student.")
-        want = (0.5 ** 4
-                if name.split(".")[0] in ("patch_embed", "cls_token", "reg_token", "pos_embed", "pos_cls", "mask_token")
-                else 0.5 ** (3 - int(name.split(".")[1])) if name.startswith(("blocks.", "layers.")) else 1.0)
-        assert scale[id(p)][0] == want, n
-    decay, _ = train.no_decay_params(model)                                             # weight decay kept as before
-    assert {id(p) for p in decay} == {i for i, (_, wd) in scale.items() if wd == 0.05}
-    assert {g["lr_scale"] for g in train.param_groups(model, 0.05, 1.0, 3)} == {1.0}       # off: two groups, as before
-    assert len(train.param_groups(model, 0.05, 1.0, 3)) == 2
-
-
 @pytest.mark.parametrize("kind", ["vit", "vision_mamba", "adventurer"])
 def test_init_at_another_resolution_resizes_the_position_embedding_once(tmp_path, kind):
     torch.manual_seed(0)
@@ -459,7 +416,7 @@ def test_adventurer_student_opts_and_the_demos_vim_opts(tmp_path, capsys):
     assert isinstance(cfg, vl.AdventurerConfig) and cfg.flip == "alternate" and cfg.dim == 48
     model = vl.Adventurer(TINY_ADVENTURER)                                              # sin-cos rows: the grid's,
     cls = model.pos_embed[0, -1].clone()                                               # the class slot (last) kept
-    train.sincos_pos_init_(model)
+    vl.sincos_pos_init_(model)
     assert torch.equal(model.pos_embed[0, -1], cls)
     assert torch.equal(model.pos_embed[0, 0, :8], torch.tensor([0.0] * 4 + [0.5] * 4))  # patch (0, 0): sin 0, cos 0
     for opts, words in (("flip=sideways", "flip='sideways'"), ("scan_backend=triton", "scan_backend"),
@@ -1001,24 +958,6 @@ def test_a_warm_up_longer_than_the_run_is_reported(tmp_path, capsys):
     assert rc == 0 and "warning: the warm-up (15 steps, --warmup-epochs 5) is not shorter than the run (6 steps)" in err
 
 
-def test_linear_probe_separable_features_and_shuffled_labels():
-    """Linearly separable by construction -> ~100 %; the same features with shuffled labels -> chance on held-out
-    data."""
-    g = torch.Generator().manual_seed(0)
-    n, d, classes = 1200, 64, 8
-    w = torch.randn(d, classes, generator=g, dtype=torch.float64)                   # labels = argmax of a linear map,
-    x, xv = (torch.randn(4 * n, d, generator=g, dtype=torch.float64) for _ in range(2))  # kept where it has a margin
-    x, xv = (v[(v @ w).topk(2).values.diff().abs().squeeze(1) > 2][:n] for v in (x, xv))
-    y, yv = (x @ w).argmax(1), (xv @ w).argmax(1)
-    res = train.linear_probe(100 * x + 3, y, 100 * xv + 3, yv, classes)                # scale / shift: standardised
-    assert res["top1"] >= 95 and res["train_top1"] == 100
-    shuffled = y[torch.randperm(n, generator=g)]
-    res = train.linear_probe(x, shuffled, xv, yv, classes)
-    assert res["top1"] < 100 / classes + 5, res                                        # chance: 12.5 %
-    again = train.linear_probe(x, shuffled, xv, yv, classes)
-    assert again == res                                                                # one fixed, deterministic recipe
-
-
 def test_distillation_reads_images_only(tmp_path):
     """The distill stage's loader yields (images, errors) only: demo pool, the demo's labelled images with labels
     dropped, and any folder of images (no class folders) with --distill-data."""
@@ -1055,23 +994,6 @@ def test_distillation_reads_images_only(tmp_path):
     args.distill_data = str(tmp_path / "nope")
     with pytest.raises(distributed.UserError, match="no such folder"):
         data.get_data(args)
-
-
-def test_warmup_in_steps_epochs_or_fraction():
-    def warmup(*argv, steps_per_epoch=1000, epochs=1):
-        return train.warmup_steps(train.parse_args(list(argv)), steps_per_epoch, epochs * steps_per_epoch,
-                                  distributed.Ctx())
-    demo_frac = train.get_parser().get_default("warmup_frac")
-    assert warmup() == round(demo_frac * 1000) < 500                                  # demo: a fraction of the run
-    assert warmup("--warmup-frac", "0.1", epochs=3) == 300
-    assert warmup("--warmup-steps", "7") == 7
-    assert warmup("--warmup-epochs", "0.5") == 500                                     # explicit: no mode default
-    assert warmup("--warmup-steps", "7", "--warmup-epochs", "0.5") == 7
-    root = "/nonexistent"                                                              # --data defaults: 5 epochs
-    assert warmup("--data", root, steps_per_epoch=10, epochs=100) == 50
-    assert warmup("--data", root, "--warmup-frac", "0.2", steps_per_epoch=10, epochs=100) == 200
-    lrs = [train.lr_at(s, 100, 10, 1.0, 0.0) for s in range(100)]
-    assert lrs[0] == 0.1 and lrs[9] == 1.0 and lrs[10] == 1.0 and lrs[99] < 0.01 and lrs == sorted(lrs[:10]) + lrs[10:]
 
 
 def test_learning_curve_every_n_steps(tmp_path, capsys):
@@ -1194,25 +1116,3 @@ sys.exit(rc)
         assert [bool(c) for c in between] == [False, False, False, True, False, False, False], between
         assert "all_reduce" in between[3]                                              # the log line's sums, checks
 
-
-def test_probe_memory_does_not_grow_with_the_split():
-    """--data: the probe trains on PROBE_PER_CLASS images per class (a fixed shuffle), whatever the split's size, and
-    holds their features in fp32: ImageNet-sized splits cost what 100 images per class cost"""
-    import argparse
-    sizes = {}
-    for per_class in (150, 1500):                                                  # a 10x larger split
-        d = data.Data.__new__(data.Data)
-        d.args, d.classes = argparse.Namespace(data="DIR", img_size=16), [f"c{c}" for c in range(100)]
-        d._train = [(f"c{c}/{i}.JPEG", c) for c in range(100) for i in range(per_class)]
-        probe_set = d.probe()
-        counts = np.bincount([label for _, label in probe_set.samples], minlength=100)
-        assert (counts == data.PROBE_PER_CLASS).all()
-        assert len(d.probe(250).samples) == 250 and len(d.probe(0).samples) == len(d._train)
-        sizes[per_class] = len(probe_set)
-    assert sizes[150] == sizes[1500] == 100 * data.PROBE_PER_CLASS
-    # the features held: fp32, n x 2 dim
-    model = vl.VisionMamba(TINY_STUDENT)
-    loader = [(torch.randint(0, 256, (50, 3, 16, 16), dtype=torch.uint8), torch.zeros(50, dtype=torch.long), [])] * 4
-    args = train.parse_args(["--amp", "none"])
-    x, y = train.probe_features(model, loader, args, distributed.Ctx())
-    assert x.dtype == torch.float32 and x.shape == (200, 2 * TINY_STUDENT.dim) and len(y) == 200

@@ -16,96 +16,40 @@ Each stage writes OUT/NAME/{last.pt, log.jsonl}; re-running the same command res
 
 One training step, from main() down: run_stage -> start_or_resume (models, optimizer, loaders, a checkpoint restored)
 -> train_one_epoch (get the batch, augment, forward, backward, clip, step, log, checkpoint) -> end_epoch (validate).
-The images, loaders and augmentations are in data.py, checkpoint files in checkpoint.py, ranks in distributed.py.
+The images, loaders and augmentations are in data.py; the optimizer's groups, lr schedule and EMA in optim.py;
+checkpoint files in checkpoint.py; ranks and devices in distributed.py; accuracy and the linear probe in eval.py.
 """
-import argparse, ast, contextlib, copy, dataclasses, json, math, os, resource, signal, sys, time
+import argparse, ast, contextlib, dataclasses, json, math, os, resource, signal, sys, time
 
 import torch, torch.nn as nn, torch.nn.functional as F, torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import vitlinearizer as vl
-from checkpoint import (check_resume, load_checkpoint, lock_run_dir, release_locks, rng_state, save_checkpoint,
-                        save_json, set_rng_state, write_log)
-from data import (DEMO_TASKS, BadImages, ImageFolder, batch_augment, get_data, image_augment, make_loader,
-                  with_augmentation)
-from distributed import Ctx, UserError, all_sum, as_user_error, barrier, setup_dist, stop_together, together
+from checkpoint import (check_file, check_out_dir, check_resume, load_checkpoint, load_teacher, lock_run_dir,
+                        release_locks, rng_state, save_checkpoint, save_json, set_rng_state, teacher_norm, write_log)
+from data import (DEMO_TASKS, DEMO_THREADS, BadImages, ImageFolder, batch_augment, check_folder, get_data,
+                  image_augment, make_loader, to_pixels, with_augmentation)
+from distributed import (Ctx, UserError, all_sum, as_user_error, autocast, barrier, cores_per_process, setup_dist,
+                         stop_together, together)
+from eval import evaluate, probe
+from optim import EMA, lr_at, param_groups, warmup_steps
+from recipes import RECIPE_NOTES, RECIPES, data_defaults
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Config: the flags with their defaults (argparse), the recipes (dicts of defaults), the checks
 # Defaults come in one layer, set on the parser before it reads the command line: the parser's own are the demo's;
-# a --data run replaces some (data_defaults); a recipe (--recipe, RECIPES) replaces some more; the command line wins.
+# a --data run replaces some; a recipe (--recipe) replaces some more (both in recipes.py); the command line wins.
 # The demo is a miniature of the paper's setting: the teacher learns from a larger labelled set (standing in for its
 # large pre-training corpus), the student is distilled on a large pool of unlabelled images (the generator is
 # unlimited), then both students get the same small labelled set: the distilled one is fine-tuned briefly at a lower
 # lr, the labels-only one is trained until its held-out accuracy is flat (docs/results.md: longer schedules do not do
 # better). Sizes are chosen to finish in under 10 minutes on a 2-core CPU.
-# Threads: the demo's models are tiny, so a second thread gains little on a quiet CPU and costs a lot on a busy one
-# (tiny ops spread over busy cores wait for each other: README, "The built-in demo"); and the figures it prints depend
-# on the thread count (float sums in another order), so it is fixed. --data runs default to the cores they may use.
-DEMO_THREADS = 1
-
 
 VIM_DEMO_OPTS = "dim=64,depth=4,d_state=8"   # the demo's Vim student (--student demo): 0.15 M parameters
 
 
-def data_defaults(data):
-    """a --data run's defaults where they differ from the demo's (the parser's own)"""
-    cores = cores_per_process()
-    return dict(recipe="deit", out=os.path.join("runs", os.path.basename(os.path.normpath(data))), threads=cores,
-                workers=min(8, cores), teacher_preset="vit_b16", student="small", student_opts="", img_size=224,
-                teacher_epochs=300, distill_epochs=300, finetune_epochs=300, supervised_epochs=300, batch_size=128,
-                lr=None, teacher_lr=None, finetune_lr=None, warmup_epochs=5.0, warmup_frac=None, log_every=50,
-                ckpt_every=1000, eval_every=1, demo_train=0, demo_teacher_train=0, demo_val=0, demo_pool=0,
-                demo_probe=0)
-
-
-def labelled(value, distill):
-    """a per-stage recipe value: `value` for the labelled stages (teacher, finetune), `distill` for distillation"""
-    return dict(teacher=value, distill=distill, finetune=value)
-
-
-# Named recipes (--recipe NAME): plain dicts of flag defaults; a dict value gives each stage its own (for_stage). The
-# distillation stage sees random-resized crops and flips only in every recipe (no labels to mix; as MAE-style masked
-# pre-training does) and its student keeps its preset's drop path: our choice, the paper is silent. The ViT teacher,
-# trained with labels, gets the recipe's drop path as the student does. --data runs default to "deit".
-# The paper's own recipe is NOT public: these are the published recipes of the models it builds on.
-_DEIT = dict(teacher_epochs=300, distill_epochs=300, finetune_epochs=300, img_size=224, blr=5e-4, min_lr=1e-5,
-             warmup_epochs=5.0, weight_decay=0.05, label_smoothing=0.1, mixup=0.8, cutmix=1.0, mixup_switch_prob=0.5,
-             aa=labelled("rand-m9-mstd0.5-inc1", "none"), erase_prob=labelled(0.25, 0.0), repeated_aug=labelled(3, 1),
-             ema_decay=labelled(0.99996, 0.0), layer_decay=1.0, hflip=0.5,
-             drop_path=labelled(0.1, None))
-_ADVENTURER = dict(_DEIT, blr=5e-4, batch_size=128, amp="bf16", aa=labelled("3augment", "none"),
-                   erase_prob=0.0, label_smoothing=0.0)
-RECIPES = {
-    "none": {},
-    "deit": _DEIT,
-    "vim": dict(_DEIT, amp="none", blr=1e-3, weight_decay=0.05, drop_path=labelled(0.05, None)),
-    "adventurer-128": dict(_ADVENTURER, img_size=128, teacher_epochs=300, distill_epochs=300, finetune_epochs=300,
-                           drop_path=labelled(0.1, None)),
-    "adventurer-224": dict(_ADVENTURER, img_size=224, teacher_epochs=100, distill_epochs=100, finetune_epochs=100,
-                           drop_path=labelled(0.4, None)),
-    "adventurer-ft": dict(_DEIT, img_size=224, teacher_epochs=20, distill_epochs=20, finetune_epochs=20, batch_size=64,
-                          lr=1e-5, min_lr=1e-5, weight_decay=0.1, amp="bf16", erase_prob=0.0, repeated_aug=1,
-                          drop_path=labelled(0.6, None)),
-    "mae-ft": dict(_DEIT, finetune_epochs=50, blr=2e-3, min_lr=1e-6, layer_decay=0.75, repeated_aug=1, ema_decay=0.0,
-                   drop_path=labelled(0.2, None)),
-}
-RECIPE_NOTES = {
-    "none": "no recipe: the flags' own defaults (no augmentation beyond an image folder's random-resized crop and "
-            "flip)",
-    "deit": "DeiT's ImageNet recipe (facebookresearch/deit main.py defaults; lr 5e-4 x global batch / 512)",
-    "vim": "Vim-S's (hustvl/Vim pt-vim-s.sh): DeiT's recipe in fp32, lr 1e-3 at global batch 512, drop path 0.05",
-    "adventurer-128": "Adventurer stage 1 (wangf3014/Adventurer): 300 epochs at 128 px, 3-Augment, global batch 1024 "
-                      "on 8 processes, drop path 0.1, bf16",
-    "adventurer-224": "Adventurer stage 2: 100 epochs at 224 px from the 128 px run (give --init OUT/NAME/last.pt), "
-                      "drop path 0.4",
-    "adventurer-ft": "Adventurer stage 3: 20 epochs at 224 px from stage 2 (--init), lr 1e-5 unscaled, global batch "
-                     "512 on 8 processes, RandAugment, drop path 0.6, wd 0.1",
-    "mae-ft": "MAE's fine-tuning recipe for its 24-block ViT-L (facebookresearch/mae FINETUNE.md; lr 1e-3 per 256 = "
-              "2e-3 per 512), layer-wise lr decay 0.75, 50 epochs: for fine-tuning a distilled student (--init)",
-}
 WARMUP_FLAGS = ("warmup_steps", "warmup_epochs", "warmup_frac")           # one given replaces the others' defaults
 
 
@@ -143,7 +87,7 @@ def get_parser(**kw):
     g.add_argument("--threads", type=int, default=DEMO_THREADS, help="torch CPU threads per process (--data: the "
                    "CPU cores this process may use)")
     g.add_argument("--no-baseline", action="store_true", help="stage all: skip the labels-only student")
-    g.add_argument("--recipe", choices=list(RECIPES), default="none", help="named flag defaults (RECIPES in train.py, "
+    g.add_argument("--recipe", choices=list(RECIPES), default="none", help="named flag defaults (recipes.py, "
                    "docs/imagenet.md 'Recipes'), printed at start. The paper's own training recipe is not public: "
                    "these are the published recipes of DeiT, Vim, Adventurer (its student; 128 -> 224 px -> "
                    "fine-tuning), MAE")
@@ -302,12 +246,6 @@ def describe_recipe(args):
     return lines
 
 
-def cores_per_process():
-    """CPU cores this process may use: its affinity mask (taskset, cgroup cpusets), shared by torchrun's local ranks"""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, n // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-
-
 def check_args(args):
     """Every numeric flag and file argument, checked before anything runs or is written: a UserError that says what is
     allowed. A new flag's check goes here."""
@@ -380,40 +318,6 @@ def check_args(args):
         if path not in (None, "auto") and not path.startswith("timm:"):
             check_file(path, f"--{flag}", folder_ok=flag == "teacher")      # a teacher may be a Hub folder
     check_out_dir(args.out, "--out")
-
-
-def check_folder(path, flag, hint=""):
-    if not os.path.isdir(path):
-        raise UserError(f"{flag} {path}: {'not a folder' if os.path.exists(path) else 'no such folder'}{hint}")
-
-
-def check_file(path, flag, folder_ok=False):
-    """a file that exists, is not a folder (unless folder_ok: its reader checks what is in it), is not empty and can
-    be read"""
-    if not os.path.exists(path):
-        raise UserError(f"{flag} {path}: no such file")
-    if os.path.isdir(path):
-        if folder_ok:
-            return
-        raise UserError(f"{flag} {path} is a folder: give a checkpoint file")
-    try:
-        open(path, "rb").close()
-    except OSError as e:
-        raise UserError(f"{flag} {path}: cannot read it ({e.strerror})") from None
-    if os.path.getsize(path) == 0:
-        raise UserError(f"{flag} {path} is empty (0 bytes): an interrupted copy or download?")
-
-
-def check_out_dir(path, flag):
-    """an output folder that exists or can be created"""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"{flag} {path} is a file: give a folder")
-    parent = path
-    while not os.path.exists(parent):
-        parent = os.path.dirname(os.path.abspath(parent))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        why = "not writable" if os.path.isdir(parent) else "a file"
-        raise UserError(f"{flag} {path}: cannot write there ({parent} is {why})")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -490,43 +394,6 @@ def check_stages(args, student_cfg, teacher_depth):
                         f"{teacher_depth}; use 1 <= --stages <= {depth}")
 
 
-def sincos_pos_init_(model):
-    """MAE-style 2-D sin-cos values for the patch-grid rows of model.pos_embed (still learned afterwards): a ViT
-    trained from scratch on little data otherwise spends its first hundreds of steps discovering the 2-D layout."""
-    pos = model.pos_embed                                                   # (1, [1+] g*g, D); Adventurer (1, g*g+1, D)
-    g, d = model.cfg.img_size // model.cfg.patch_size, pos.shape[-1]
-    grid = slice(0, g * g) if isinstance(model, vl.Adventurer) else slice(-g * g, None)
-    ys, xs = torch.meshgrid(torch.arange(g, dtype=torch.float32), torch.arange(g, dtype=torch.float32), indexing="ij")
-    omega = 1.0 / 10000 ** (torch.arange(d // 4) / max(d // 4, 1))
-    angles = [c.flatten()[:, None] * omega for c in (xs, ys)]
-    table = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], 1)   # (g*g, 4*(d//4))
-    with torch.no_grad():
-        pos[0, grid].zero_()
-        pos[0, grid, :table.shape[1]] = 0.5 * table
-
-
-def teacher_norm(text):
-    """--teacher-norm -> (mean, std): a name of vl.PIXEL_NORMS or 'M,M,M/S,S,S'; None -> (None, None)"""
-    if not text:
-        return None, None
-    if text in vl.PIXEL_NORMS:
-        return vl.PIXEL_NORMS[text]
-    mean, _, std = text.partition("/")
-    try:
-        return vl.pixel_stats(mean.split(","), std.split(","), "--teacher-norm")
-    except ValueError:
-        raise UserError(f"--teacher-norm {text!r}: give one of {', '.join(vl.PIXEL_NORMS)} or 'M,M,M/S,S,S' "
-                        "(pixels in [0, 1], std > 0)") from None
-
-
-def load_teacher(spec, img_size, norm=None):
-    """a frozen teacher, as vl.load_teacher reads it (any file, Hub folder or timm:NAME it takes), or a UserError.
-    norm: --teacher-norm (default: the pixel mean / std its library declares)"""
-    mean, std = teacher_norm(norm)
-    with as_user_error(f"could not load teacher {spec!r}"):                # the loader says which keys did not fit
-        return vl.load_teacher(spec, img_size=img_size, pixel_mean=mean, pixel_std=std)
-
-
 def init_from(path, args, n_classes, kinds=None, verbose=False):
     """a model from one of our checkpoints (of one of `kinds` when given) or a released Adventurer file, at --img-size
     (vl.model_from_checkpoint: the position embedding resampled once when the checkpoint was trained at another
@@ -565,7 +432,7 @@ def build(args, stage, n_classes, ctx):
         check_img_size(args.img_size, cfg.patch_size, "teacher")
         model = vl.ViT(cfg)
         if args.pos_init == "sincos":
-            sincos_pos_init_(model)
+            vl.sincos_pos_init_(model)
         return model, model, supervised_loss(None, args, model), None
     if stage == "finetune":
         teacher = (load_teacher(args.teacher, args.img_size, args.teacher_norm) if args.teacher and args.kd_weight > 0
@@ -580,7 +447,7 @@ def build(args, stage, n_classes, ctx):
             torch.manual_seed(args.seed)                                    # the same start as a distilled student
             model = vl.build_model(student_config(args, n_classes))
             if args.pos_init == "sincos":
-                sincos_pos_init_(model)
+                vl.sincos_pos_init_(model)
         for n, p in model.named_parameters():                               # unused without a mask (DDP wants all used)
             if n.endswith("mask_token"):
                 p.requires_grad_(False)
@@ -597,7 +464,7 @@ def build(args, stage, n_classes, ctx):
         torch.manual_seed(args.seed)                                        # (loading the teacher drew numbers)
         student = vl.build_model(cfg)
         if args.pos_init == "sincos":
-            sincos_pos_init_(student)
+            vl.sincos_pos_init_(student)
     if cfg.patch_size != teacher.cfg.patch_size:
         p = teacher.cfg.patch_size
         presets = sorted(k for k, v in vl.STUDENT_PRESETS.items() if v.patch_size == p and type(v) is type(cfg))
@@ -645,193 +512,7 @@ def supervised_loss(teacher, args, model):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 3. Build: optimizer groups, EMA, lr schedule
-
-def no_decay_params(model):
-    """AdamW groups: no weight decay for A_log, D, norms, biases, tokens and position embeddings."""
-    skip = {f"{prefix}.{n}" if prefix else n for prefix, m in model.named_modules()
-            if hasattr(m, "no_weight_decay") for n in m.no_weight_decay()}
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or n in skip else decay).append(p)
-    return decay, no_decay
-
-
-def layer_id(name, depth):
-    """MAE / BEiT layer of a parameter: 0 = patch embedding, tokens, position embeddings; i + 1 = block i; depth + 1 =
-    the rest (final norm, class head, the distiller's MP head). Names may carry the distiller's 'student.' prefix."""
-    name = name.removeprefix("student.")
-    if name.startswith(("patch_embed", "cls_token", "reg_token", "mask_token", "pos_embed", "pos_cls", "norm_pre")):
-        return 0
-    if name.startswith(("blocks.", "layers.")):                          # ViT, Vim / Adventurer
-        return int(name.split(".")[1]) + 1
-    return depth + 1
-
-
-def param_groups(model, weight_decay, layer_decay=1.0, depth=0):
-    """AdamW groups: weight decay or not (no_decay_params), each with an 'lr_scale' applied on top of the schedule:
-    layer_decay ** (depth + 1 - layer_id), i.e. 1 for the head, layer_decay for the last block, the smallest for the
-    embeddings. Without layer decay: two groups, as before."""
-    decay, no_decay = no_decay_params(model)
-    if layer_decay == 1.0:
-        return [dict(params=decay, weight_decay=weight_decay, lr_scale=1.0),
-                dict(params=no_decay, weight_decay=0.0, lr_scale=1.0)]
-    wd_of = {id(p): weight_decay for p in decay} | {id(p): 0.0 for p in no_decay}
-    groups = {}
-    for n, p in model.named_parameters():
-        if id(p) in wd_of:
-            key = (layer_id(n, depth), wd_of[id(p)])
-            groups.setdefault(key, dict(params=[], weight_decay=key[1], lr_scale=layer_decay ** (depth + 1 - key[0])))
-            groups[key]["params"].append(p)
-    return [groups[k] for k in sorted(groups)]
-
-
-class EMA:
-    """Exponential moving average of a model's weights (DeiT / timm ModelEma), updated after every optimizer step:
-    w_ema = d w_ema + (1 - d) w with d = min(decay, (1 + t) / (10 + t)) at update t. The warm-up term (our choice, the
-    form TensorFlow's ExponentialMovingAverage uses) makes short runs average their recent weights rather than keep the
-    initial ones; it is below DeiT's 0.99996 only for the first 225k updates. Buffers are copied."""
-
-    def __init__(self, model, decay):
-        self.decay, self.updates = decay, 0
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model):
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
-        floats = [(e, w.to(e.dtype)) for e, w in pairs if e.is_floating_point()]
-        torch._foreach_lerp_([e for e, _ in floats], [w for _, w in floats], 1 - d)
-        for e, w in pairs:
-            if not e.is_floating_point():
-                e.copy_(w)
-
-
-def warmup_steps(args, steps_per_epoch, total, ctx):
-    """--warmup-steps, else --warmup-epochs, else --warmup-frac of the run; a warning when it is not shorter than the
-    run, a note when it is more than half of it"""
-    if args.warmup_steps is not None:
-        warmup, given = args.warmup_steps, f"--warmup-steps {args.warmup_steps}"
-    elif args.warmup_epochs is not None:
-        warmup, given = round(args.warmup_epochs * steps_per_epoch), f"--warmup-epochs {args.warmup_epochs:g}"
-    else:
-        warmup, given = round((args.warmup_frac or 0.0) * total), f"--warmup-frac {args.warmup_frac:g}"
-    if warmup >= total and ctx.main:
-        print(f"warning: the warm-up ({warmup} steps, {given}) is not shorter than the run ({total} steps): the lr "
-              "never reaches its peak; lower it, or set it with --warmup-steps / --warmup-frac", file=sys.stderr)
-    elif warmup > total // 2 and ctx.main:
-        print(f"note: the warm-up ({warmup} steps, {given}) is more than half of the run ({total} steps); "
-              "--warmup-steps or --warmup-frac set it independently of the epoch length", file=sys.stderr)
-    return warmup
-
-
-def lr_at(step, total, warmup, peak, floor):
-    """linear warm-up then cosine to floor, per step"""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 4. Evaluation: top-1 / top-5, and the linear probe
-
-def to_pixels(x, device):
-    """uint8 (B,3,H,W) on host -> float pixels in [0, 1] on device; each model normalises them its own way
-    (vl.normalize: its pixel mean / std)"""
-    return x.to(device, non_blocking=True).float().div_(255)
-
-
-def autocast(args, device):
-    amp = args.amp if args.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
-@torch.no_grad()
-def evaluate(model, loader, args, ctx, desc="eval"):
-    """-> dict(top1, top5) in percent over the whole set (summed over ranks)"""
-    was = model.training
-    model.eval()
-    bad = BadImages(args.max_bad_frac)
-    c = torch.zeros(3, dtype=torch.float64, device=ctx.device)             # correct@1, correct@5, count
-    with together(ctx):                                                     # too many bad images on a rank: all stop
-        for images, labels, errors in tqdm(loader, desc=desc, leave=False, disable=not ctx.main):
-            bad.add(len(labels), errors)
-            if not len(labels):
-                continue
-            with autocast(args, ctx.device):
-                logits = model(vl.normalize(to_pixels(images, ctx.device), model)).logits
-            labels = labels.to(ctx.device)
-            top = logits.float().topk(min(5, logits.shape[-1]), -1).indices
-            hit = top == labels[:, None]
-            c += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(labels), device=ctx.device)]).double()
-        bad.end_pass(desc, ctx)
-    model.train(was)
-    all_sum(c, ctx)
-    return dict(top1=100 * c[0].item() / max(c[2].item(), 1), top5=100 * c[1].item() / max(c[2].item(), 1))
-
-
-PROBE_L2, PROBE_ITERS = 1e-3, 500
-
-
-@torch.no_grad()
-def probe_features(model, loader, args, ctx):
-    """Frozen features for a linear probe: [class token, mean of the patch tokens] of the model's final (normalised)
-    tokens -> (features (n, 2 dim) float32, labels (n,)); linear_probe solves in float64."""
-    was = model.training
-    model.eval()
-    feats, labels = [], []
-    for images, y, _ in tqdm(loader, desc="probe features", leave=False, disable=not ctx.main):
-        if len(images):
-            with autocast(args, ctx.device):
-                tokens = model(vl.normalize(to_pixels(images, ctx.device), model)).tokens.float()
-            feats.append(torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], 1).cpu())
-            labels.append(y)
-    model.train(was)
-    return torch.cat(feats), torch.cat(labels)
-
-
-def linear_probe(train_x, train_y, val_x, val_y, n_classes, l2=PROBE_L2, max_iter=PROBE_ITERS):
-    """Multinomial logistic regression on frozen features, one fixed recipe: features standardised with the training
-    set's mean and std; weights and bias start at zero; full-batch L-BFGS (strong Wolfe line search, fp64) on the mean
-    cross-entropy + l2 / 2 * ||W||^2 (bias not penalised), at most max_iter iterations. Deterministic.
-    -> dict(top1 on val, train_top1) in percent."""
-    train_x, val_x = train_x.double(), val_x.double()
-    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-8)
-    xt, xv = (train_x - mean) / std, (val_x - mean) / std
-    W = torch.zeros(xt.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-10,
-                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(xt @ W + b, train_y) + l2 / 2 * (W * W).sum()
-        loss.backward()
-        return loss
-    with torch.enable_grad():
-        opt.step(closure)
-
-    @torch.no_grad()
-    def accuracy(x, y):
-        return 100 * ((x @ W + b).argmax(1) == y).double().mean().item()
-    return dict(top1=accuracy(xv, val_y), train_top1=accuracy(xt, train_y))
-
-
-def probe(model, probe_set, val_set, args, ctx):
-    """linear probe of a frozen model: trained on probe_set, measured on val_set (see linear_probe)"""
-    model = model.to(ctx.device)
-    tx, ty = probe_features(model, make_loader(probe_set, args, ctx, train=False), args, ctx)
-    vx, vy = probe_features(model, make_loader(val_set, args, ctx, train=False), args, ctx)
-    return linear_probe(tx, ty, vx, vy, len(val_set.classes) if hasattr(val_set, "classes") else int(ty.max()) + 1)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 5. Training loop: run_stage -> start_or_resume (models, optimizer, loaders; a checkpoint restored), then
+# 3. Training loop: run_stage -> start_or_resume (models, optimizer, loaders; a checkpoint restored), then
 # train_one_epoch and end_epoch until the last epoch or --max-steps. One step is train_one_epoch's loop body.
 
 class NonFinite(UserError):
@@ -1032,69 +713,72 @@ def train_one_epoch(run, args, ctx):
     with tqdm(run.loader, total=run.steps_per_epoch, initial=run.batch_in_epoch, leave=False, disable=not ctx.main,
               desc=f"{run.label} epoch {run.epoch + 1}/{args.epochs}") as bar:
         for images, *labels, errors in bar:                                 # distill: (images, errors), no labels
-            # get the batch: unreadable images are counted and left out; a batch left with none (on some rank) is
-            # skipped by every rank
+            # the batch, less its unreadable images (counted); a batch left with none is skipped on one process, and
+            # with several becomes a stand-in whose loss weighs nothing, so that every rank takes the same steps
             empty = run.bad.add_batch(len(images), errors, ctx)
             if empty and ctx.world == 1:
                 run.batch_in_epoch += 1
                 continue
-            if empty:                                                       # a stand-in that weighs nothing
+            if empty:
                 images = torch.zeros(1, 3, args.img_size, args.img_size, dtype=torch.uint8)
                 labels = [torch.zeros(1, dtype=torch.long)] if labels else labels
-            x = to_pixels(images, ctx.device)
+            x = to_pixels(images, ctx.device)                               # (B, 3, H, W) in [0, 1]
             y = labels[0].to(ctx.device, non_blocking=True) if labels else None
-            # augment: random erasing, then mixup / cutmix (the labels become soft targets)
-            x, y = run.augment(x, y, run.step)
-            # lr of this step: linear warm-up, then cosine; times each group's layer-wise decay
-            lr = lr_at(run.step, run.total_steps, run.warmup, run.peak_lr, args.min_lr)
+            x, y = run.augment(x, y, run.step)                             # random erasing, mixup / cutmix
+            lr = lr_at(run.step, run.total_steps, run.warmup, run.peak_lr, args.min_lr)   # warm-up, then cosine
             for group in run.opt.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            # forward: the stage's loss (distill: one masked student forward, AM + lambda MP)
+                group["lr"] = lr * group["lr_scale"]                        # x the layer-wise decay
+            # forward: the stage's loss (distill: one masked student forward, AM + lambda MP); backward; clip; step
             with autocast(args, ctx.device):
                 out = run.loss_fn(run.model, x, y, run.step)
             if empty:
                 out = {k: v * 0 for k, v in out.items()}
-            # backward
             run.opt.zero_grad(set_to_none=True)
             run.scaler.scale(out["loss"]).backward()
-            # clip the gradient norm; a non-finite loss or gradient is noted on the device (no host sync) and stops the
-            # run at the next log line or checkpoint (check_health), before anything is written
             run.scaler.unscale_(run.opt)
             grad_norm = nn.utils.clip_grad_norm_(run.params, args.clip_grad if args.clip_grad > 0 else float("inf"))
-            values = torch.stack([out["loss"].detach().float(), grad_norm.float()])
-            first = ~torch.isfinite(values).all() & (run.nonfinite[0] < 0)
-            here = torch.cat([torch.full((1,), float(run.step), device=values.device), values])
-            run.nonfinite = torch.where(first, here, run.nonfinite)
-            # step: the optimizer, then the EMA of the weights
+            note_nonfinite(run, out["loss"], grad_norm)
             run.scaler.step(run.opt)
             run.scaler.update()
             if run.ema is not None:
                 run.ema.update(run.saved)
             run.step += 1
             run.batch_in_epoch += 1
-            # the model at this step (--save-steps), validation (--eval-every-steps)
+            if not empty:
+                run.sums.add(out, grad_norm, len(images))
+            # the model at this step (--save-steps), validation (--eval-every-steps), a log line, a checkpoint
             if run.step in run.save_steps:
                 save_snapshot(run, args, ctx)
             every = args.eval_every_steps
             if run.val_loader is not None and every and run.step % every == 0 and run.step < run.total_steps:
                 validate(run, args, ctx, run.epoch + run.batch_in_epoch / run.steps_per_epoch)
-            # log: the means since the last line
-            if not empty:
-                run.sums.add(out, grad_norm, len(images))
             if run.step % args.log_every == 0:
-                check_health(run, ctx)
-                means = run.sums.means(ctx)
-                log(run, dict(step=run.step, epoch=round(run.epoch + run.batch_in_epoch / run.steps_per_epoch, 4),
-                              **means, lr=lr, img_per_s=run.sums.img_per_s(ctx), peak_mem_mb=peak_mem_mb(ctx)), ctx)
-                bar.set_postfix(loss=f"{means['loss']:.4f}")
-                run.sums.restart()
-            # checkpoint
+                bar.set_postfix(loss=f"{log_means(run, lr, ctx):.4f}")
             if run.step % args.ckpt_every == 0:
                 save(run, args, ctx)
-            # --max-steps: stop here (run_stage writes the checkpoint to continue from)
             if args.max_steps and run.step >= args.max_steps:
-                return True
+                return True                                                 # run_stage writes the checkpoint
     return False
+
+
+def note_nonfinite(run, loss, grad_norm):
+    """the first step with a non-finite loss or gradient, noted on the device (no host sync per step); check_health
+    stops the run at the next log line or checkpoint, before anything is written"""
+    values = torch.stack([loss.detach().float(), grad_norm.float()])
+    first = ~torch.isfinite(values).all() & (run.nonfinite[0] < 0)
+    here = torch.cat([torch.full((1,), float(run.step), device=values.device), values])
+    run.nonfinite = torch.where(first, here, run.nonfinite)
+
+
+def log_means(run, lr, ctx):
+    """collective: a log line of the means since the last one (losses, gradient norm), the lr, speed and memory;
+    -> the mean loss"""
+    check_health(run, ctx)
+    means = run.sums.means(ctx)
+    log(run, dict(step=run.step, epoch=round(run.epoch + run.batch_in_epoch / run.steps_per_epoch, 4), **means, lr=lr,
+                  img_per_s=run.sums.img_per_s(ctx), peak_mem_mb=peak_mem_mb(ctx)), ctx)
+    run.sums.restart()
+    return means["loss"]
 
 
 def check_health(run, ctx):
@@ -1247,7 +931,7 @@ def peak_mem_mb(ctx):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 6. The demo's story (stage all)
+# 4. The demo's story (stage all)
 
 def run_all(args, data, ctx):
     """The demo's story: teacher (unless --teacher) -> distil on unlabelled images -> fine-tune on the labelled images
@@ -1333,7 +1017,7 @@ def run_all(args, data, ctx):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 7. main
+# 5. main
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (what torchrun and cluster schedulers send): the run stops as it does on Ctrl-C"""

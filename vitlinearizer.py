@@ -103,6 +103,21 @@ def resize_pos_embed(pos_embed, grid_hw, antialias=False):
     return grid.to(pos_embed.dtype).flatten(2).transpose(1, 2)                        # (1, gh*gw, D)
 
 
+def sincos_pos_init_(model):
+    """MAE-style 2-D sin-cos values for the patch-grid rows of model.pos_embed (still learned afterwards): a ViT
+    trained from scratch on little data otherwise spends its first hundreds of steps discovering the 2-D layout."""
+    pos = model.pos_embed                                                   # (1, [1+] g*g, D); Adventurer (1, g*g+1, D)
+    g, d = model.cfg.img_size // model.cfg.patch_size, pos.shape[-1]
+    grid = slice(0, g * g) if isinstance(model, Adventurer) else slice(-g * g, None)
+    ys, xs = torch.meshgrid(torch.arange(g, dtype=torch.float32), torch.arange(g, dtype=torch.float32), indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(d // 4) / max(d // 4, 1))
+    angles = [c.flatten()[:, None] * omega for c in (xs, ys)]
+    table = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], 1)   # (g*g, 4*(d//4))
+    with torch.no_grad():
+        pos[0, grid].zero_()
+        pos[0, grid, :table.shape[1]] = 0.5 * table
+
+
 def drop_path(x, p, training):
     """Stochastic depth: drop the whole residual branch of a random p of the samples, rescale the rest."""
     if p == 0.0 or not training:
