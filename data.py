@@ -140,20 +140,27 @@ IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".
 MEAN, STD = vl.IMAGENET_MEAN, vl.IMAGENET_STD          # RandAugment's fill; a model's input: vl.normalize
 
 
+def hidden(name):
+    """a name that starts with "." is not data: macOS's AppleDouble files ("._cat.JPEG", beside each image copied
+    from a Mac; not images), .DS_Store, .ipynb_checkpoints/, editors' and sync tools' copies. Skipped as files and
+    as folders (a hidden folder is neither a class nor walked), as ls and shell globs leave them out."""
+    return name.startswith(".")
+
+
 def list_split(root, split):
     """-> (classes, [(path, label)]) of root/split/<class>/*, with a one-line error for a missing or empty folder."""
     d = os.path.join(root, split)
     if not os.path.isdir(d):
         raise UserError(f"data folder {d} does not exist (expected {root}/train/<class>/*.JPEG and "
                         f"{root}/val/<class>/*.JPEG)")
-    classes = sorted(e.name for e in os.scandir(d) if e.is_dir())
+    classes = sorted(e.name for e in os.scandir(d) if e.is_dir() and not hidden(e.name))
     if not classes:
         raise UserError(f"data folder {d} has no class sub-folders")
     samples = []
     for label, c in enumerate(classes):
         try:
             files = sorted(e.path for e in os.scandir(os.path.join(d, c))
-                           if e.is_file() and e.name.lower().endswith(IMG_EXT))
+                           if e.is_file() and e.name.lower().endswith(IMG_EXT) and not hidden(e.name))
         except OSError as e:                                                # permissions
             raise UserError(f"class folder {os.path.join(d, c)}: cannot read it ({e.strerror})") from None
         if not files and split == "train":
@@ -238,12 +245,12 @@ def list_images(root):
         raise UserError(f"--distill-data {root}: no such folder")
     files, seen = [], set()
     for d, dirs, names in os.walk(root, followlinks=True):
-        dirs.sort()                                                         # the first of two links to a folder wins
+        dirs[:] = sorted(n for n in dirs if not hidden(n))                  # the first of two links to a folder wins
         if os.path.realpath(d) in seen:                                     # a symlink loop, or a folder seen before
             dirs.clear()
             continue
         seen.add(os.path.realpath(d))
-        files += [os.path.join(d, f) for f in names if f.lower().endswith(IMG_EXT)
+        files += [os.path.join(d, f) for f in names if f.lower().endswith(IMG_EXT) and not hidden(f)
                   and os.path.isfile(os.path.join(d, f))]                   # not a pipe (it would block), a device
     files.sort()
     if not files:

@@ -53,6 +53,28 @@ def test_a_symlink_loop_in_the_image_folder_does_not_hang_the_walk(tmp_path):
     assert p.returncode == 0 and p.stdout.split()[-1] == "24", p.stderr[-2000:]         # train and val, once each
 
 
+def test_hidden_files_and_folders_are_neither_images_nor_classes(tmp_path):
+    """macOS AppleDouble files ("._0.JPEG" beside each image copied from a Mac: not images), .DS_Store and hidden
+    folders (.ipynb_checkpoints) are left out of the class folders, the classes and the --distill-data walk"""
+    root = write_tree(tmp_path / "d", corrupt=0)
+    want_split, want_walk = data.list_split(root, "train"), data.list_images(root)
+    apple_double = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + b"\x00" * 60
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            (tmp_path / "d" / split / c / "._0.JPEG").write_bytes(apple_double)
+            (tmp_path / "d" / split / c / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    hidden = tmp_path / "d" / "train" / ".ipynb_checkpoints"                          # would be a class of its own
+    hidden.mkdir()
+    rgb_image().save(hidden / "x.png")
+    (tmp_path / "d" / "train" / "fox" / ".thumbs").mkdir()                             # would be walked
+    rgb_image().save(tmp_path / "d" / "train" / "fox" / ".thumbs" / "0.png")
+    classes, samples = data.list_split(root, "train")
+    assert (classes, samples) == want_split and data.list_images(root) == want_walk
+    assert data.list_split(root, "val")[0] == classes
+    ds = data.ImageFolder(samples, classes, 16, False)
+    assert all(ds[(i, None)][2] is None for i in range(len(ds)))                      # every listed file decodes
+
+
 def rgb_image(h=20, w=24, seed=0, mode="RGB"):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
 
