@@ -171,6 +171,20 @@ def list_split(root, split):
     return classes, samples
 
 
+def to_rgb(im):
+    """A decoded image as 8-bit RGB. Integer and float grey images are scaled to 0..255 (convert("RGB") would clip
+    them at 255): I;16 (16-bit) from 0..65535; I (32-bit: what older Pillow makes of a 16-bit PNG) from 0..65535 if a
+    value is over 255, else as is; F from 0..1 if no value is over 1, else 0..255; values outside the range clip."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        a = np.asarray(im, dtype=np.float32)
+        if im.mode == "F":
+            top = 1.0 if a.max() <= 1 else 255.0
+        else:
+            top = 255.0 if im.mode == "I" and a.max() <= 255 else 65535.0
+        im = Image.fromarray(np.clip(a * (255 / top), 0, 255).round().astype(np.uint8))
+    return im.convert("RGB")
+
+
 def crop_box(w, h, g: random.Random):
     """RandomResizedCrop's box (scale 0.08-1, ratio 3/4-4/3), as torchvision draws it."""
     for _ in range(10):
@@ -185,7 +199,7 @@ def crop_box(w, h, g: random.Random):
 
 
 class ImageFolder(Dataset):
-    """DIR/<class>/* decoded with Pillow (grayscale, CMYK, palette, PNG: converted to RGB).
+    """DIR/<class>/* decoded with Pillow, turned upright as their EXIF orientation says, converted to RGB (to_rgb).
     train: random-resized-crop (bicubic) + flip with probability hflip, then `augment` (RandAugment / 3-Augment), all
     from a per-(seed, epoch, index) RNG, so a resumed run sees the same images.
     eval: resize to size/crop_ratio then centre crop (interpolation: "bicubic" or "bilinear"). An unreadable image
@@ -207,9 +221,7 @@ class ImageFolder(Dataset):
             with warnings.catch_warnings():                                 # over Image.MAX_IMAGE_PIXELS (a bomb?):
                 warnings.simplefilter("error", Image.DecompressionBombWarning)  # an error before decoding, no warning
                 with Image.open(path) as im:
-                    if im.mode.startswith("I;16"):                          # 16-bit: the top 8 bits, not clipped at 255
-                        im = Image.fromarray((np.asarray(im) >> 8).astype(np.uint8))
-                    im = im.convert("RGB")
+                    im = to_rgb(ImageOps.exif_transpose(im))                # upright, as the camera's EXIF says
         except Exception as e:                                              # truncated, corrupt, not an image, ...
             return None, label, f"{path}: {type(e).__name__}: {e}"
         w, h = im.size
