@@ -701,9 +701,15 @@ def collect_runs(root):
             if last is not None:
                 last_step.setdefault((config, run), []).append(last)
             probe_file = os.path.join(run_dir, "probe.json")
-            if os.path.exists(probe_file):
-                for ckpt, res in json.load(open(probe_file)).items():
-                    probes.setdefault((config, run, ckpt), []).append((int(seed), res["top1"]))
+            if os.path.exists(probe_file):                                   # damaged: an error, not a row left out
+                try:
+                    with open(probe_file) as f:
+                        found = {ckpt: float(res["top1"]) for ckpt, res in json.load(f).items()}
+                except (ValueError, KeyError, TypeError, AttributeError):    # not JSON, or not {ckpt: {"top1": x}}
+                    raise BenchError(f"{probe_file}: damaged (not the JSON eval.py --probe writes): delete it and "
+                                     f"re-run `eval.py --probe` on the checkpoints in {run_dir}") from None
+                for ckpt, t in found.items():
+                    probes.setdefault((config, run, ckpt), []).append((int(seed), t))
     return dict(top1=top1, curves=curves, probes=probes, last_step=last_step, unfinished=unfinished,
                 teacher=final_top1(os.path.join(root, "teacher")))
 

@@ -144,20 +144,27 @@ IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".
 MEAN, STD = vl.IMAGENET_MEAN, vl.IMAGENET_STD          # RandAugment's fill; a model's input: vl.normalize
 
 
+def hidden(name):
+    """a name that starts with "." is not data: macOS's AppleDouble files ("._cat.JPEG", beside each image copied
+    from a Mac; not images), .DS_Store, .ipynb_checkpoints/, editors' and sync tools' copies. Skipped as files and
+    as folders (a hidden folder is neither a class nor walked), as ls and shell globs leave them out."""
+    return name.startswith(".")
+
+
 def list_split(root, split):
     """-> (classes, [(path, label)]) of root/split/<class>/*, with a one-line error for a missing or empty folder."""
     d = os.path.join(root, split)
     if not os.path.isdir(d):
         raise UserError(f"data folder {d} does not exist (expected {root}/train/<class>/*.JPEG and "
                         f"{root}/val/<class>/*.JPEG)")
-    classes = sorted(e.name for e in os.scandir(d) if e.is_dir())
+    classes = sorted(e.name for e in os.scandir(d) if e.is_dir() and not hidden(e.name))
     if not classes:
         raise UserError(f"data folder {d} has no class sub-folders")
     samples = []
     for label, c in enumerate(classes):
         try:
             files = sorted(e.path for e in os.scandir(os.path.join(d, c))
-                           if e.is_file() and e.name.lower().endswith(IMG_EXT))
+                           if e.is_file() and e.name.lower().endswith(IMG_EXT) and not hidden(e.name))
         except OSError as e:                                                # permissions
             raise UserError(f"class folder {os.path.join(d, c)}: cannot read it ({e.strerror})") from None
         if not files and split == "train":
@@ -171,6 +178,20 @@ def list_split(root, split):
 def check_folder(path, flag, hint=""):
     if not os.path.isdir(path):
         raise UserError(f"{flag} {path}: {'not a folder' if os.path.exists(path) else 'no such folder'}{hint}")
+
+
+def to_rgb(im):
+    """A decoded image as 8-bit RGB. Integer and float grey images are scaled to 0..255 (convert("RGB") would clip
+    them at 255): I;16 (16-bit) from 0..65535; I (32-bit: what older Pillow makes of a 16-bit PNG) from 0..65535 if a
+    value is over 255, else as is; F from 0..1 if no value is over 1, else 0..255; values outside the range clip."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        a = np.asarray(im, dtype=np.float32)
+        if im.mode == "F":
+            top = 1.0 if a.max() <= 1 else 255.0
+        else:
+            top = 255.0 if im.mode == "I" and a.max() <= 255 else 65535.0
+        im = Image.fromarray(np.clip(a * (255 / top), 0, 255).round().astype(np.uint8))
+    return im.convert("RGB")
 
 
 def crop_box(w, h, g: random.Random):
@@ -187,7 +208,7 @@ def crop_box(w, h, g: random.Random):
 
 
 class ImageFolder(Dataset):
-    """DIR/<class>/* decoded with Pillow (grayscale, CMYK, palette, PNG: converted to RGB).
+    """DIR/<class>/* decoded with Pillow, turned upright as their EXIF orientation says, converted to RGB (to_rgb).
     train: random-resized-crop (bicubic) + flip with probability hflip, then `augment` (RandAugment / 3-Augment), all
     from a per-(seed, epoch, index) RNG, so a resumed run sees the same images.
     eval: resize to size/crop_ratio then centre crop (interpolation: "bicubic" or "bilinear"). An unreadable image
@@ -209,9 +230,7 @@ class ImageFolder(Dataset):
             with warnings.catch_warnings():                                 # over Image.MAX_IMAGE_PIXELS (a bomb?):
                 warnings.simplefilter("error", Image.DecompressionBombWarning)  # an error before decoding, no warning
                 with Image.open(path) as im:
-                    if im.mode.startswith("I;16"):                          # 16-bit: the top 8 bits, not clipped at 255
-                        im = Image.fromarray((np.asarray(im) >> 8).astype(np.uint8))
-                    im = im.convert("RGB")
+                    im = to_rgb(ImageOps.exif_transpose(im))                # upright, as the camera's EXIF says
         except Exception as e:                                              # truncated, corrupt, not an image, ...
             return None, label, f"{path}: {type(e).__name__}: {e}"
         w, h = im.size
@@ -247,12 +266,12 @@ def list_images(root):
         raise UserError(f"--distill-data {root}: no such folder")
     files, seen = [], set()
     for d, dirs, names in os.walk(root, followlinks=True):
-        dirs.sort()                                                         # the first of two links to a folder wins
+        dirs[:] = sorted(n for n in dirs if not hidden(n))                  # the first of two links to a folder wins
         if os.path.realpath(d) in seen:                                     # a symlink loop, or a folder seen before
             dirs.clear()
             continue
         seen.add(os.path.realpath(d))
-        files += [os.path.join(d, f) for f in names if f.lower().endswith(IMG_EXT)
+        files += [os.path.join(d, f) for f in names if f.lower().endswith(IMG_EXT) and not hidden(f)
                   and os.path.isfile(os.path.join(d, f))]                   # not a pipe (it would block), a device
     files.sort()
     if not files:

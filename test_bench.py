@@ -208,6 +208,26 @@ def test_runs_reads_a_log_whose_last_line_was_cut_mid_write(tmp_path, capsys):
     assert "log.jsonl: line 2 is not JSON" in one_error_line(capsys.readouterr().err)
 
 
+def test_runs_and_plot_stop_at_a_damaged_probe_json_with_one_line_naming_it(tmp_path, capsys):
+    """a probe.json cut off, not text, not JSON, or JSON of another shape: one error line that names the file and the
+    command that writes it again, for --runs and --plot (which read the same files); a table never misses a probe"""
+    run_dir = tmp_path / "am+mp-s0" / "distill"
+    run_dir.mkdir(parents=True)
+    (run_dir / "log.jsonl").write_text(json.dumps({"step": 9, "val_top1": 50.0}) + "\n"
+                                       + json.dumps({"step": 9, "finished": True}) + "\n")
+    good = json.dumps({"step9.pt": dict(top1=70.0, train_top1=99.0)}).encode()
+    (run_dir / "probe.json").write_bytes(good)
+    assert bench.main(["--runs", str(tmp_path)]) == 0 and "| am+mp / distill/step9.pt | 1 | 70.0 |" in \
+        capsys.readouterr().out
+    for bad in (good[:len(good) // 2], b"\xff\xd8\xff\xe0", b"[1, 2]", b'{"step9.pt": 70.0}',
+                b'{"step9.pt": {"top1": "n/a"}}', b'{"step9.pt": {"train_top1": 99.0}}'):
+        (run_dir / "probe.json").write_bytes(bad)
+        for argv in (["--runs", str(tmp_path)], ["--plot", str(tmp_path), "--out", str(tmp_path / "figs")]):
+            assert bench.main(argv) == 2, (bad, argv)
+            line = one_error_line(capsys.readouterr().err)
+            assert f"{run_dir / 'probe.json'}: damaged" in line and "eval.py --probe" in line, line
+
+
 def test_runs_tables_curves_and_probes_on_hand_made_logs(tmp_path, capsys):
 
     def write(run_dir, vals, probe=None):

@@ -53,6 +53,68 @@ def test_a_symlink_loop_in_the_image_folder_does_not_hang_the_walk(tmp_path):
     assert p.returncode == 0 and p.stdout.split()[-1] == "24", p.stderr[-2000:]         # train and val, once each
 
 
+def test_hidden_files_and_folders_are_neither_images_nor_classes(tmp_path):
+    """macOS AppleDouble files ("._0.JPEG" beside each image copied from a Mac: not images), .DS_Store and hidden
+    folders (.ipynb_checkpoints) are left out of the class folders, the classes and the --distill-data walk"""
+    root = write_tree(tmp_path / "d", corrupt=0)
+    want_split, want_walk = data.list_split(root, "train"), data.list_images(root)
+    apple_double = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + b"\x00" * 60
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            (tmp_path / "d" / split / c / "._0.JPEG").write_bytes(apple_double)
+            (tmp_path / "d" / split / c / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    hidden = tmp_path / "d" / "train" / ".ipynb_checkpoints"                          # would be a class of its own
+    hidden.mkdir()
+    rgb_image().save(hidden / "x.png")
+    (tmp_path / "d" / "train" / "fox" / ".thumbs").mkdir()                             # would be walked
+    rgb_image().save(tmp_path / "d" / "train" / "fox" / ".thumbs" / "0.png")
+    classes, samples = data.list_split(root, "train")
+    assert (classes, samples) == want_split and data.list_images(root) == want_walk
+    assert data.list_split(root, "val")[0] == classes
+    ds = data.ImageFolder(samples, classes, 16, False)
+    assert all(ds[(i, None)][2] is None for i in range(len(ds)))                      # every listed file decodes
+
+
+def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path):
+    """a phone photo stored sideways with EXIF Orientation 6 (turn 90 degrees clockwise to view) is read upright"""
+    upright = np.zeros((16, 16, 3), dtype=np.uint8)
+    upright[:8, :, 0] = upright[8:, :, 2] = 255                                        # red top half, blue bottom
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)              # a quarter turn anticlockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                                   # Orientation
+    stored.save(tmp_path / "photo.jpg", quality=95, exif=exif)
+    stored.save(tmp_path / "plain.jpg", quality=95)                                    # the same pixels, no tag
+    ds = data.ImageFolder([(str(tmp_path / "photo.jpg"), 0), (str(tmp_path / "plain.jpg"), 0)], ["c"], 16, False,
+                          crop_ratio=1.0)
+
+    def diff(x, ref):
+        return np.abs(x.permute(1, 2, 0).numpy().astype(int) - ref.astype(int)).mean()
+    assert diff(ds[(0, None)][0], upright) < 10 and diff(ds[(1, None)][0], np.asarray(stored)) < 10
+    assert diff(ds[(0, None)][0], np.asarray(stored)) > 60
+
+
+def test_integer_and_float_grey_images_are_scaled_not_clipped(tmp_path):
+    """one grey ramp 0..255 stored as 16-bit (I;16), 32-bit integer (I) at 0..65535 and at 0..255, and float (F) at
+    0..1 and at 0..255 reads back as the ramp (convert("RGB") alone clips I at 255, and turns F 0..1 black); values
+    outside the range clip"""
+    ramp = np.arange(256).reshape(16, 16)
+    wide = (ramp * 257).astype(np.int32)
+    wide[0, 0], wide[0, 1] = -1000, 70_000                                             # out of range
+    clipped = ramp.copy()
+    clipped[0, 0], clipped[0, 1] = 0, 255
+    cases = {"i16.png": ((ramp * 257).astype(np.uint16), "I;16 I", ramp),                # older Pillow: mode I
+             "i16.tif": ((ramp * 257).astype(np.uint16), "I;16", ramp),
+             "i_wide.tif": (wide, "I", clipped), "i_byte.tif": (ramp.astype(np.int32), "I", ramp),
+             "f_unit.tif": ((ramp / 255).astype(np.float32), "F", ramp),
+             "f_byte.tif": (ramp.astype(np.float32), "F", ramp)}
+    for name, (pixels, mode, want) in cases.items():
+        Image.fromarray(pixels).save(tmp_path / name)
+        with Image.open(tmp_path / name) as im:
+            assert im.mode in mode.split(), name
+        x, _, error = data.ImageFolder([(str(tmp_path / name), 0)], ["c"], 16, False, crop_ratio=1.0)[(0, None)]
+        assert error is None and (x == torch.from_numpy(want).to(torch.uint8)).all(), name   # grey: R = G = B
+
+
 def rgb_image(h=20, w=24, seed=0, mode="RGB"):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
 

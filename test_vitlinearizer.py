@@ -362,6 +362,25 @@ def test_weights_files_that_lie_get_one_error_and_no_large_allocation(tmp_path):
             vl.load_teacher(str(tmp_path / "hub"))
 
 
+def test_a_bad_shard_index_gets_one_error_naming_it(tmp_path):
+    """a sharded Hub folder (model.safetensors.index.json -> shard files) whose index is not JSON, or has no
+    "weight_map" of tensor names to shard files: a ValueError naming the index and what is missing"""
+    shutil.copytree(os.path.join(ZOO, "hf_dinov2"), tmp_path / "hub")
+    index = tmp_path / "hub" / "model.safetensors.index.json"
+    whole = json.loads(index.read_text())
+    sd, _ = vl.read_checkpoint(str(tmp_path / "hub"))                                  # whole: every shard read
+    assert sd.keys() == whole["weight_map"].keys()
+    cases = [(index.read_text()[:40], "is not valid JSON"), ("[1, 2]", 'has no "weight_map"'),
+             (json.dumps({"metadata": whole["metadata"]}), 'has no "weight_map"'),
+             (json.dumps({**whole, "weight_map": list(whole["weight_map"])}), 'has no "weight_map"'),
+             (json.dumps({**whole, "weight_map": {}}), 'has no "weight_map"'),
+             (json.dumps({**whole, "weight_map": {k: 1 for k in whole["weight_map"]}}), 'has no "weight_map"')]
+    for text, words in cases:
+        index.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(f"{index} {words}")):
+            vl.load_teacher(str(tmp_path / "hub"))
+
+
 def test_hub_folders_bad_configs_and_unknown_layouts_get_one_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds none of model.safetensors"):
         vl.load_teacher(str(tmp_path))

@@ -895,8 +895,16 @@ def read_checkpoint(spec):
                 raise ValueError(f"{os.path.join(folder, name)} holds a JSON {type(configs[name]).__name__}, not an "
                                  "object {...}")
     if path.endswith(".index.json"):                                                   # sharded: index -> shard files
-        with open(path) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(path) as f:
+                index = json.load(f)
+        except (ValueError, RecursionError) as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not (isinstance(weight_map, dict) and weight_map and all(isinstance(v, str) for v in weight_map.values())):
+            raise ValueError(f'{path} has no "weight_map" {{tensor name: shard file}}, as a Hub shard index has: '
+                             "download the folder again")
+        shards = sorted(set(weight_map.values()))
         sd = {}
         for shard in shards:
             sd.update(read_state_dict(os.path.join(folder, shard)))
