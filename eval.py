@@ -7,7 +7,7 @@ Evaluate a checkpoint: top-1 / top-5 accuracy, or a linear probe of its frozen f
 
 Benchmarks and the tables of results.sh's runs: bench.py.
 """
-import argparse, json, os, sys
+import argparse, dataclasses, json, os, sys
 
 import torch, torch.nn.functional as F
 from tqdm import tqdm
@@ -47,8 +47,8 @@ def evaluate(model, loader, args, ctx, desc="eval"):
 
 def load_model(path, ema=False, for_accuracy=True, norm=None):
     """our checkpoint (any kind; ema: its EMA weights), a released Adventurer file, else whatever load_teacher takes (a
-    teacher file of any format it reads, a Hub folder, timm:NAME; norm: --teacher-norm). for_accuracy: warn that a
-    distillation checkpoint's class head is untrained."""
+    teacher file of any format it reads, a Hub folder, timm:NAME). norm: --teacher-norm, the pixel statistics it sees.
+    for_accuracy: warn that a distillation checkpoint's class head is untrained."""
     if path.startswith("timm:") and not ema:
         return load_teacher(path, None, norm), {}
     try:
@@ -61,13 +61,13 @@ def load_model(path, ema=False, for_accuracy=True, norm=None):
     if ema and not (isinstance(ck, dict) and ck.get("ema")):
         raise UserError(f"{path} holds no EMA weights (train with --ema-decay)")
     if isinstance(ck, dict) and "kind" in ck:
-        if norm:
-            raise UserError(f"--teacher-norm is for teacher files; {path} is a checkpoint of train.py, which keeps "
-                            "its model's own pixel mean / std")
         try:
             model = vl.model_from_checkpoint({**ck, "model": ck["ema"]} if ema else ck, path)
         except Exception as e:
             raise UserError(f"{path}: {e}") from e
+        if norm:                                                            # as load_teacher applies it to a teacher
+            mean, std = teacher_norm(norm)
+            model.cfg = dataclasses.replace(model.cfg, pixel_mean=mean, pixel_std=std)
         if ck.get("stage") == "distill" and for_accuracy:
             print(f"warning: {path} is a distillation checkpoint: its class head was never trained (distillation uses "
                   "no labels), so its accuracy is near chance; fine-tune it first (train.py --stage finetune --init "
@@ -205,16 +205,31 @@ def probe_ckpts(args):
             model, name = random_init(ck, args.random_init_seed), f"random-init-s{args.random_init_seed}"
         else:
             name = os.path.basename(path)
+        out = os.path.join(os.path.dirname(path) or ".", "probe.json")
+        if not path.startswith("timm:"):
+            earlier_probes(out)                                             # a damaged file stops before the probe
         args.img_size, args.batch_size = img_size, max(args.batch_size, 256)
         res = probe(model, probe_set, val, args, ctx)
         print(f"{path}{' (random init)' if args.random_init else ''}: linear probe top-1 {res['top1']:.2f}  "
               f"(train {res['train_top1']:.2f}; {len(probe_set)} probe images, {len(val)} held out)")
-        out = os.path.join(os.path.dirname(path) or ".", "probe.json")
         if not path.startswith("timm:"):
-            old = json.load(open(out)) if os.path.exists(out) else {}
-            save_json(out, {**old, name: res})
+            save_json(out, {**earlier_probes(out), name: res})
         results[path] = res
     return results
+
+
+def earlier_probes(path):
+    """the results a probe.json already holds ({} when there is none), or a UserError when it is damaged"""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        if isinstance(old, dict) and all(isinstance(v, dict) for v in old.values()):
+            return old
+    except ValueError:                                                      # not JSON, not text
+        pass
+    raise UserError(f"{path}: damaged (not the JSON eval.py --probe writes): delete it, then run the probes again")
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -252,8 +267,8 @@ def main(argv=None):
     p.add_argument("--crop-ratio", type=float, help="--data: resize to img-size / ratio, centre crop (Adventurer "
                    "evaluates above 224 px with 1.0); default: a teacher's library's crop_pct and interpolation where "
                    "declared (timm, transformers, CLIP), else 0.875, bicubic")
-    p.add_argument("--teacher-norm", help="a teacher file's pixel mean / std instead of what its library declares: "
-                   f"{' | '.join(vl.PIXEL_NORMS)} | 'M,M,M/S,S,S' (pixels in [0, 1]); as train.py's flag")
+    p.add_argument("--teacher-norm", help="the pixel mean / std the model sees instead of what its file or library "
+                   f"declares, as train.py's flag: {' | '.join(vl.PIXEL_NORMS)} | 'M,M,M/S,S,S' (pixels in [0, 1])")
     p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights (--ema-decay runs)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=4 if cuda else 0)

@@ -114,6 +114,13 @@ def test_save_steps_probe_cli_and_random_init(tmp_path, capsys):
     assert set(res) == {"step0.pt", "last.pt", "random-init-s0"} and res["step0.pt"] == res["random-init-s0"]
     assert all(0 <= r["top1"] <= 100 for r in res.values())
     assert evaluate_cli.main(["--probe", str(tmp_path / "nope.pt")]) == 2
+    for bad in (b'{"last.pt": {"top1"', b"\xff\xd8\xff", b"[1, 2]", b'{"last.pt": 70.0}'):  # a damaged probe.json
+        (run / "probe.json").write_bytes(bad)
+        capsys.readouterr()
+        assert evaluate_cli.main(["--probe", str(run / "last.pt")]) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert f"{run / 'probe.json'}: damaged" in line and "delete it" in line, line
+        assert (run / "probe.json").read_bytes() == bad                            # left as it was
 
 
 def test_linear_probe_separable_features_and_shuffled_labels():
@@ -155,3 +162,22 @@ def test_probe_memory_does_not_grow_with_the_split():
     args = train.parse_args(["--amp", "none"])
     x, y = evaluate_cli.probe_features(model, loader, args, distributed.Ctx())
     assert x.dtype == torch.float32 and x.shape == (200, 2 * TINY_STUDENT.dim) and len(y) == 200
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
+def test_eval_teacher_norm_sets_the_pixels_the_model_sees(tmp_path, capsys):
+    """eval.py --teacher-norm: the model gets exactly (pixels - mean) / std of the named statistics, for a teacher file
+    of another format and for our own checkpoint alike; a bad value is one line"""
+    ours = tiny_teacher(tmp_path / "t.pt")
+    scripted = tmp_path / "t.torchscript"
+    model = vl.model_from_checkpoint(torch.load(ours, weights_only=True))
+    torch.jit.trace(model.eval(), torch.rand(1, 3, 16, 16), strict=False).save(str(scripted))
+    for path in (ours, str(scripted)):
+        default, _ = evaluate_cli.load_model(path)
+        half, _ = evaluate_cli.load_model(path, norm="half")
+        assert tuple(default.cfg.pixel_mean) == vl.IMAGENET_MEAN
+        assert tuple(half.cfg.pixel_mean) == tuple(half.cfg.pixel_std) == (0.5, 0.5, 0.5)
+        x = torch.rand(2, 3, 16, 16)
+        assert torch.allclose(vl.normalize(x, half), 2 * x - 1)
+    assert evaluate_cli.main(["--ckpt", ours, "--teacher-norm", "0.5,0.5/1,1,1"]) == 2
+    assert "--teacher-norm '0.5,0.5/1,1,1'" in one_error_line(capsys.readouterr().err)

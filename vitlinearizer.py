@@ -550,7 +550,7 @@ class Mamba2(nn.Module):
         return F.silu(y)
 
     def forward(self, u):                                                              # (B, L, D)
-        (E, N, G, H), (b, L) = self.sizes, u.shape[:2]
+        E, N, G, H = self.sizes
         z, xBC, dt = self.in_proj(u).split([E, E + 2 * G * N, H], dim=-1)
         x, B, C = self.conv(xBC).split([E, G * N, G * N], dim=-1)
         y = ssd_scan(x.unflatten(-1, (H, -1)), dt, -torch.exp(self.A_log), B.unflatten(-1, (G, N)),
