@@ -5,7 +5,8 @@ Evaluate a checkpoint: top-1 / top-5 accuracy, or a linear probe of its frozen f
     python eval.py --ckpt runs/in1k/finetune/last.pt --data DIR  # ... on DIR/val/<class>/*
     python eval.py --probe runs/demo/distill/last.pt              # linear probe of a frozen model (--random-init too)
 
-Benchmarks and the tables of results.sh's runs: bench.py.
+train.py validates and probes with `evaluate` and `probe` from here. Benchmarks and the tables of results.sh's runs:
+bench.py.
 """
 import argparse, dataclasses, json, os, sys
 

@@ -6,7 +6,7 @@
 #
 #   bash results.sh               # everything: ~8.5 h of CPU time, LANES=2 runs side by side
 #   TASKS=pairs bash results.sh   # one demo task only
-#   TASKS=pairs-adventurer bash results.sh   # the paper's student (adventurer_demo) on pairs, seeds 0-2: ~35 min
+#   TASKS=pairs-adventurer bash results.sh   # the paper's student (adventurer_demo) on pairs, seeds 0-2: ~50 min
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-python}
@@ -116,10 +116,10 @@ if [[ " $TASKS " == *" relations "* ]]; then  # the harder task: the label survi
     job "$(distill relations am_only_nomask $s --lam 0 --mask-ratio 0) && $(finetune relations am_only_nomask $s 300)"
   done
 fi
-if [[ " $TASKS " == *" pairs-adventurer "* ]]; then  # the paper's own student: probe curve, 300 labels, 3 seeds
+if [[ " $TASKS " == *" pairs-adventurer "* ]]; then  # the paper's own student: probe curve, label efficiency, 3 seeds
   for s in $SEEDS3; do
-    main_chain pairs-adventurer $s 300
-    job "$(labels_only pairs-adventurer labels_700 $s 300 ${SHORT_EPOCHS[300]})"
+    main_chain pairs-adventurer $s 300 100 1200
+    for n in 300 100 1200; do job "$(labels_only pairs-adventurer labels_700 $s $n ${SHORT_EPOCHS[$n]})"; done
   done
 fi
 run_jobs
