@@ -13,11 +13,11 @@ def data_defaults(data):
     ViT-B/16 teacher, an Adventurer-B student) at 224 px, DeiT's recipe, all the CPU cores"""
     cores = cores_per_process()
     return dict(recipe="deit", out=os.path.join("runs", os.path.basename(os.path.normpath(data))), threads=cores,
-                workers=min(8, cores), teacher_preset="vit_b16", student="adventurer_base", student_opts="", img_size=224,
-                teacher_epochs=300, distill_epochs=300, finetune_epochs=300, supervised_epochs=300, batch_size=128,
-                lr=None, teacher_lr=None, finetune_lr=None, warmup_epochs=5.0, warmup_frac=None, log_every=50,
-                ckpt_every=1000, eval_every=1, demo_train=0, demo_teacher_train=0, demo_val=0, demo_pool=0,
-                demo_probe=0)
+                workers=min(8, cores), teacher_preset="vit_b16", student="adventurer_base", student_opts="",
+                img_size=224, teacher_epochs=300, distill_epochs=300, finetune_epochs=300, supervised_epochs=300,
+                batch_size=128, lr=None, teacher_lr=None, finetune_lr=None, warmup_epochs=5.0, warmup_frac=None,
+                log_every=50, ckpt_every=1000, eval_every=1, demo_train=0, demo_teacher_train=0, demo_val=0,
+                demo_pool=0, demo_probe=0)
 
 
 # A dict value gives each stage its own (train.py's for_stage). The distillation stage sees random-resized crops and

@@ -729,6 +729,45 @@ def test_a_batch_with_no_readable_image_is_skipped_and_counted(tmp_path, capsys)
     assert ck["finished"] and ck["step"] == 12                                         # 13 batches, 12 updates
 
 
+@pytest.mark.parametrize("stage", ["teacher", "distill"])
+def test_a_rank_with_no_readable_image_takes_a_weightless_step_in_step_with_the_others(tmp_path, stage):
+    """two processes, one image each per step, 5 of 17 images unreadable: a rank whose batch is empty while the other's
+    is not steps on a stand-in whose loss weighs nothing (with labels, and without: distillation), so that both ranks
+    take every step of the epoch and the run finishes"""
+    root = write_tree(tmp_path / "d", corrupt=5)
+    wrapper = tmp_path / "count_empty.py"                                   # records each rank's empty batches
+    wrapper.write_text(f"""import json, os, sys
+sys.path.insert(0, {HERE!r})
+import data, train
+empty = []
+real = data.BadImages.add_batch
+def add_batch(self, n_good, errors, ctx):
+    empty.append(real(self, n_good, errors, ctx))
+    return empty[-1]
+data.BadImages.add_batch = add_batch
+rc = train.main()
+json.dump(empty, open(os.path.join({str(tmp_path)!r}, "empty" + os.environ["RANK"] + ".json"), "w"))
+sys.exit(rc)
+""")
+    teacher = ["--teacher", tiny_teacher(tmp_path / "t.pt")] if stage == "distill" else []
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(wrapper),
+           "--data", root, "--stage", stage, *teacher, "--out", str(tmp_path / "r"), "--epochs", "2",
+           "--teacher-preset", "demo", "--teacher-opts", "dim=32,depth=2,heads=2", "--student", "demo",
+           "--student-opts", "dim=32,depth=2,d_state=4,scan_backend=chunked", "--stages", "2", "--img-size", "16",
+           "--batch-size", "1", "--workers", "0", "--log-every", "1", "--max-bad-frac", "0.5", "--recipe", "none"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    e0, e1 = (json.load(open(tmp_path / f"empty{r}.json")) for r in (0, 1))
+    assert len(e0) == len(e1) == 2 * 8                                                # 17 images / 2 per step, 2 epochs
+    assert any(a != b for a, b in zip(e0, e1))                                        # the case under test happened
+    ck = torch.load(tmp_path / "r" / stage / "last.pt", weights_only=True)
+    assert ck["finished"] and ck["step"] == 16
+    lines = [r for r in log(tmp_path / "r" / stage / "log.jsonl") if "loss" in r]     # --log-every 1: a line for each
+    assert [r["step"] for r in lines] == [i + 1 for i, (a, b) in enumerate(zip(e0, e1)) if not (a and b)]  # step
+    assert all(math.isfinite(r["loss"]) for r in lines)                               # with an image on some rank
+
+
 def test_an_error_on_one_rank_stops_every_rank_with_one_line(tmp_path):
     wrapper = tmp_path / "rank1_fails.py"                                   # rank 1 alone finds too many bad images
     wrapper.write_text(f"""import os, sys

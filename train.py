@@ -534,7 +534,10 @@ class LogSums:
         self.images, self.since = 0, time.time()
 
     def add(self, losses, grad_norm, images):
+        """one step; a step on no image (a rank's stand-in for a batch it could not read) names the losses, adds none"""
         self.names = self.names or sorted(losses)
+        if not images:
+            return
         values = [losses[k].detach().double() for k in self.names] + [grad_norm.double()]
         self.sums[:len(values)] += torch.stack(values)
         self.sums[-1] += 1                                                  # the steps
@@ -545,8 +548,11 @@ class LogSums:
         return all_sum(self.sums.clone(), ctx).tolist()
 
     def means(self, ctx):
-        """collective: {each loss, grad_norm} averaged over the steps (and ranks) since the last line"""
+        """collective: {each loss, grad_norm} averaged over the steps (and ranks) since the last line; None when none
+        of them had an image"""
         *sums, steps = self.total(ctx)
+        if not steps:
+            return None
         return {**{k: sums[i] / steps for i, k in enumerate(self.names)}, "grad_norm": sums[len(self.names)] / steps}
 
     def img_per_s(self, ctx):
@@ -744,8 +750,7 @@ def train_one_epoch(run, args, ctx):
                 run.ema.update(run.saved)
             run.step += 1
             run.batch_in_epoch += 1
-            if not empty:
-                run.sums.add(out, grad_norm, len(images))
+            run.sums.add(out, grad_norm, 0 if empty else len(images))
             # the model at this step (--save-steps), validation (--eval-every-steps), a log line, a checkpoint
             if run.step in run.save_steps:
                 save_snapshot(run, args, ctx)
@@ -753,7 +758,7 @@ def train_one_epoch(run, args, ctx):
             if run.val_loader is not None and every and run.step % every == 0 and run.step < run.total_steps:
                 validate(run, args, ctx, run.epoch + run.batch_in_epoch / run.steps_per_epoch)
             if run.step % args.log_every == 0:
-                bar.set_postfix(loss=f"{log_means(run, lr, ctx):.4f}")
+                log_means(run, lr, bar, ctx)
             if run.step % args.ckpt_every == 0:
                 save(run, args, ctx)
             if args.max_steps and run.step >= args.max_steps:
@@ -770,15 +775,16 @@ def note_nonfinite(run, loss, grad_norm):
     run.nonfinite = torch.where(first, here, run.nonfinite)
 
 
-def log_means(run, lr, ctx):
-    """collective: a log line of the means since the last one (losses, gradient norm), the lr, speed and memory;
-    -> the mean loss"""
+def log_means(run, lr, bar, ctx):
+    """collective: a log line of the means since the last one (losses, gradient norm), the lr, speed and memory; none
+    when no rank had a readable image since then"""
     check_health(run, ctx)
     means = run.sums.means(ctx)
-    log(run, dict(step=run.step, epoch=round(run.epoch + run.batch_in_epoch / run.steps_per_epoch, 4), **means, lr=lr,
-                  img_per_s=run.sums.img_per_s(ctx), peak_mem_mb=peak_mem_mb(ctx)), ctx)
+    if means is not None:
+        log(run, dict(step=run.step, epoch=round(run.epoch + run.batch_in_epoch / run.steps_per_epoch, 4), **means,
+                      lr=lr, img_per_s=run.sums.img_per_s(ctx), peak_mem_mb=peak_mem_mb(ctx)), ctx)
+        bar.set_postfix(loss=f"{means['loss']:.4f}")
     run.sums.restart()
-    return means["loss"]
 
 
 def check_health(run, ctx):
