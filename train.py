@@ -38,7 +38,7 @@ from recipes import RECIPE_NOTES, RECIPES, data_defaults
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 1. Config: the flags with their defaults (argparse), the recipes (dicts of defaults), the checks
+# 1. Config: the flags with their defaults (argparse), the recipes set on them (recipes.py), the checks
 # Defaults come in one layer, set on the parser before it reads the command line: the parser's own are the demo's;
 # a --data run replaces some; a recipe (--recipe) replaces some more (both in recipes.py); the command line wins.
 # The demo is a miniature of the paper's setting: the teacher learns from a larger labelled set (standing in for its
@@ -48,8 +48,6 @@ from recipes import RECIPE_NOTES, RECIPES, data_defaults
 # better). Sizes are chosen to finish in under 10 minutes on a 2-core CPU.
 
 VIM_DEMO_OPTS = "dim=64,depth=4,d_state=8"   # the demo's Vim student (--student demo): 0.15 M parameters
-
-
 WARMUP_FLAGS = ("warmup_steps", "warmup_epochs", "warmup_frac")           # one given replaces the others' defaults
 
 
