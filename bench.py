@@ -177,10 +177,13 @@ def student_time_split(model, x, device):
     return parts, total
 
 
-def side_by_side(names, res, batch, rounds, device):
+def side_by_side(names, res, batch, rounds, device, grad_ckpt=False):
     """-> one row per model: params, GFLOPs, training memory, inference time by part (students), and per round the
-    seconds of a training forward + backward ("train") and of an inference forward ("infer")"""
+    seconds of a training forward + backward ("train") and of an inference forward ("infer"); grad_ckpt: every model
+    with activation checkpointing (vl.run_block)"""
     models = {n: build(n, res).to(device) for n in names}
+    for m in models.values():
+        m.grad_checkpointing = grad_ckpt
     x = torch.randn(batch, 3, res, res, device=device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -272,12 +275,13 @@ def run_side_by_side(args, device):
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     where = (torch.cuda.get_device_name() + ", bf16 autocast" if device.type == "cuda" else
              f"CPU {platform.processor() or platform.machine()}, fp32, {torch.get_num_threads()} thread(s)")
+    where += ", activation checkpointing" if args.grad_ckpt else ""
     print(f"{where}; torch {torch.__version__}; {args.rounds} rounds; ratio = {names[0]} time / model time, median "
           f"(min-max) over rounds; > 1: faster than {names[0]}\n")
     print(TABLE_HEAD, flush=True)
     rows, records = [], []
     for res in int_list(args.resolutions, "--resolutions"):
-        got = side_by_side(names, res, args.batch_size, args.rounds, device)
+        got = side_by_side(names, res, args.batch_size, args.rounds, device, args.grad_ckpt)
         print("\n".join(table_lines(got)), flush=True)
         rows, records = rows + got, records + csv_rows(got)
     if args.csv:
@@ -941,6 +945,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5, help="timed rounds after a warm-up (side by side, --gpu-report's "
                    "models); --scan: timed calls")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--grad-ckpt", action="store_true", help="side by side: every model with activation checkpointing "
+                   "(train.py --grad-ckpt): training time and memory")
     p.add_argument("--csv", help="side by side, --scan: also write the table to this CSV file; --plot: the "
                    "side-by-side CSV to draw speed against resolution from")
     p.add_argument("--scan", action="store_true", help="mode: the selective scan, a per-step baseline vs ours "

@@ -1155,3 +1155,22 @@ sys.exit(rc)
         assert [bool(c) for c in between] == [False, False, False, True, False, False, False], between
         assert "all_reduce" in between[3]                                              # the log line's sums, checks
 
+
+
+@pytest.mark.parametrize("student", ["demo", "adventurer_demo"])
+def test_grad_ckpt_trains_the_same_trajectory_and_may_be_switched_on_resume(tmp_path, capsys, monkeypatch, student):
+    """--grad-ckpt (activation checkpointing of the student's blocks) changes memory, not math: a distillation with it
+    logs the same losses and gradient norms as one without, also when the flag is dropped on resume"""
+    teacher = tiny_teacher(tmp_path / "t.pt")
+    args = ["--stage", "distill", "--teacher", teacher, *TINY, "--student", student, "--epochs", 2,
+            "--drop-path", 0.1]
+    assert run_train(capsys, *args, "--out", tmp_path / "plain")[0] == 0
+    calls, real = [], vl.run_block
+    monkeypatch.setattr(vl, "run_block", lambda block, x, checkpoint=False: calls.append(checkpoint) or
+                        real(block, x, checkpoint))
+    assert run_train(capsys, *args, "--out", tmp_path / "ckpt", "--grad-ckpt", "--max-steps", 3)[0] == 0
+    assert True in calls and False in calls                                            # the student's; the teacher's
+    rc, out, err = run_train(capsys, *args, "--out", tmp_path / "ckpt")                 # resumed without the flag
+    assert rc == 0 and "resuming from" in out, err
+    run = tmp_path / "ckpt" / "distill"
+    assert same_log(run / "log.jsonl") == same_log(tmp_path / "plain" / "distill" / "log.jsonl")

@@ -966,3 +966,34 @@ def test_distiller_hands_each_model_its_own_normalisation():
     view = lambda t: torch.tensor(t).view(1, 3, 1, 1)                                 # noqa: E731
     assert torch.equal(tea_in[0], (x - view(CLIP[0])) / view(CLIP[1]))
     assert torch.equal(stu_in[0], (x - view(IMAGENET[0])) / view(IMAGENET[1]))
+
+
+@pytest.mark.parametrize("cfg", [TINY_TEACHER, replace(TINY_STUDENT, scan_backend="chunked"), TINY_ADVENTURER],
+                         ids=["vit", "vim", "adventurer"])
+def test_activation_checkpointing_gives_the_same_values_and_gradients_and_keeps_less(cfg):
+    """run_block with checkpointing, in training with drop path and (students) a mask: the outputs and every gradient
+    equal those without it, bit for bit, and the tensors kept for the backward take a fraction of the bytes"""
+    torch.manual_seed(0)
+    model = vl.build_model(replace(cfg, drop_path=0.2)).train()
+    x = torch.rand(2, 3, 16, 16)
+    mask = vl.sample_mask(2, (4, 4), 0.5, generator=torch.Generator().manual_seed(0))
+    args = () if isinstance(model, vl.ViT) else (mask,)
+    runs = []
+    for checkpointing in (False, True):
+        model.grad_checkpointing = checkpointing
+        model.zero_grad(set_to_none=True)
+        kept = {}
+
+        def pack(t):
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        torch.manual_seed(1)                                                         # the same drop-path draws
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(x, *args)
+        (out.tokens.square().mean() + sum(h.square().mean() for h in out.hidden)).backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        runs.append((out, grads, sum(kept.values())))
+    (plain, g_plain, kept_plain), (ckpt, g_ckpt, kept_ckpt) = runs
+    assert torch.equal(plain.tokens, ckpt.tokens) and all(map(torch.equal, plain.hidden, ckpt.hidden))
+    assert g_plain.keys() == g_ckpt.keys() and all(torch.equal(g_plain[k], g_ckpt[k]) for k in g_plain)
+    assert kept_ckpt < kept_plain / 5                                                 # tiny models: 12-18x less

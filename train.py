@@ -157,6 +157,8 @@ def get_parser(**kw):
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto",
                    help="autocast; auto = bf16 on CUDA, none on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the trained model")
+    g.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of the trained model's blocks: "
+                   "about 1/3 more compute per step, far less activation memory (high resolutions, large batches)")
     g.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and augmentations")
     g = p.add_argument_group("io")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes per process (--data: "
@@ -644,6 +646,7 @@ def start_or_resume(args, stage, data, ctx):
         if ctx.main:
             lock_run_dir(args.run_dir)                                      # one run per folder
         saved, trained, loss_fn, teacher = build(args, stage, len(data.classes), ctx)
+        saved.grad_checkpointing = args.grad_ckpt                           # vl.run_block
         resume = resume_path(args)
         ck = load_checkpoint(resume) if resume and os.path.exists(resume) else None
         if ck is not None:

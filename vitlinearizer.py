@@ -55,6 +55,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from scan_kernel import SSD_CHUNK, bidirectional_selective_scan, selective_scan, ssd_scan
 
@@ -125,6 +126,15 @@ def drop_path(x, p, training):
     keep = torch.rand(x.shape[0], *([1] * (x.ndim - 1)), device=x.device) >= p
     return x * keep.to(x.dtype) / (1 - p)
 
+
+
+def run_block(block, x, checkpoint=False):
+    """block(x); checkpoint (a model's `grad_checkpointing`, train.py --grad-ckpt): activation checkpointing, which
+    keeps only the block's input for the backward and runs the block again there. Less memory for about 1/3 more
+    compute per training step; the same values and gradients (drop path draws the same numbers again)."""
+    if checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+    return block(x)
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Teacher: a pre-norm ViT, in the variants of the families people distil from (section 5 loads them)
@@ -236,6 +246,8 @@ class ViT(nn.Module):
     norm. The sequence is [class, registers, patches]; the output drops the registers, so every teacher returns
     [class, patches] like the student (a model without a class token puts its mean patch token in the class slot)."""
 
+    grad_checkpointing = False                                  # run_block: activation checkpointing
+
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         if cfg.dim % cfg.heads or cfg.img_size % cfg.patch_size:
@@ -276,7 +288,7 @@ class ViT(nn.Module):
         x = self.norm_pre(x)
         hidden = []
         for block in self.blocks:
-            x = block(x)
+            x = run_block(block, x, self.grad_checkpointing)
             hidden.append(self.class_and_patches(x))
         tokens = self.class_and_patches(self.norm(x))                                  # (B, 1+N, D)
         if self.head is None:
@@ -398,6 +410,8 @@ class MambaBlock(nn.Module):
 class VisionMamba(nn.Module):
     """The student: patch embedding, [mask] tokens, class token in the middle of the sequence, Mamba blocks."""
 
+    grad_checkpointing = False                                  # run_block: activation checkpointing
+
     def __init__(self, cfg: MambaConfig):
         super().__init__()
         if cfg.bidirectional not in ("fused", "alternate"):
@@ -444,7 +458,7 @@ class VisionMamba(nn.Module):
         order = order.to(x.device)                                                     # sequence -> class-first order
         hidden = []
         for block in self.blocks:
-            x = block(x)
+            x = run_block(block, x, self.grad_checkpointing)
             hidden.append(x.index_select(1, order))
         tokens = self.norm(x).index_select(1, order)
         logits = self.head(tokens[:, 0]) if self.head is not None else None
@@ -606,6 +620,8 @@ class Adventurer(nn.Module):
     position embedding of N+1 slots (the class slot last), Adventurer blocks, final RMSNorm, head on the class token.
     Returns the project's Output, class token first (reordered on the way out)."""
 
+    grad_checkpointing = False                                  # run_block: activation checkpointing
+
     def __init__(self, cfg: AdventurerConfig):
         super().__init__()
         E = cfg.expand * cfg.dim
@@ -654,7 +670,7 @@ class Adventurer(nn.Module):
         x = x.to(torch.promote_types(x.dtype, torch.float32))                          # fp32 residual (fp64 stays)
         hidden = []
         for layer in self.layers:
-            x = layer(x)
+            x = run_block(layer, x, self.grad_checkpointing)
             hidden.append(x.roll(1, dims=1))                                           # class first
         tokens = self.norm_f(x).roll(1, dims=1)
         logits = self.head(tokens[:, 0]) if self.head is not None else None
