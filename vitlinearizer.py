@@ -454,8 +454,8 @@ class VisionMamba(nn.Module):
         middle = x.shape[1] // 2                                                       # Vim: class token in the middle
         cls = (self.cls_token + self.pos_cls).expand(len(x), -1, -1)
         x = torch.cat([x[:, :middle], cls, x[:, middle:]], dim=1).float()              # (B, 1+N, D)
-        order = torch.cat([torch.tensor([middle]), torch.arange(middle), torch.arange(middle + 1, x.shape[1])])
-        order = order.to(x.device)                                                     # sequence -> class-first order
+        seq = torch.arange(x.shape[1], device=x.device)                                # made on the device: no copy
+        order = torch.cat([seq[middle:middle + 1], seq[:middle], seq[middle + 1:]])    # sequence -> class-first order
         hidden = []
         for block in self.blocks:
             x = run_block(block, x, self.grad_checkpointing)
