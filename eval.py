@@ -206,15 +206,14 @@ def probe_ckpts(args):
             model, name = random_init(ck, args.random_init_seed), f"random-init-s{args.random_init_seed}"
         else:
             name = os.path.basename(path)
-        out = os.path.join(os.path.dirname(path) or ".", "probe.json")
-        if not path.startswith("timm:"):
-            earlier_probes(out)                                             # a damaged file stops before the probe
+        out = None if path.startswith("timm:") else os.path.join(os.path.dirname(path) or ".", "probe.json")
+        earlier = earlier_probes(out) if out else {}                        # a damaged file stops before the probe
         args.img_size, args.batch_size = img_size, max(args.batch_size, 256)
         res = probe(model, probe_set, val, args, ctx)
         print(f"{path}{' (random init)' if args.random_init else ''}: linear probe top-1 {res['top1']:.2f}  "
               f"(train {res['train_top1']:.2f}; {len(probe_set)} probe images, {len(val)} held out)")
-        if not path.startswith("timm:"):
-            save_json(out, {**earlier_probes(out), name: res})
+        if out:
+            save_json(out, {**earlier, name: res})
         results[path] = res
     return results
 
