@@ -313,3 +313,16 @@ def test_bad_bench_flags_get_one_line(tmp_path, capsys, monkeypatch, extra, word
     capsys.readouterr()
     assert bench.main(TINY_MODELS + [str(a) for a in extra]) == 2
     assert words in one_error_line(capsys.readouterr().err)
+
+
+def test_grad_ckpt_side_by_side_says_so_and_counts_less_training_memory(capsys):
+    """bench.py --grad-ckpt: every model of the table checkpointed; the training memory counted for the students
+    drops (the activations kept for the backward), the parameters' share stays"""
+    rows = {}
+    for flag in ([], ["--grad-ckpt"]):
+        assert bench.main([*TINY_MODELS, "--batch-size", "8", "--rounds", "1", *flag]) == 0
+        out = capsys.readouterr().out
+        assert ("activation checkpointing" in out.splitlines()[0]) == bool(flag)
+        rows[bool(flag)] = {cells(line)[0]: float(cells(line)[11]) for line in out.splitlines()
+                            if line.startswith("| ") and not line.startswith("| model")}
+    assert all(rows[True][m] < rows[False][m] for m in ("adventurer_demo", "demo_alt")), rows

@@ -127,7 +127,6 @@ def drop_path(x, p, training):
     return x * keep.to(x.dtype) / (1 - p)
 
 
-
 def run_block(block, x, checkpoint=False):
     """block(x); checkpoint (a model's `grad_checkpointing`, train.py --grad-ckpt): activation checkpointing, which
     keeps only the block's input for the backward and runs the block again there. Less memory for about 1/3 more
@@ -135,6 +134,7 @@ def run_block(block, x, checkpoint=False):
     if checkpoint and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
     return block(x)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Teacher: a pre-norm ViT, in the variants of the families people distil from (section 5 loads them)
