@@ -423,8 +423,8 @@ def quiet_on_sigterm(worker_id):
 class BadImages:
     """Counts the unreadable images a rank skipped, warns once per epoch, and stops when more than max_frac of them
     are bad (checked from 1000 images on, and at the end of every epoch: at least 3 bad ones). A training batch with
-    no readable image is skipped by every rank (empty_batches). With repeated augmentation every image comes `repeats`
-    times: each copy counts 1 / repeats."""
+    no readable image (empty_batches) is skipped by a single process; under torchrun its rank steps on a stand-in that
+    weighs nothing. With repeated augmentation every image comes `repeats` times: each copy counts 1 / repeats."""
 
     def __init__(self, max_frac, repeats=1):
         self.max_frac, self.seen, self.bad, self.first, self.empty_batches = max_frac, 0, 0, None, 0
@@ -461,21 +461,16 @@ class BadImages:
         stop_together(self.pending, ctx)
 
     def end_pass(self, what, ctx):
-        """the end of an epoch or of an evaluation: rank 0 reports (and counts afresh), the other ranks check"""
+        """the end of an epoch or of an evaluation: every rank checks its share, rank 0 reports its own; all count
+        afresh"""
         if self.pending is not None:
             raise self.pending
-        if ctx.main:
-            self.report(what)
-        else:
-            self.check()
-
-    def report(self, what):
         self.check()
-        if self.bad or self.empty_batches:
+        if ctx.main and (self.bad or self.empty_batches):
             empty = f"; {self.empty_batches} batch(es) with no readable image skipped" if self.empty_batches else ""
-            tqdm.write(f"warning: skipped {round(self.bad)} unreadable image(s) of {round(self.seen)} in {what} "
-                       f"(first: {self.first}){empty}",
-                       file=sys.stderr)
+            share = " (rank 0's share)" if ctx.world > 1 else ""
+            tqdm.write(f"warning: skipped {round(self.bad)} unreadable image(s) of {round(self.seen)} in {what}{share} "
+                       f"(first: {self.first}){empty}", file=sys.stderr)
         self.seen = self.bad = self.empty_batches = 0
         self.first = None
 
